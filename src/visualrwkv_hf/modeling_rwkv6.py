@@ -1,0 +1,402 @@
+"""The RWKV-6 ("Finch", x060) language model: time-mix, channel-mix, blocks, text model and causal-LM head.
+
+Recurrent state lives in transformers' `DynamicCache`, one `LinearAttentionLayer` per block: conv state 0 holds the
+last time-mix input (the ln1 output), conv state 1 the last channel-mix input (the ln2 output), and recurrent
+state 0 the float32 WKV matrix (B, H, N, N).
+"""
+
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_visualrwkv import VisualRWKVTextConfig
+from .ops import wkv6
+
+# Slot order of the data-dependent token-shift LoRA (time_maa_w1 columns / time_maa_w2 rows), as in the original.
+TIME_MIX_SLOTS = ("w", "k", "v", "r", "g")
+
+
+def mask_padding(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions so they feed nothing into a token shift or the WKV state."""
+    if padding_mask is None:
+        return hidden_states
+    return hidden_states * padding_mask[:, :, None].to(hidden_states.dtype)
+
+
+def token_shift(
+    hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
+) -> torch.Tensor:
+    """Returns x_{t-1} for every t (the cached last token, or zeros, before t = 0) and caches the new last token."""
+    previous = None
+    if cache is not None and cache.has_previous_state(layer_idx, state_idx):
+        previous = cache.layers[layer_idx].conv_states[state_idx][..., -1].to(hidden_states.dtype)
+    if previous is None:
+        previous = hidden_states.new_zeros(hidden_states.shape[0], hidden_states.shape[2])
+    shifted = torch.cat([previous.unsqueeze(1), hidden_states[:, :-1]], dim=1)
+    if cache is not None:
+        # Stored as a one-column "conv" state (B, C, 1): the cache layer then keeps exactly the last token.
+        cache.update_conv_state(hidden_states[:, -1:].transpose(1, 2), layer_idx, state_idx, conv_kernel_size=1)
+    return shifted
+
+
+class VisualRWKVTimeMix(nn.Module):
+    """RWKV-6 time mixing: data-dependent token shift and decay, the WKV6 recurrence, per-head GroupNorm, gate."""
+
+    def __init__(self, config: VisualRWKVTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_size = config.head_size
+        self.chunk_size = config.wkv_chunk_size
+        C, R, D = config.hidden_size, config.time_mix_extra_dim, config.time_decay_extra_dim
+        self.time_maa_x = nn.Parameter(torch.empty(C))
+        self.time_maa_w = nn.Parameter(torch.empty(C))
+        self.time_maa_k = nn.Parameter(torch.empty(C))
+        self.time_maa_v = nn.Parameter(torch.empty(C))
+        self.time_maa_r = nn.Parameter(torch.empty(C))
+        self.time_maa_g = nn.Parameter(torch.empty(C))
+        self.time_maa_w1 = nn.Parameter(torch.empty(C, len(TIME_MIX_SLOTS) * R))
+        self.time_maa_w2 = nn.Parameter(torch.empty(len(TIME_MIX_SLOTS), R, C))
+        self.time_decay = nn.Parameter(torch.empty(C))
+        self.time_decay_w1 = nn.Parameter(torch.empty(C, D))
+        self.time_decay_w2 = nn.Parameter(torch.empty(D, C))
+        self.time_faaaa = nn.Parameter(torch.empty(self.num_heads, self.head_size))
+        self.att_receptance = nn.Linear(C, C, bias=False)
+        self.att_key = nn.Linear(C, C, bias=False)
+        self.att_value = nn.Linear(C, C, bias=False)
+        self.att_gate = nn.Linear(C, C, bias=False)
+        self.att_output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(self.num_heads, C, eps=config.group_norm_epsilon)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, T, C = hidden_states.shape
+        H, N = self.num_heads, self.head_size
+        layer = cache.layers[self.layer_idx] if cache is not None else None
+        # Read the WKV state before token_shift marks this layer as having a previous state.
+        initial_state = None
+        if layer is not None and layer.is_recurrent_states_initialized[0] and cache.has_previous_state(self.layer_idx, 0):
+            initial_state = layer.recurrent_states[0]
+
+        x = mask_padding(hidden_states, padding_mask)
+        dx = token_shift(x, cache, self.layer_idx, 0) - x
+        base = x + dx * self.time_maa_x
+        lora = torch.tanh(base @ self.time_maa_w1).view(B, T, len(TIME_MIX_SLOTS), -1)
+        m_w, m_k, m_v, m_r, m_g = torch.einsum("btsr,src->sbtc", lora, self.time_maa_w2).unbind(0)
+        x_w = x + dx * (self.time_maa_w + m_w)
+        x_k = x + dx * (self.time_maa_k + m_k)
+        x_v = x + dx * (self.time_maa_v + m_v)
+        x_r = x + dx * (self.time_maa_r + m_r)
+        x_g = x + dx * (self.time_maa_g + m_g)
+
+        r = self.att_receptance(x_r)
+        k = self.att_key(x_k)
+        v = self.att_value(x_v)
+        g = F.silu(self.att_gate(x_g))
+        w = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+        if padding_mask is not None:
+            # A padded step must leave the state untouched: k is already 0 there, and decay exp(-exp(-inf)) = 1.
+            w = w.masked_fill(~padding_mask.bool()[:, :, None], float("-inf"))
+
+        y, state = wkv6(
+            r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N),
+            self.time_faaaa, initial_state=initial_state, chunk_size=self.chunk_size,
+        )
+        if cache is not None:
+            cache.update_recurrent_state(state, self.layer_idx, 0)
+        # y stays float32 through the GroupNorm: rounding it first costs far more than the recurrence's own error.
+        y = F.group_norm(
+            y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps
+        ).view(B, T, C)
+        return self.att_output(y.to(g.dtype) * g)
+
+
+class VisualRWKVChannelMix(nn.Module):
+    """RWKV-6 channel mixing: token shift, squared-ReLU feed-forward, sigmoid receptance gate."""
+
+    def __init__(self, config: VisualRWKVTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        C, F_ = config.hidden_size, config.intermediate_size
+        self.time_maa_k = nn.Parameter(torch.empty(C))
+        self.time_maa_r = nn.Parameter(torch.empty(C))
+        self.ffn_key = nn.Linear(C, F_, bias=False)
+        self.ffn_receptance = nn.Linear(C, C, bias=False)
+        self.ffn_value = nn.Linear(F_, C, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = mask_padding(hidden_states, padding_mask)
+        dx = token_shift(x, cache, self.layer_idx, 1) - x
+        k = torch.relu(self.ffn_key(x + dx * self.time_maa_k)) ** 2
+        return torch.sigmoid(self.ffn_receptance(x + dx * self.time_maa_r)) * self.ffn_value(k)
+
+
+class VisualRWKVBlock(GradientCheckpointingLayer):
+    def __init__(self, config: VisualRWKVTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        eps = config.layer_norm_epsilon
+        # Block 0 normalises the embeddings first (the original's ln0).
+        self.pre_norm = nn.LayerNorm(config.hidden_size, eps=eps) if layer_idx == 0 else None
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.attention = VisualRWKVTimeMix(config, layer_idx)
+        self.feed_forward = VisualRWKVChannelMix(config, layer_idx)
+
+    def forward(
+        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.pre_norm is not None:
+            hidden_states = self.pre_norm(hidden_states)
+        hidden_states = hidden_states + self.attention(self.attn_norm(hidden_states), cache, padding_mask)
+        hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states), cache, padding_mask)
+        return hidden_states
+
+
+@dataclass
+class VisualRWKVTextModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state: Output of the final LayerNorm, (batch, seq, hidden).
+        cache: Recurrent state after the last position; pass it back with the next tokens to continue.
+        hidden_states: With `output_hidden_states`, the embeddings and every block's output.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class VisualRWKVCausalLMOutput(ModelOutput):
+    """
+    Args:
+        loss: Next-token cross-entropy, when `labels` are given.
+        logits: Head outputs, (batch, seq, vocab), float32.
+        cache: Recurrent state after the last position.
+        hidden_states: With `output_hidden_states`, the embeddings and every block's output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class VisualRWKVPreTrainedModel(PreTrainedModel):
+    config: VisualRWKVTextConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["VisualRWKVBlock"]
+    supports_gradient_checkpointing = True
+    # Recurrent: no cache cropping, so assisted / speculative decoding refuses cleanly.
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """The original RWKV-6 initialisation for the mixing and decay parameters (layer-depth dependent)."""
+        super()._init_weights(module)
+        config = self.config.get_text_config()
+        if isinstance(module, (VisualRWKVTimeMix, VisualRWKVChannelMix)):
+            n_layer = config.num_hidden_layers
+            ratio_0_to_1 = module.layer_idx / max(n_layer - 1, 1)
+            ratio_1_to_almost_0 = 1.0 - module.layer_idx / n_layer
+            C = config.hidden_size
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            shift_mix = 1.0 - ddd.pow(ratio_1_to_almost_0)
+            receptance_mix = 1.0 - ddd.pow(0.5 * ratio_1_to_almost_0)
+        if isinstance(module, VisualRWKVTimeMix):
+            for param in (module.time_maa_x, module.time_maa_w, module.time_maa_k):
+                init.copy_(param, shift_mix)
+            init.copy_(module.time_maa_v, shift_mix - 0.3 * ratio_0_to_1)
+            init.copy_(module.time_maa_r, receptance_mix)
+            init.copy_(module.time_maa_g, receptance_mix)
+            init.uniform_(module.time_maa_w1, -1e-4, 1e-4)
+            init.uniform_(module.time_maa_w2, -1e-2, 1e-2)
+            n = torch.arange(C, dtype=torch.float32)
+            init.copy_(module.time_decay, -6.0 + 5.0 * (n / max(C - 1, 1)).pow(0.7 + 1.3 * ratio_0_to_1))
+            init.uniform_(module.time_decay_w1, -1e-4, 1e-4)
+            init.uniform_(module.time_decay_w2, -1e-2, 1e-2)
+            bonus = ratio_0_to_1 * (1.0 - n / max(C - 1, 1)) + ((n + 1) % 3 - 1) * 0.1
+            init.copy_(module.time_faaaa, bonus.view(module.num_heads, module.head_size))
+            init.ones_(module.ln_x.weight)
+            init.zeros_(module.ln_x.bias)
+        elif isinstance(module, VisualRWKVChannelMix):
+            init.copy_(module.time_maa_k, shift_mix)
+            init.copy_(module.time_maa_r, shift_mix)
+
+
+class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
+    """The RWKV-6 backbone: embedding, blocks, final LayerNorm."""
+
+    def __init__(self, config: VisualRWKVTextConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(VisualRWKVBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | VisualRWKVTextModelOutput:
+        """
+        Args:
+            attention_mask: (batch, seq) with 1 for real tokens and 0 for padding; padded positions leave every token
+                shift and WKV state untouched, so a left-padded row computes exactly what it computes alone. May
+                also cover cached positions (batch, past + seq): only its last `seq` columns are used.
+            cache: Recurrent state from a previous call; created when `use_cache` and none is given.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("The input sequence is empty: RWKV needs at least one token per call.")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+
+        padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != inputs_embeds.shape[0]:
+                raise ValueError(
+                    f"`attention_mask` must be (batch, seq) = {tuple(inputs_embeds.shape[:2])}, got {tuple(attention_mask.shape)}."
+                )
+            padding_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+            if bool(padding_mask.all()):
+                padding_mask = None  # nothing padded: skip the masking work
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.blocks:
+            hidden_states = block(hidden_states, cache, padding_mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_out(hidden_states)
+
+        output = VisualRWKVTextModelOutput(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class VisualRWKVForCausalLM(VisualRWKVPreTrainedModel, GenerationMixin):
+    """RWKV-6 with its (untied) language-modelling head."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: VisualRWKVTextConfig):
+        super().__init__(config)
+        self.model = VisualRWKVTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.embeddings = new_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # After the prefill every row feeds one real token: the mask carries no more information.
+        if model_inputs.get("cache") is not None and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | VisualRWKVCausalLMOutput:
+        """
+        Args:
+            labels: (batch, seq) next-token targets, shifted inside; -100 is ignored. Extra keyword arguments (such
+                as Trainer's `num_items_in_batch`) reach `loss_function`.
+            logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states).float()
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = VisualRWKVCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "VisualRWKVBlock",
+    "VisualRWKVChannelMix",
+    "VisualRWKVForCausalLM",
+    "VisualRWKVPreTrainedModel",
+    "VisualRWKVTextModel",
+    "VisualRWKVTimeMix",
+]
