@@ -337,9 +337,15 @@ class VisualRWKVForCausalLM(VisualRWKVPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         # After the prefill every row feeds one real token: the mask carries no more information.
         if model_inputs.get("cache") is not None and not is_first_iteration:

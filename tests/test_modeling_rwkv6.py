@@ -1,0 +1,231 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig, VisualRWKVTextModel
+
+VOCAB = 97
+
+
+def tiny_config(**overrides):
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, head_size=8, time_mix_extra_dim=4,
+        time_decay_extra_dim=6, initializer_range=0.3, wkv_chunk_size=4,
+    )
+    kwargs.update(overrides)
+    return VisualRWKVTextConfig(**kwargs)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = VisualRWKVForCausalLM(tiny_config(**overrides)).eval()
+    # Random data-dependent LoRAs, so token shift and decay really depend on the input.
+    with torch.no_grad():
+        for block in model.model.blocks:
+            for p in (block.attention.time_maa_w1, block.attention.time_decay_w1):
+                p.normal_(0, 0.3)
+    return model
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("split", [1, 5, 13])
+def test_cached_decode_equals_full_recompute(split):
+    model = tiny_model()
+    ids = random_ids(2, 17)
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :split], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(split, ids.shape[1]):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        assert out.cache is cache
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_forward_creates_recurrent_cache_with_constant_size():
+    model = tiny_model()
+    cache = model(random_ids(1, 9), use_cache=True).cache
+    assert isinstance(cache, DynamicCache) and len(cache.layers) == 3
+    sizes = [[t.shape for t in (*layer.conv_states.values(), layer.recurrent_states[0])] for layer in cache.layers]
+    for token in range(20):
+        model(torch.tensor([[token + 1]]), cache=cache, use_cache=True)
+    assert [[t.shape for t in (*layer.conv_states.values(), layer.recurrent_states[0])] for layer in cache.layers] == sizes
+    layer = cache.layers[0]
+    assert layer.conv_states[0].shape == layer.conv_states[1].shape == (1, 32, 1)
+    assert layer.recurrent_states[0].shape == (1, 4, 8, 8) and layer.recurrent_states[0].dtype == torch.float32
+
+
+@torch.no_grad()
+def test_greedy_generate_cached_equals_uncached():
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    cached = model.generate(ids, max_new_tokens=12, do_sample=False)
+    uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 22)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_sampling_cached_equals_uncached_with_same_seed():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    torch.manual_seed(123)
+    cached = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, temperature=1.3)
+    torch.manual_seed(123)
+    uncached = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, temperature=1.3, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_beam_search_cached_equals_uncached():
+    model = tiny_model()
+    ids = random_ids(2, 7)
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    cached = model.generate(ids, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape == (4, 15)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_left_padded_batch_generates_what_each_row_generates_alone():
+    model = tiny_model()
+    rows = [random_ids(1, n, seed=n)[0] for n in (11, 4, 8)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], max_new_tokens=10, do_sample=False)
+        assert torch.equal(batch[i, width:], alone[0, len(row) :])
+
+
+@torch.no_grad()
+def test_padding_leaves_state_and_logits_of_real_tokens_untouched():
+    model = tiny_model()
+    row = random_ids(1, 6)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    alone = model(row, use_cache=True)
+    with_pad = model(padded, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(with_pad.logits[:, 5:], alone.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(alone.cache.layers, with_pad.cache.layers):
+        torch.testing.assert_close(b.recurrent_states[0], a.recurrent_states[0], rtol=1e-4, atol=1e-5)
+        for idx in (0, 1):
+            torch.testing.assert_close(b.conv_states[idx], a.conv_states[idx], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_generate_from_inputs_embeds_equals_input_ids():
+    model = tiny_model()
+    ids = random_ids(1, 9)
+    from_ids = model.generate(ids, max_new_tokens=8, do_sample=False)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=8, do_sample=False)
+    assert torch.equal(from_embeds[0], from_ids[0, 9:])
+
+
+@torch.no_grad()
+def test_assisted_decoding_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(random_ids(1, 4), assistant_model=tiny_model(seed=1), max_new_tokens=3)
+
+
+@torch.no_grad()
+def test_logits_to_keep_and_hidden_states():
+    model = tiny_model()
+    ids = random_ids(1, 7)
+    out = model(ids, output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == 1 + 3 and out.logits.dtype == torch.float32
+    torch.testing.assert_close(model(ids, logits_to_keep=2, use_cache=False).logits, out.logits[:, -2:])
+    as_tuple = model(ids, use_cache=False, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+
+
+def test_loss_is_shifted_cross_entropy_and_honours_num_items_in_batch():
+    model = tiny_model()
+    ids = random_ids(2, 8)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, VOCAB)
+    targets = labels[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    summed = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, summed / 40)
+    assert model.training is False or out.cache is None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        ids = random_ids(2, 9)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_mode_builds_no_cache():
+    model = tiny_model().train()
+    assert model(random_ids(1, 5)).cache is None
+
+
+def test_distinct_linear_names_let_peft_target_mixers_apart():
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in tiny_model().named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == {"att_receptance", "att_key", "att_value", "att_gate", "att_output",
+                     "ffn_key", "ffn_receptance", "ffn_value", "lm_head"}
+    time_mix_only = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["att_key", "att_value"]))
+    adapted = {n for n, _ in time_mix_only.named_parameters() if "lora_A" in n}
+    assert adapted and all(".attention.att_key" in n or ".attention.att_value" in n for n in adapted)
+    everything = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {n for n, _ in everything.named_parameters() if "lora_A" in n}
+    assert any("feed_forward.ffn_value" in n for n in adapted) and not any("lm_head" in n for n in adapted)
+
+
+@torch.no_grad()
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is VisualRWKVForCausalLM
+    ids = random_ids(2, 9)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    base = VisualRWKVTextModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(base(ids).last_hidden_state, model.model(ids).last_hidden_state, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_bfloat16_model_keeps_state_in_float32():
+    model = tiny_model().to(torch.bfloat16)
+    ids = random_ids(1, 6)
+    out = model(ids, use_cache=True)
+    assert out.cache.layers[0].recurrent_states[0].dtype == torch.float32
+    reference = tiny_model()(ids, use_cache=False).logits
+    assert (out.logits - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_bad_inputs_get_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids=None)
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(random_ids(2, 4), attention_mask=torch.ones(3, 4))
