@@ -1,0 +1,113 @@
+"""Encode throughput of RwkvWorldTokenizer against the reference `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`.
+
+Run: python benchmarks/bench_tokenizer.py [--repeats N]
+(needs `pip install rwkv` for the reference; PYTHONPATH=src if the package is not installed)
+
+Each corpus is a list of documents encoded one call per document, so the transformers call overhead is counted.
+Rows: the reference; ours through `tokenizer.encode` (the full transformers path); ours through `tokenizer(batch)`;
+our bare encoder (`encode_to_ids`); the pure-Python fallback encoder. Ratios are against the reference, same corpus.
+Ids are checked equal to the reference before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import transformers
+from rwkv import rwkv_tokenizer
+
+from visualrwkv_hf.tokenization_rwkv_world import VOCAB_FILE_NAME, ByteTrieEncoder, RwkvWorldTokenizer
+
+
+def build_corpora(seed: int = 0) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    source_root = os.path.dirname(transformers.__file__)
+    source_files = [
+        os.path.join(source_root, "models", "llama", "modeling_llama.py"),
+        os.path.join(source_root, "models", "llama", "configuration_llama.py"),
+        os.path.join(source_root, "generation", "utils.py"),
+        os.path.join(source_root, "generation", "logits_process.py"),
+    ]
+    source = [open(path, encoding="utf-8").read() for path in source_files]
+
+    english = "the red bus stops at the corner while a small dog runs across the busy street and children laugh".split()
+    prose = [
+        " ".join(rng.choice(english) for _ in range(rng.randint(50, 400))).capitalize() + ".\n\n" for _ in range(300)
+    ]
+    cjk = [
+        "".join(chr(rng.randint(0x4E00, 0x9FFF)) if rng.random() < 0.9 else "，" for _ in range(rng.randint(50, 400)))
+        for _ in range(300)
+    ]
+    cjk += ["你好，世界！今天天气很好，我们去公园散步吧。日本語のテキストです。한국어 문장입니다。" * 20] * 50
+    emoji_set = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🇯🇵", "❤️", "🚌", "✨", " ", "ok "]
+    emoji = ["".join(rng.choice(emoji_set) for _ in range(rng.randint(20, 200))) for _ in range(300)]
+    whitespace = [rng.choice([" ", "\t", "\n", "\r\n", "x"]) * rng.randint(1, 3000) for _ in range(300)]
+    random_unicode = [
+        "".join(chr(code) for code in (rng.randrange(0x110000) for _ in range(300)) if not 0xD800 <= code <= 0xDFFF)
+        for _ in range(200)
+    ]
+    corpora = {
+        "source code": source,
+        "prose": prose,
+        "CJK": cjk,
+        "emoji": emoji,
+        "whitespace": whitespace,
+        "random unicode": random_unicode,
+    }
+    corpora["all (mixed)"] = [document for documents in corpora.values() for document in documents]
+    return corpora
+
+
+def best_seconds_interleaved(encoders: dict, documents: list[str], repeats: int) -> dict[str, float]:
+    """Best time of each encoder; the encoders take turns within each repeat so that load from other processes on
+    the machine weighs on all of them alike."""
+    best = dict.fromkeys(encoders, float("inf"))
+    for _ in range(repeats):
+        for name, encode in encoders.items():
+            start = time.perf_counter()
+            encode(documents)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best is kept")
+    args = parser.parse_args()
+
+    reference = rwkv_tokenizer.TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv_tokenizer.__file__), VOCAB_FILE_NAME))
+    tokenizer = RwkvWorldTokenizer()
+    tokenizer.encode("build the encoder before timing")
+    fallback = ByteTrieEncoder(tokenizer._token_bytes_by_id)
+
+    encoders = {
+        "reference TRIE_TOKENIZER": lambda docs: [reference.encode(doc) for doc in docs],
+        "ours tokenizer.encode": lambda docs: [tokenizer.encode(doc) for doc in docs],
+        "ours tokenizer(batch)": lambda docs: tokenizer(docs)["input_ids"],
+        "ours encode_to_ids": lambda docs: [tokenizer.encode_to_ids(doc) for doc in docs],
+        "ours pure-Python fallback": lambda docs: [fallback.encode(doc) for doc in docs],
+    }
+    print(f"encoder in use: {type(tokenizer._encoder).__module__}.{type(tokenizer._encoder).__name__}")
+    results = {}
+    for corpus_name, documents in build_corpora().items():
+        megabytes = sum(len(document.encode("utf-8")) for document in documents) / 1e6
+        expected = encoders["reference TRIE_TOKENIZER"](documents)
+        print(f"\n{corpus_name}: {len(documents)} documents, {megabytes:.2f} MB")
+        for encoder_name, encode in encoders.items():
+            if encode(documents) != expected:
+                raise AssertionError(f"{encoder_name} differs from the reference on {corpus_name}")
+        timings = best_seconds_interleaved(encoders, documents, args.repeats)
+        for encoder_name, seconds in timings.items():
+            ratio = timings["reference TRIE_TOKENIZER"] / seconds
+            print(f"  {encoder_name:28s} {megabytes / seconds:8.2f} MB/s   x{ratio:6.2f}")
+            row = {"MB/s": round(megabytes / seconds, 2), "ratio": round(ratio, 2)}
+            results.setdefault(corpus_name, {})[encoder_name] = row
+    print("\n" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""RwkvWorldTokenizer: id for id equal to the reference `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`, and a usable
+transformers tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+import os
+import pickle
+import random
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, TextStreamer
+
+from visualrwkv_hf.configuration_visualrwkv import VisualRWKVTextConfig
+from visualrwkv_hf.tokenization_rwkv_world import (
+    PACKAGED_VOCAB_FILE,
+    VOCAB_FILE_NAME,
+    ByteTrieEncoder,
+    RwkvWorldTokenizer,
+)
+
+
+rwkv_tokenizer = pytest.importorskip("rwkv.rwkv_tokenizer", reason="the reference comes with `pip install rwkv`")
+REFERENCE_VOCAB_FILE = os.path.join(os.path.dirname(rwkv_tokenizer.__file__), VOCAB_FILE_NAME)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return rwkv_tokenizer.TRIE_TOKENIZER(REFERENCE_VOCAB_FILE)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return RwkvWorldTokenizer()
+
+
+def source_code_samples() -> list[str]:
+    """Real source files from installed packages (Python and its docstrings, comments, string escapes)."""
+    import email
+    import json as json_module
+
+    import transformers
+
+    folders = [
+        os.path.dirname(json_module.__file__),
+        os.path.dirname(email.__file__),
+        os.path.join(os.path.dirname(transformers.__file__), "models", "llama"),
+        os.path.join(os.path.dirname(transformers.__file__), "generation"),
+    ]
+    samples = []
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as source:
+                    samples.append(source.read())
+    return samples
+
+
+def prose_samples(rng: random.Random) -> list[str]:
+    """Generated sentences in several scripts, with punctuation, digits, capitals and paragraph breaks."""
+    words = {
+        "en": "the bus is red and a small dog runs across the street while children laugh at it".split(),
+        "de": "Straße über Mädchen größer schön Bücher fährt Fußgänger Brücke".split(),
+        "fr": "été élève garçon déjà où français naïve cœur Noël".split(),
+        "ru": "автобус красный собака бежит через улицу дети смеются".split(),
+        "ar": "الحافلة حمراء الكلب يجري عبر الشارع".split(),
+        "hi": "बस लाल है कुत्ता सड़क पार दौड़ता".split(),
+        "el": "το λεωφορείο είναι κόκκινο και ο σκύλος τρέχει".split(),
+    }
+    samples = []
+    for _ in range(300):
+        language = rng.choice(sorted(words))
+        sentences = []
+        for _ in range(rng.randint(1, 8)):
+            sentence = " ".join(rng.choice(words[language]) for _ in range(rng.randint(3, 20)))
+            sentence = sentence[0].upper() + sentence[1:] + rng.choice([".", "!", "?", ",", ";", ":", " 42.", "…"])
+            sentences.append(sentence)
+        samples.append(rng.choice([" ", "\n", "\n\n", "  "]).join(sentences))
+    samples.append("User: What color is the bus?\nAnswer the question using a single word or phrase.\n\n")
+    samples.append("Assistant: Red\n\nUser: And the car?\n\nAssistant:")
+    return samples
+
+
+def cjk_samples(rng: random.Random) -> list[str]:
+    fixed = [
+        "你好，世界！今天天气很好，我们去公园散步吧。",
+        "日本語のテキストです。ひらがな、カタカナ、漢字が混ざっています。",
+        "한국어 문장입니다. 버스는 빨간색입니다.",
+        "中文与English混合的句子，包含数字123和标点。",
+        "全角スペース　と　句読点、。「」『』",
+    ]
+    ranges = [
+        (0x4E00, 0x9FFF), (0x3040, 0x30FF), (0xAC00, 0xD7A3), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x3000, 0x303F)
+    ]
+    generated = []
+    for _ in range(200):
+        low, high = rng.choice(ranges)
+        generated.append("".join(chr(rng.randint(low, high)) for _ in range(rng.randint(1, 60))))
+    return fixed * 20 + generated
+
+
+def emoji_samples(rng: random.Random) -> list[str]:
+    emoji = [
+        "😀", "👍", "👍🏽", "👨‍👩‍👧‍👦", "🇯🇵", "🇺🇸", "❤️", "🏳️‍🌈",
+        "🧑🏿‍💻", "🐍", "🚌", "✨", "1️⃣", "©️", "🫠", "🤌🏻",
+    ]
+    samples = []
+    for _ in range(300):
+        samples.append("".join(rng.choice(emoji + [" ", "a", "好", "\n"]) for _ in range(rng.randint(1, 40))))
+    return samples
+
+
+def control_and_whitespace_samples(rng: random.Random) -> list[str]:
+    controls = [chr(code) for code in range(0x20)] + ["\x7f"] + [chr(code) for code in range(0x80, 0xA0)]
+    whitespace = [" ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\u00a0", "\u2003", "\u3000", "\u200b", "\ufeff"]
+    samples = ["".join(controls), "\x00" * 100, "a\x00b\x00\x00c"]
+    for length in (1, 2, 3, 7, 16, 31, 64, 100, 127, 128, 129, 255, 256, 1000, 5000):
+        for character in (" ", "\t", "\n", "\r\n", "\u3000"):
+            samples.append(character * length)
+            samples.append("x" + character * length + "y")
+    for _ in range(300):
+        pieces = [rng.choice(controls + whitespace + ["a", "é", "中"]) * rng.randint(1, 9) for _ in range(30)]
+        samples.append("".join(pieces))
+    samples.append("    def f(x):\n        return x\n\n\n\n" * 50)
+    return samples
+
+
+def random_unicode_samples(rng: random.Random) -> list[str]:
+    """Random code points of every plane (surrogates excluded: no UTF-8 encoding exists for them)."""
+
+    def random_character() -> str:
+        limit = rng.choice([0x80, 0x800, 0x10000, 0x110000])
+        while True:
+            code = rng.randrange(limit)
+            if not 0xD800 <= code <= 0xDFFF:
+                return chr(code)
+
+    return ["".join(random_character() for _ in range(rng.randint(0, 200))) for _ in range(500)]
+
+
+def vocabulary_collage_samples(rng: random.Random, reference) -> list[str]:
+    """Random runs of vocabulary tokens: where greedy longest match has the most choices to get wrong."""
+    token_bytes = list(reference.idx2token.values())
+    samples = []
+    for _ in range(500):
+        data = b"".join(rng.choice(token_bytes) for _ in range(rng.randint(1, 50)))
+        samples.append(data.decode("utf-8", "replace"))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def corpus(reference) -> list[str]:
+    rng = random.Random(20230424)
+    samples = (
+        source_code_samples()
+        + prose_samples(rng)
+        + cjk_samples(rng)
+        + emoji_samples(rng)
+        + control_and_whitespace_samples(rng)
+        + random_unicode_samples(rng)
+        + vocabulary_collage_samples(rng, reference)
+    )
+    # One multi-megabyte input, to catch length-dependent behaviour.
+    samples.append("\n".join(samples[:400]) * 2)
+    return samples
+
+
+def test_corpus_is_large_and_varied(corpus):
+    total_bytes = sum(len(sample.encode("utf-8")) for sample in corpus)
+    assert total_bytes > 3_000_000
+    assert max(len(sample.encode("utf-8")) for sample in corpus) > 1_000_000
+    assert len(corpus) > 2000
+
+
+def test_encode_matches_reference_on_corpus(tokenizer, reference, corpus):
+    for sample in corpus:
+        expected = reference.encode(sample)
+        assert tokenizer.encode(sample) == expected, sample[:200]
+        assert tokenizer(sample)["input_ids"] == expected
+
+
+def test_fast_encoder_is_in_use(tokenizer):
+    pytest.importorskip("pyrwkv_tokenizer")
+    tokenizer.encode("warm up")
+    assert not isinstance(tokenizer._encoder, ByteTrieEncoder)
+
+
+def test_pure_python_fallback_matches_reference(tokenizer, reference, corpus):
+    fallback = ByteTrieEncoder(tokenizer._token_bytes_by_id)
+    for sample in corpus[::7]:
+        assert fallback.encode(sample) == reference.encode(sample), sample[:200]
+
+
+def test_batch_encode_matches_reference(tokenizer, reference, corpus):
+    batch = corpus[100:400]
+    assert tokenizer(batch)["input_ids"] == [reference.encode(sample) for sample in batch]
+
+
+def test_every_token_encodes_to_itself(tokenizer, reference):
+    for token_id, token_bytes in reference.idx2token.items():
+        try:
+            text = token_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        assert tokenizer.encode(text) == [token_id] == reference.encode(text)
+        assert tokenizer.convert_tokens_to_ids(text) == token_id
+
+
+def test_token_strings_map_one_to_one_onto_token_bytes(tokenizer, reference):
+    assert tokenizer.vocab_size == len(tokenizer) == 65530
+    for token_id, token_bytes in reference.idx2token.items():
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        assert token.encode("utf-8", "surrogateescape") == token_bytes
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+
+
+def test_tokenize_path_agrees_with_encode(tokenizer, corpus):
+    for sample in corpus[::50]:
+        assert tokenizer.convert_tokens_to_ids(tokenizer.tokenize(sample)) == tokenizer.encode(sample)
+
+
+def test_decode_round_trip(tokenizer, corpus):
+    for sample in corpus:
+        assert tokenizer.decode(tokenizer.encode(sample)) == sample
+
+
+def test_decode_invalid_utf8_replaces(tokenizer, reference):
+    rng = random.Random(7)
+    byte_token_ids = list(range(129, 257))  # single bytes 0x80..0xFF: never valid UTF-8 alone
+    for _ in range(500):
+        ids = [rng.choice(byte_token_ids + [rng.randint(1, 65529)]) for _ in range(rng.randint(1, 12))]
+        assert tokenizer.decode(ids) == reference.decodeBytes(ids).decode("utf-8", "replace")
+    # Streamed answers do cut characters between tokens: a prefix then ends in U+FFFD.
+    emoji_ids = tokenizer.encode("😀")
+    assert len(emoji_ids) > 1
+    assert tokenizer.decode(emoji_ids[:-1]).endswith("\ufffd")
+
+
+def test_spec_token_ids(tokenizer):
+    assert tokenizer.encode("User: What color is the bus?\n") == [24281, 59, 30031, 38083, 4600, 22590, 21399, 64, 11]
+    assert tokenizer.encode("Assistant: Red\n\n") == [5585, 41693, 59, 20733, 261]
+    assert tokenizer.encode("Assistant:") == [5585, 41693, 59]
+    assert tokenizer.encode("\n\n") == [261]
+    assert tokenizer.encode("User: ") == [24281, 59, 33]
+    question_turn = tokenizer.encode("\nWhat color is the bus?\nAnswer the question using a single word or phrase.\n\n")
+    assert question_turn[:3] == [11, 24326, 38083] and question_turn[-2:] == [47, 261]
+    assert tokenizer.encode("\n") == [11]
+    assert tokenizer.encode("") == []
+
+
+def test_special_tokens(tokenizer, reference):
+    assert tokenizer.pad_token_id == 0 and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.eos_token_id == 0
+    assert tokenizer.bos_token is None
+    # Nothing is added around the text, and text is never parsed for special tokens by default.
+    assert tokenizer("hi", add_special_tokens=True)["input_ids"] == tokenizer.encode("hi") == reference.encode("hi")
+    assert 0 not in tokenizer.encode("<|endoftext|>")
+    assert tokenizer.encode("<|endoftext|>", split_special_tokens=False) == [0]
+    # The chat terminator is an ordinary token that converts and decodes both ways.
+    assert tokenizer.convert_tokens_to_ids("\n\n") == 261
+    assert tokenizer.convert_ids_to_tokens(261) == "\n\n"
+    assert tokenizer.decode([261]) == tokenizer.decode(261) == "\n\n"
+    assert tokenizer.decode([5585, 41693, 59, 20733, 261, 0], skip_special_tokens=True) == "Assistant: Red\n\n"
+    # Ids the model has but the vocabulary lacks decode to nothing.
+    assert tokenizer.decode([20733, 65535]) == " Red"
+    assert tokenizer.convert_tokens_to_ids("not a single token") is None
+
+
+def test_added_token_recognised_on_request():
+    tokenizer = RwkvWorldTokenizer()
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]})
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert image_id == 65530
+    text = "User: What color?\n<image>\nAnswer:"
+    expected = tokenizer.encode("User: What color?\n") + [image_id] + tokenizer.encode("\nAnswer:")
+    assert tokenizer.encode(text, split_special_tokens=False) == expected
+    assert tokenizer(text, split_special_tokens=False)["input_ids"] == expected
+    assert image_id not in tokenizer.encode(text)
+    assert tokenizer.decode(expected) == text
+
+
+def test_padding_and_tensors(tokenizer):
+    texts = ["User: What color is the bus?\n", "Assistant: Red\n\n", ""]
+    ids = [tokenizer.encode(text) for text in texts]
+    longest = max(map(len, ids))
+
+    right = tokenizer(texts, padding=True, return_tensors="pt")
+    assert right["input_ids"].shape == (3, longest) and right["input_ids"].dtype == torch.long
+    assert set(right) == {"input_ids", "attention_mask"}
+    for row, row_ids in enumerate(ids):
+        assert right["input_ids"][row].tolist() == row_ids + [0] * (longest - len(row_ids))
+        assert right["attention_mask"][row].tolist() == [1] * len(row_ids) + [0] * (longest - len(row_ids))
+
+    left = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
+    for row, row_ids in enumerate(ids):
+        assert left["input_ids"][row].tolist() == [0] * (longest - len(row_ids)) + row_ids
+        assert left["attention_mask"][row].tolist() == [0] * (longest - len(row_ids)) + [1] * len(row_ids)
+
+    fixed = tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
+    assert fixed["input_ids"].shape == (3, 12)
+    multiple = tokenizer(texts, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    assert multiple["input_ids"].shape == (3, 16)
+
+    truncated = tokenizer(texts, truncation=True, max_length=4, padding=True, return_tensors="pt")
+    assert truncated["input_ids"][0].tolist() == ids[0][:4]
+
+    single = tokenizer(texts[0], return_tensors="pt")
+    assert single["input_ids"].tolist() == [ids[0]]
+
+    padded_later = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt")
+    assert torch.equal(padded_later["input_ids"], left["input_ids"])
+
+
+def test_padding_side_attribute_is_honoured():
+    tokenizer = RwkvWorldTokenizer(padding_side="left")
+    batch = tokenizer(["a b c", "a"], padding=True)
+    assert batch["input_ids"][1][0] == 0 and batch["attention_mask"][1] == [0, 0, 1]
+
+
+def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path, corpus):
+    AutoTokenizer.register(VisualRWKVTextConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    saved_files = tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / VOCAB_FILE_NAME).is_file() and (tmp_path / "tokenizer_config.json").is_file()
+    assert str(tmp_path / VOCAB_FILE_NAME) in saved_files
+    assert filecmp.cmp(tmp_path / VOCAB_FILE_NAME, PACKAGED_VOCAB_FILE, shallow=False)
+    saved_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved_config["tokenizer_class"] == "RwkvWorldTokenizer"
+    assert saved_config["split_special_tokens"] is True
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded) is RwkvWorldTokenizer
+    assert loaded.vocab_file == str(tmp_path / VOCAB_FILE_NAME)
+    assert (loaded.pad_token_id, loaded.eos_token_id, len(loaded)) == (0, 0, 65530)
+    for sample in corpus[::40]:
+        assert loaded.encode(sample) == tokenizer.encode(sample)
+
+    # Next to a model config (the checkpoint layout), the registration resolves the class too.
+    model_dir = tmp_path / "model"
+    VisualRWKVTextConfig().save_pretrained(model_dir)
+    loaded.save_pretrained(model_dir)
+    assert type(AutoTokenizer.from_pretrained(model_dir)) is RwkvWorldTokenizer
+
+
+def test_vocab_file_ships_with_the_package():
+    assert os.path.isfile(PACKAGED_VOCAB_FILE)
+    with open(PACKAGED_VOCAB_FILE, "rb") as packaged, open(REFERENCE_VOCAB_FILE, "rb") as upstream:
+        assert packaged.read() == upstream.read()
+
+
+def test_pickle_and_deepcopy(tokenizer):
+    tokenizer.encode("build the encoder first")
+    for clone in (pickle.loads(pickle.dumps(tokenizer)), copy.deepcopy(tokenizer)):
+        assert clone.encode("User: 你好 😀\n\n") == tokenizer.encode("User: 你好 😀\n\n")
+
+
+def test_lone_surrogates_are_rejected_like_the_reference(tokenizer, reference):
+    with pytest.raises(UnicodeEncodeError):
+        reference.encode("a\ud800b")
+    with pytest.raises(UnicodeEncodeError):
+        tokenizer.encode("a\ud800b")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "红色的公共汽车停在路边。天气很好！",
+        "Sure 😀👍🏽 the bus is red 🚌🇯🇵 and 👨‍👩‍👧‍👦 ride it.\nNext line 你好 mixed 한국어 text…",
+        "日本語とemoji🫠が混ざった文章です。\n\n最後の行🏳️‍🌈",
+        "Ünïcödé wörds — with “quotes” and ½ ¾ symbols ✨\n  indented 🐍 code\n",
+    ],
+)
+def test_text_streamer_prints_exactly_the_text(tokenizer, answer):
+    ids = tokenizer.encode(answer)
+    printed: list[str] = []
+
+    class CapturingStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            printed.append(text)
+
+    streamer = CapturingStreamer(tokenizer)
+    for token_id in ids:  # what generate() does: one new token per step
+        streamer.put(torch.tensor([[token_id]]))
+    streamer.end()
+    assert "".join(printed) == answer
+    assert not any("\ufffd" in piece for piece in printed)
+
+
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("padding", [False, True, "max_length"])
+@pytest.mark.parametrize("padding_side", [None, "left"])
+@pytest.mark.parametrize("return_tensors", [None, "pt"])
+@pytest.mark.parametrize("return_attention_mask", [None, False])
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
+def test_lean_path_equals_base_path(
+    tokenizer, single, padding, padding_side, return_tensors, return_attention_mask, pad_to_multiple_of
+):
+    texts = ["User: What color is the bus?\n", "", "你好 😀\n\n", "Assistant:"]
+    if return_tensors and not padding and not single:
+        pytest.skip("ragged rows cannot become one tensor")
+    options = dict(
+        padding=padding,
+        max_length=16 if padding == "max_length" else None,
+        padding_side=padding_side,
+        return_tensors=return_tensors,
+        return_attention_mask=return_attention_mask,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+    text = texts[0] if single else texts
+    lean = tokenizer(text, **options)
+    # With special-token splitting off (and no special token in the text) the base class does all the work.
+    base = tokenizer(text, split_special_tokens=False, **options)
+    assert set(lean) == set(base)
+    for key in base:
+        if return_tensors:
+            assert torch.equal(lean[key], base[key])
+        else:
+            assert lean[key] == base[key]
+
+
+def test_without_pyrwkv_tokenizer_the_pure_python_encoder_is_used(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyrwkv_tokenizer", None)  # makes the import fail
+    tokenizer = RwkvWorldTokenizer()
+    assert tokenizer.encode("Assistant: Red\n\n") == [5585, 41693, 59, 20733, 261]
+    assert isinstance(tokenizer._encoder, ByteTrieEncoder)
+
+
+def test_plain_encode_equals_base_path(tokenizer, corpus):
+    for sample in corpus[::25] + [""]:
+        assert tokenizer.encode(sample) == tokenizer.encode(sample, split_special_tokens=False)
+        assert tokenizer.encode(sample, add_special_tokens=False) == tokenizer.encode(sample)
+    assert tokenizer.encode("a b c d", truncation=True, max_length=2) == tokenizer.encode("a b c d")[:2]
+    assert tokenizer.encode("a b", return_tensors="pt").tolist() == [tokenizer.encode("a b")]
