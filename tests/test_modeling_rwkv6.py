@@ -229,3 +229,27 @@ def test_bad_inputs_get_clear_errors():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         model(random_ids(2, 4), attention_mask=torch.ones(3, 4))
+
+
+@torch.no_grad()
+def test_text_streamer_prints_what_generate_returns(capsys):
+    from transformers import TextStreamer
+
+    from visualrwkv_hf import RwkvWorldTokenizer
+
+    tokenizer = RwkvWorldTokenizer()
+    model = tiny_model(vocab_size=65536)
+    inputs = tokenizer("User: hi\n\nAssistant:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert printed.rstrip("\n") == tokenizer.decode(out[0, inputs.input_ids.shape[1] :]).rstrip("\n")
+
+
+@torch.no_grad()
+def test_generation_stops_at_the_eos_token():
+    model = tiny_model()
+    ids = random_ids(1, 5)
+    free = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, 5:].tolist()
+    stop = free[3]
+    stopped = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=stop)[0, 5:].tolist()
+    assert stopped == free[: free.index(stop) + 1]
