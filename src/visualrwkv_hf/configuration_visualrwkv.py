@@ -1,9 +1,14 @@
-"""Configurations: the RWKV-6 ("Finch", x060) language model, and (later) the VisualRWKV model around it."""
+"""Configurations: the RWKV-6 ("Finch", x060) language model, and the VisualRWKV model around it."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+from .scanning import SCAN_MODES
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -92,4 +97,144 @@ class VisualRWKVTextConfig(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
 
-__all__ = ["VisualRWKVTextConfig", "default_intermediate_size"]
+
+
+# Where the processor puts the image in the prompt (spec section 5); "middle" is the sandwich prompt.
+IMAGE_POSITIONS = ("first", "middle", "last")
+
+# The released models' vision tower: CLIP ViT-L/14 at 336 px (24 x 24 patches), the last layer without
+# post_layernorm.
+CLIP_VIT_L_14_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+
+# Vision model types whose encoder output starts with a class token; used when `vision_has_cls_token` is not set.
+CLS_TOKEN_BY_VISION_MODEL_TYPE = {"clip_vision_model": True, "siglip_vision_model": False}
+
+
+@strict
+class VisualRWKVConfig(PreTrainedConfig):
+    r"""
+    Configuration of VisualRWKV: a vision encoder, a linear projector and the RWKV-6 language model. The defaults
+    reproduce the released VisualRWKV-6 1.6B model (CLIP ViT-L/14-336, all 576 patches with the cls token last,
+    bidirectional scan, sandwich prompt, text 24 x 2048).
+
+    Args:
+        vision_config: Any vision encoder config (`AutoConfig` model types, e.g. `clip_vision_model` or
+            `siglip_vision_model`); CLIP ViT-L/14-336 by default.
+        text_config: The RWKV-6 language model (`VisualRWKVTextConfig`).
+        image_token_id: Id of the image placeholder token; the processor repeats it `num_image_tokens` times and the
+            model replaces those positions with the image features. 65530 is the first unused id of the World
+            vocabulary.
+        vision_feature_layer: Which vision encoder hidden state to use; -1 is the last layer (before any
+            post-layernorm).
+        vision_has_cls_token: Whether the vision encoder output starts with a class token (moved after the patches).
+            `None` infers it from the vision model type (CLIP: yes, SigLIP: no).
+        grid_size: Patch tokens kept per image: -1 all patches; 0 none (cls only); g >= 1 average-pools the patch grid
+            with kernel = stride = rows // g (g = 1: the mean patch).
+        scan_mode: The order in which blocks read the image patches: "unidirectional" (row-major everywhere),
+            "bidirectional" (odd blocks reversed) or "multidirectional" (row-major, reversed, column-major, reversed,
+            by block index mod 4; needs a square grid). See `scanning.py`.
+        image_position: Where the processor puts the image in the prompt: "first", "middle" (the sandwich prompt)
+            or "last".
+        projector_bias: Whether the vision-to-text projection has a bias (the released models: no).
+    """
+
+    model_type = "visualrwkv"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L_14_336
+        ),
+        "text_config": SubConfigSpec(config_class=VisualRWKVTextConfig),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 65530
+    vision_feature_layer: int = -1
+    vision_has_cls_token: bool | None = None
+    grid_size: int = -1
+    scan_mode: Literal[SCAN_MODES] = "bidirectional"
+    image_position: Literal[IMAGE_POSITIONS] = "middle"
+    projector_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)  # builds the sub-configs
+        vision, text = self.vision_config, self.text_config
+        if self.vision_has_cls_token is None:
+            if vision.model_type not in CLS_TOKEN_BY_VISION_MODEL_TYPE:
+                raise ValueError(
+                    f"Cannot tell whether a `{vision.model_type}` vision encoder outputs a class token: set "
+                    "`vision_has_cls_token` explicitly."
+                )
+            self.vision_has_cls_token = CLS_TOKEN_BY_VISION_MODEL_TYPE[vision.model_type]
+        if not 0 <= self.image_token_id < text.vocab_size:
+            raise ValueError(
+                f"`image_token_id` ({self.image_token_id}) must be a row of the text embedding (vocab_size "
+                f"{text.vocab_size})."
+            )
+        num_hidden_states = vision.num_hidden_layers + 1  # the embeddings, then every encoder layer
+        if not -num_hidden_states <= self.vision_feature_layer < num_hidden_states:
+            raise ValueError(
+                f"`vision_feature_layer` ({self.vision_feature_layer}) must index one of the vision encoder's "
+                f"{num_hidden_states} hidden states."
+            )
+        if self.tie_word_embeddings:
+            raise ValueError("VisualRWKV's head is not tied to its embedding: `tie_word_embeddings` must be False.")
+
+        rows, cols = self.patch_grid
+        if self.grid_size < -1:
+            raise ValueError(f"`grid_size` must be -1 (all patches), 0 (cls only) or positive, got {self.grid_size}.")
+        if self.grid_size == 0 and not self.vision_has_cls_token:
+            raise ValueError("`grid_size=0` keeps only the cls token, but this vision encoder has none.")
+        if self.grid_size > 0:
+            kernel = rows // self.grid_size
+            if kernel == 0 or rows % self.grid_size or cols % kernel:
+                raise ValueError(
+                    f"`grid_size` {self.grid_size} does not divide the {rows} x {cols} patch grid: pooling uses "
+                    f"kernel = stride = rows // grid_size, which must tile the grid exactly."
+                )
+        if self.scan_mode == "multidirectional":
+            scan_rows, scan_cols = self.image_grid
+            if scan_rows != scan_cols:
+                raise ValueError(
+                    f"`scan_mode='multidirectional'` reads the patches column by column too, which needs a square "
+                    f"grid; this configuration gives a {scan_rows} x {scan_cols} grid."
+                )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, columns) of patches the vision encoder produces."""
+        image_size, patch_size = self.vision_config.image_size, self.vision_config.patch_size
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"Vision image size {image_size} is not a multiple of the patch size {patch_size}.")
+        return height // patch_size, width // patch_size
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the patch tokens the language model sees, after grid pooling ((0, 0) for cls only)."""
+        rows, cols = self.patch_grid
+        if self.grid_size == -1:
+            return rows, cols
+        if self.grid_size == 0:
+            return 0, 0
+        kernel = rows // self.grid_size
+        return rows // kernel, cols // kernel
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Feature vectors per image: the (pooled) patches, then the cls token when the encoder has one."""
+        rows, cols = self.image_grid
+        return rows * cols + int(self.vision_has_cls_token)
+
+
+__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig", "default_intermediate_size"]

@@ -6,6 +6,7 @@ state 0 the float32 WKV matrix (B, H, N, N).
 """
 
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,27 @@ class VisualRWKVBlock(GradientCheckpointingLayer):
         return hidden_states
 
 
+def run_block_in_order(
+    block: VisualRWKVBlock,
+    hidden_states: torch.Tensor,
+    cache: Cache | None,
+    padding_mask: torch.Tensor | None,
+    gather_index: torch.LongTensor | None,
+) -> torch.Tensor:
+    """
+    Runs `block` reading the positions in the order `gather_index` (a (batch, seq) permutation: step t reads position
+    `gather_index[b, t]`; None: as they are), so its token shifts and recurrence follow that order, and returns each
+    output at its original position.
+    """
+    if gather_index is None:
+        return block(hidden_states, cache, padding_mask)
+    index = gather_index[:, :, None].expand_as(hidden_states)
+    if padding_mask is not None:
+        padding_mask = padding_mask.gather(1, gather_index)
+    outputs = block(hidden_states.gather(1, index), cache, padding_mask)
+    return torch.empty_like(outputs).scatter_(1, index, outputs)
+
+
 @dataclass
 class VisualRWKVTextModelOutput(ModelOutput):
     """
@@ -263,6 +285,7 @@ class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        block_gather_indices: Sequence[torch.LongTensor | None] | None = None,
         **kwargs,
     ) -> tuple | VisualRWKVTextModelOutput:
         """
@@ -271,6 +294,8 @@ class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
                 shift and WKV state untouched, so a left-padded row computes exactly what it computes alone. May
                 also cover cached positions (batch, past + seq): only its last `seq` columns are used.
             cache: Recurrent state from a previous call; created when `use_cache` and none is given.
+            block_gather_indices: Per block, the order in which it reads the positions (see `run_block_in_order`),
+                or None to read them as they are. VisualRWKV uses it for image scanning.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -302,8 +327,9 @@ class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for block in self.blocks:
-            hidden_states = block(hidden_states, cache, padding_mask)
+        gather_indices = block_gather_indices if block_gather_indices is not None else [None] * len(self.blocks)
+        for block, gather_index in zip(self.blocks, gather_indices, strict=True):
+            hidden_states = run_block_in_order(block, hidden_states, cache, padding_mask, gather_index)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_out(hidden_states)
