@@ -51,13 +51,16 @@ def lm_demo(args: argparse.Namespace) -> int:
 
 
 def convert_rwkv6(args: argparse.Namespace) -> int:
-    from .convert_rwkv6 import ConversionError, convert_rwkv6_checkpoint
+    from .convert_rwkv6 import convert_rwkv6_checkpoint
 
     try:
-        convert_rwkv6_checkpoint(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite)
-    except ConversionError as error:
+        output = convert_rwkv6_checkpoint(
+            args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress
+        )
+    except (ValueError, OSError) as error:  # user errors: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
+    print(f"Wrote {output}")
     return 0
 
 
@@ -72,11 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=lm_demo)
 
+    from .convert_rwkv6 import DTYPES
+
     convert = commands.add_parser("convert-rwkv6", help="convert a BlinkDL RWKV-6 .pth into a transformers folder")
     convert.add_argument("--checkpoint", required=True, help="BlinkDL RWKV-6 (x060) .pth file")
-    convert.add_argument("--output", required=True, help="folder to create")
-    convert.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    convert.add_argument("--output", required=True, help="output folder (created; must be empty unless --overwrite)")
+    convert.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto",
+        help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert.set_defaults(run=convert_rwkv6)
     return parser
 
