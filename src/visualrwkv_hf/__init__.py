@@ -1,9 +1,14 @@
 """VisualRWKV for Hugging Face transformers. Importing the package registers its classes with the Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from .configuration_visualrwkv import VisualRWKVTextConfig
-from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVPreTrainedModel, VisualRWKVTextModel
+from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
+from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .modeling_visualrwkv import (
+    VisualRWKVForConditionalGeneration,
+    VisualRWKVModel,
+    VisualRWKVPreTrainedModel,
+)
 from .tokenization_rwkv_world import RwkvWorldTokenizer
 
 AutoConfig.register(VisualRWKVTextConfig.model_type, VisualRWKVTextConfig, exist_ok=True)
@@ -11,9 +16,17 @@ AutoModel.register(VisualRWKVTextConfig, VisualRWKVTextModel, exist_ok=True)
 AutoModelForCausalLM.register(VisualRWKVTextConfig, VisualRWKVForCausalLM, exist_ok=True)
 AutoTokenizer.register(VisualRWKVTextConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 
+AutoConfig.register(VisualRWKVConfig.model_type, VisualRWKVConfig, exist_ok=True)
+AutoModel.register(VisualRWKVConfig, VisualRWKVModel, exist_ok=True)
+AutoModelForImageTextToText.register(VisualRWKVConfig, VisualRWKVForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(VisualRWKVConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+
 __all__ = [
     "RwkvWorldTokenizer",
+    "VisualRWKVConfig",
     "VisualRWKVForCausalLM",
+    "VisualRWKVForConditionalGeneration",
+    "VisualRWKVModel",
     "VisualRWKVPreTrainedModel",
     "VisualRWKVTextConfig",
     "VisualRWKVTextModel",

@@ -1,0 +1,335 @@
+"""VisualRWKV: a vision encoder, a linear projector, and the RWKV-6 language model with image scanning.
+
+The image features replace the image placeholder tokens (LLaVA style). Inside every block, the image patches are read
+in the block's scan order (see `scanning.py`): each sample's own patch span is reordered at the block input and
+restored at its output.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_visualrwkv import VisualRWKVConfig
+from .modeling_rwkv6 import VisualRWKVTextModel
+from .scanning import block_gather_indices
+
+
+@dataclass
+class VisualRWKVModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state: Output of the language model's final LayerNorm, (batch, seq, hidden).
+        cache: Recurrent state after the last position; pass it back with the next tokens to continue.
+        hidden_states: With `output_hidden_states`, the input embeddings (image features merged) and every block's
+            output, in the original position order.
+        image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class VisualRWKVConditionalGenerationOutput(ModelOutput):
+    """
+    Args:
+        loss: Next-token cross-entropy, when `labels` are given.
+        logits: Head outputs, (batch, seq, vocab), float32.
+        cache: Recurrent state after the last position.
+        hidden_states: With `output_hidden_states`, the input embeddings and every block's output.
+        image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class VisualRWKVPreTrainedModel(PreTrainedModel):
+    config: VisualRWKVConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["VisualRWKVBlock"]
+    supports_gradient_checkpointing = True
+    # Recurrent: no cache cropping, so assisted / speculative decoding refuses cleanly.
+    _is_stateful = True
+
+
+class VisualRWKVMultiModalProjector(nn.Module):
+    """Maps vision features to the language model's width (the original's `proj`)."""
+
+    def __init__(self, config: VisualRWKVConfig):
+        super().__init__()
+        self.linear = nn.Linear(
+            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.projector_bias
+        )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+class VisualRWKVModel(VisualRWKVPreTrainedModel):
+    """The vision tower, the projector and the RWKV-6 backbone, without a language-modelling head."""
+
+    def __init__(self, config: VisualRWKVConfig):
+        super().__init__(config)
+        # Frozen in the original training; left trainable here so users decide.
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
+        self.language_model = VisualRWKVTextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.language_model.set_input_embeddings(new_embeddings)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        Image features as the language model sees them, (images, num_image_tokens, hidden): the selected vision
+        hidden state (no post-layernorm), the patches row-major (grid-pooled if configured), then the cls token, then
+        the projector.
+        """
+        config = self.config
+        vision_outputs = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
+        )
+        features = vision_outputs.hidden_states[config.vision_feature_layer]
+        num_cls = int(config.vision_has_cls_token)
+        rows, cols = config.patch_grid
+        if features.shape[1] != rows * cols + num_cls:
+            raise ValueError(
+                f"The vision encoder gave {features.shape[1]} tokens per image, expected {rows} x {cols} patches"
+                f"{' + cls' if num_cls else ''}: are the images {config.vision_config.image_size} px as configured?"
+            )
+        cls_token, patches = features[:, :num_cls], features[:, num_cls:]
+        if config.grid_size == 0:
+            patches = patches[:, :0]
+        elif config.grid_size > 0:
+            kernel = rows // config.grid_size
+            patch_grid = patches.transpose(1, 2).unflatten(2, (rows, cols))  # (images, hidden, rows, cols)
+            patches = F.avg_pool2d(patch_grid, kernel).flatten(2).transpose(1, 2)
+        return self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.BoolTensor:
+        """(batch, seq) mask of the image placeholder positions, from the ids or, without ids, the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_token_embedding).all(-1)
+
+    def image_span_starts(self, placeholder_mask: torch.BoolTensor) -> torch.LongTensor:
+        """
+        Per row, the position of the first image token, or -1 for a text-only row. Every row must hold either no
+        placeholder or one contiguous run of exactly `num_image_tokens`: an image split across calls (or rows with
+        a wrong placeholder count) cannot be scanned.
+        """
+        num_image_tokens = self.config.num_image_tokens
+        counts = placeholder_mask.sum(1)
+        starts = placeholder_mask.int().argmax(1)
+        positions = torch.arange(placeholder_mask.shape[1], device=placeholder_mask.device)
+        last = torch.where(placeholder_mask, positions, -1).max(1).values
+        has_image = counts > 0
+        bad_rows = has_image & ((counts != num_image_tokens) | (last - starts + 1 != counts))
+        if bool(bad_rows.any()):
+            row = int(bad_rows.nonzero()[0])
+            raise ValueError(
+                f"Row {row} holds {int(counts[row])} image placeholder tokens (positions {int(starts[row])} to "
+                f"{int(last[row])}); an image needs exactly {num_image_tokens} contiguous placeholders, all in the "
+                "same call (with a cache, the whole image span must be inside one forward call)."
+            )
+        return torch.where(has_image, starts, -1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> tuple | VisualRWKVModelOutput:
+        """
+        Args:
+            input_ids: Token ids with `num_image_tokens` consecutive `image_token_id` placeholders per image (at most
+                one image per row; rows without placeholders are text only).
+            pixel_values: One image per row that holds placeholders, in row order; needed whenever the call holds
+                placeholders (with a cache, only the call that holds the image span, usually the prefill).
+            attention_mask: (batch, seq) 1 for real tokens, 0 for (left) padding.
+            cache: Recurrent state from a previous call; created when `use_cache` and none is given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+        span_starts = self.image_span_starts(placeholder_mask)
+        num_spans = int((span_starts >= 0).sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_images != num_spans:
+            raise ValueError(
+                f"Got {num_images} images for {num_spans} rows with image placeholders: pass one image per row that "
+                f"holds {self.config.num_image_tokens} `image_token_id` ({self.config.image_token_id}) placeholders."
+            )
+        image_features = None
+        gather_indices = None
+        if num_images:
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
+            gather_indices = block_gather_indices(
+                self.config.scan_mode,
+                self.config.text_config.num_hidden_layers,
+                self.config.image_grid,
+                span_starts,
+                inputs_embeds.shape[1],
+            )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            block_gather_indices=gather_indices,
+        )
+        output = VisualRWKVModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMixin):
+    """VisualRWKV with its (untied) language-modelling head."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: VisualRWKVConfig):
+        super().__init__(config)
+        self.model = VisualRWKVModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        return self.model.get_image_features(pixel_values)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, pixel_values=None, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # The image span lies in the prompt: with a cache, the steps after the prefill feed one new text token each,
+        # so the image (and the padding mask) are needed only on the first step; without a cache every step re-runs
+        # the whole sequence, image included.
+        if model_inputs.get("cache") is None or is_first_iteration:
+            model_inputs["pixel_values"] = pixel_values
+        else:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> tuple | VisualRWKVConditionalGenerationOutput:
+        """
+        Args:
+            labels: (batch, seq) next-token targets, shifted inside; -100 is ignored (use it for image, prompt and
+                padding positions). Extra keyword arguments (such as Trainer's `num_items_in_batch`) reach
+                `loss_function`.
+            logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states).float()
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        output = VisualRWKVConditionalGenerationOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "VisualRWKVConditionalGenerationOutput",
+    "VisualRWKVForConditionalGeneration",
+    "VisualRWKVModel",
+    "VisualRWKVModelOutput",
+    "VisualRWKVMultiModalProjector",
+    "VisualRWKVPreTrainedModel",
+]
