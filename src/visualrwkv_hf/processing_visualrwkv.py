@@ -52,7 +52,7 @@ TURN_PREFIXES = ("User:", "Assistant:")
 
 # Built from the rules in the module docstring. Jinja has no regular expressions: a stripped text's blank-line runs
 # collapse exactly when its whitespace-only lines are dropped (its first and last lines are never whitespace-only).
-CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompt format; image_position: 'first', 'middle' (the sandwich, default) or 'last'. -#}
+CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' (the sandwich, default) or 'last'. -#}
 {%- set position = image_position | default('middle') -%}
 {%- if position not in ['first', 'middle', 'last'] -%}
     {{- raise_exception("image_position must be 'first', 'middle' or 'last', not '" ~ position ~ "'") -}}
@@ -65,13 +65,15 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompt format; image_position: 'first', 'mi
 {%- set turns = namespace(texts=[], has_image=[], human_texts=[]) -%}
 {%- for message in messages -%}
     {%- if message['role'] not in ['user', 'assistant'] -%}
-        {{- raise_exception("VisualRWKV-6 knows only 'user' and 'assistant' turns (it was trained without a system prompt), not '" ~ message['role'] ~ "'") -}}
+        {{- raise_exception("VisualRWKV-6 knows only 'user' and 'assistant' turns (it was trained without a "
+            ~ "system prompt), not '" ~ message['role'] ~ "'") -}}
     {%- endif -%}
     {%- if message['content'] is string -%}
         {%- set text = message['content'] -%}
         {%- set image_parts = 0 -%}
     {%- else -%}
-        {%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') -%}
+        {%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')
+            | join('\n') -%}
         {%- set image_parts = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
     {%- endif -%}
     {%- set has_image = image_parts > 0 or '<image>' in text -%}
@@ -79,7 +81,8 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompt format; image_position: 'first', 'mi
     {%- set turns.texts = turns.texts + [text] -%}
     {%- set turns.has_image = turns.has_image + [has_image] -%}
     {%- if message['role'] == 'user' -%}
-        {%- set human_text = text.replace('Answer the question using a single word or phrase.', '').strip() if has_image else text -%}
+        {%- set human_text = text.replace('Answer the question using a single word or phrase.', '').strip()
+            if has_image else text -%}
         {%- set turns.human_texts = turns.human_texts + [collapse_blank_lines(human_text)] -%}
     {%- endif -%}
 {%- endfor -%}
@@ -171,9 +174,9 @@ def _samples_to_uint8(samples: np.ndarray) -> np.ndarray:
 
 
 def _array_to_image(array: np.ndarray) -> PIL.Image.Image:
-    """A PIL image from an (H, W), (H, W, C) or (C, H, W) array with C = 1 (gray), 2 (gray + alpha), 3 or 4 (RGBA)."""
+    """A PIL image from an (H, W), (H, W, C) or (C, H, W) array; C = 1 (gray), 2 (gray + alpha, last only), 3, 4."""
     channel_counts = (1, 2, 3, 4)
-    if array.ndim == 3 and array.shape[-1] not in channel_counts and array.shape[0] in channel_counts:
+    if array.ndim == 3 and array.shape[-1] not in channel_counts and array.shape[0] in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -209,10 +212,10 @@ def load_rgb_image(image: Any) -> PIL.Image.Image:
         image = PIL.Image.fromarray(_samples_to_uint8(np.clip(np.asarray(image), 0, 65535).astype(np.uint16)))
     elif image.mode == "F":
         image = PIL.Image.fromarray(_samples_to_uint8(np.asarray(image)))
-    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        on_white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(on_white, image.convert("RGBA")).convert("RGB")
     try:
+        if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+            on_white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(on_white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
     except ValueError as error:
         raise ValueError(f"Cannot convert an image of mode {image.mode!r} to RGB: {error}") from error
@@ -291,7 +294,7 @@ class VisualRWKVProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError("VisualRWKVProcessor needs `images`, `text` or both.")
-        image_position = check_image_position(image_position or self.image_position)
+        position = check_image_position(image_position or self.image_position)
         output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
         if text_kwargs.pop("truncation", None):
@@ -314,7 +317,7 @@ class VisualRWKVProcessor(ProcessorMixin):
             data["pixel_values"] = self.image_processor(given_images, **images_kwargs)["pixel_values"]
         if texts is not None:
             prompts = [
-                one_text if one_text.startswith(TURN_PREFIXES) else self._format_message(one_text, image, image_position)
+                one_text if one_text.startswith(TURN_PREFIXES) else self._format_message(one_text, image, position)
                 for one_text, image in zip(texts, sample_images)
             ]
             for index, (prompt, image) in enumerate(zip(prompts, sample_images)):
@@ -346,17 +349,18 @@ class VisualRWKVProcessor(ProcessorMixin):
         if images is None:
             return [None] * len(texts)
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        nested = [isinstance(entry, (list, tuple)) for entry in image_list]
         if texts is None:
-            return [image for entry in image_list for image in (entry if isinstance(entry, (list, tuple)) else [entry])]
-        if any(isinstance(entry, (list, tuple)) for entry in image_list):
-            if len(image_list) != len(texts):
-                raise ValueError(f"Got {len(image_list)} lists of images for {len(texts)} prompts; give one per prompt.")
+            return [image for entry, is_list in zip(image_list, nested) for image in (entry if is_list else [entry])]
+        if any(nested):
+            if not all(nested) or len(image_list) != len(texts):
+                raise ValueError(
+                    f"Nested images need one list (of zero or one image) per prompt; got {len(image_list)} entries "
+                    f"for {len(texts)} prompts."
+                )
             for index, entry in enumerate(image_list):
-                if not isinstance(entry, (list, tuple)) or len(entry) > 1:
-                    raise ValueError(
-                        f"Prompt {index} got {entry if not isinstance(entry, (list, tuple)) else len(entry)} images; "
-                        "VisualRWKV-6 takes one image per prompt: give a list of zero or one image per prompt."
-                    )
+                if len(entry) > 1:
+                    raise ValueError(f"Prompt {index} got {len(entry)} images; VisualRWKV-6 takes one image a prompt.")
             return [entry[0] if entry else None for entry in image_list]
         if len(image_list) == len(texts):
             return image_list

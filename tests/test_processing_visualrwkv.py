@@ -1,0 +1,458 @@
+"""VisualRWKVProcessor: the original's prompt format and ids (checked against BlinkDL's reference tokenizer), image
+loading and conversion, batching, errors, decoding, save/load."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from visualrwkv_hf.configuration_visualrwkv import VisualRWKVConfig
+from visualrwkv_hf.processing_visualrwkv import (
+    CHAT_TEMPLATE,
+    VisualRWKVProcessor,
+    default_image_processor,
+    load_rgb_image,
+)
+from visualrwkv_hf.tokenization_rwkv_world import VOCAB_FILE_NAME, RwkvWorldTokenizer
+
+
+rwkv_tokenizer = pytest.importorskip("rwkv.rwkv_tokenizer", reason="the reference comes with `pip install rwkv`")
+
+IMAGE_ID = 65530
+QUESTION = "What color is the bus?\nAnswer the question using a single word or phrase."
+SUFFIX = "Answer the question using a single word or phrase."
+# Spec section 5, literally.
+MIDDLE_HEAD = [24281, 59, 30031, 38083, 4600, 22590, 21399, 64, 11]  # "User: What color is the bus?\n"
+USER_PREFIX = [24281, 59, 33]  # "User: "
+ASSISTANT_RED = [5585, 41693, 59, 20733, 261]  # "Assistant: Red\n\n"
+GENERATION_PROMPT = [5585, 41693, 59]  # "Assistant:"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return rwkv_tokenizer.TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv_tokenizer.__file__), VOCAB_FILE_NAME))
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer())
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+
+
+def bus_chat(with_answer: bool) -> list[dict]:
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    return chat + [{"role": "assistant", "content": "Red"}] if with_answer else chat
+
+
+def prompt_ids(processor, chat, image, **template_kwargs) -> list[int]:
+    prompt = processor.apply_chat_template(chat, **template_kwargs)
+    return processor(images=image, text=prompt)["input_ids"][0]
+
+
+# ---------------------------------------------------------------- exact ids
+
+
+@pytest.mark.parametrize("with_answer", [False, True])
+def test_middle_ids_are_the_spec_ids(processor, reference, image, with_answer):
+    ids = prompt_ids(processor, bus_chat(with_answer), image, add_generation_prompt=not with_answer)
+    tail = reference.encode("\nWhat color is the bus?\n" + SUFFIX + "\n\n")
+    ending = ASSISTANT_RED if with_answer else GENERATION_PROMPT
+    assert reference.encode("User: What color is the bus?\n") == MIDDLE_HEAD
+    assert tail[:3] == [11, 24326, 38083] and tail[-2:] == [47, 261]
+    assert reference.encode("Assistant: Red\n\n") == ASSISTANT_RED
+    assert reference.encode("Assistant:") == GENERATION_PROMPT
+    assert ids == MIDDLE_HEAD + [IMAGE_ID] * 577 + tail + ending
+
+
+def test_middle_is_the_default_and_first_and_last_ids(processor, reference, image):
+    chat = bus_chat(with_answer=True)
+    assert prompt_ids(processor, chat, image) == prompt_ids(processor, chat, image, image_position="middle")
+
+    first = prompt_ids(processor, chat, image, image_position="first")
+    assert reference.encode("User: ") == USER_PREFIX
+    assert first == USER_PREFIX + [IMAGE_ID] * 577 + reference.encode("\n" + QUESTION + "\n\n") + ASSISTANT_RED
+
+    last = prompt_ids(processor, chat, image, image_position="last")
+    assert last == reference.encode("User: " + QUESTION + "\n") + [IMAGE_ID] * 577 + [261] + ASSISTANT_RED
+
+
+def test_bare_text_is_formatted_with_the_call_time_image_position(processor, image):
+    for position in ("first", "middle", "last"):
+        from_call = processor(images=image, text=QUESTION, image_position=position)["input_ids"][0]
+        expected = prompt_ids(processor, bus_chat(False), image, add_generation_prompt=True, image_position=position)
+        assert from_call == expected
+    last_processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), image_position="last")
+    assert last_processor(images=image, text=QUESTION)["input_ids"][0] == processor(
+        images=image, text=QUESTION, image_position="last"
+    )["input_ids"][0]
+    assert processor.decode(processor(text="Hello")["input_ids"][0]) == "User: Hello\n\nAssistant:"
+
+
+def test_each_turn_is_tokenized_on_its_own(processor, reference):
+    # Tokens cross the turn boundary when the whole prompt is tokenized at once; the original never does that.
+    chat = [
+        {"role": "user", "content": "Say ?"},
+        {"role": "assistant", "content": "?"},
+        {"role": "user", "content": "Again"},
+    ]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    turns = ["User: Say ?\n\n", "Assistant: ?\n\n", "User: Again\n\n", "Assistant:"]
+    assert prompt == "".join(turns)
+    per_turn = [token for turn in turns for token in reference.encode(turn)]
+    assert processor(text=prompt)["input_ids"][0] == per_turn
+
+
+def test_image_splits_the_text_around_it(reference):
+    # "What\n" and "\nWhat" tokenized separately, as the original does, not as one string with a marker in it.
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=1)
+    ids = processor(images=Image.new("RGB", (8, 8)), text="User: a.\n<image>\n.b\n\n")["input_ids"][0]
+    assert ids == reference.encode("User: a.\n") + [IMAGE_ID] + reference.encode("\n.b\n\n")
+
+
+# ---------------------------------------------------------------- chat template semantics
+
+
+def test_multi_turn_sandwich_holds_every_human_turn(processor):
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "  How many wheels?  "}]},
+        {"role": "assistant", "content": "Four"},
+        {"role": "user", "content": "Is it moving?"},
+    ]
+    expected = {
+        "middle": "User: What color is the bus?\nHow many wheels?\nIs it moving?\n<image>\n" + QUESTION + "\n\n",
+        "first": "User: <image>\n" + QUESTION + "\n\n",
+        "last": "User: " + QUESTION + "\n<image>\n\n",
+    }
+    rest = "Assistant: Red\n\nUser: How many wheels?\n\nAssistant: Four\n\nUser: Is it moving?\n\nAssistant:"
+    for position, first_turn in expected.items():
+        assert processor.apply_chat_template(chat, add_generation_prompt=True, image_position=position) == (
+            first_turn + rest
+        )
+
+
+def test_image_turn_later_in_the_conversation_and_marker_in_text(processor):
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "<image>\nWhat is this?\n" + SUFFIX},
+    ]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == (
+        "User: Hi\n\nAssistant: Hello!\n\n"
+        "User: Hi\nWhat is this?\n<image>\nWhat is this?\n" + SUFFIX + "\n\nAssistant:"
+    )
+
+
+def test_blank_lines_collapse_and_text_is_stripped(processor):
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n a\n\n\nb \n \t\n c\r\n\r\nd "}]},
+        {"role": "assistant", "content": "x\n\ny\n\n"},
+        {"role": "user", "content": "p\n\n\n\nq"},
+    ]
+    rendered = processor.apply_chat_template(chat, image_position="first")
+    assert rendered == "User: <image>\na\nb \n c\r\nd\n\nAssistant: x\ny\n\nUser: p\nq\n\n"
+    sandwich = processor.apply_chat_template(chat)
+    assert sandwich.startswith("User: a\nb \n c\r\nd\np\nq\n<image>\na\nb \n c\r\nd\n\n")
+
+
+def original_format(messages: list[tuple[str, str]], image_position: str) -> str:
+    """The original's formatting (VisualRWKV-v6/v6.0/src/dataset.py), re-implemented here with its regular expression
+    as an oracle; other human turns are collapsed in the sandwich too (the documented difference)."""
+
+    def collapse(text):
+        return re.sub(r"\n(\s*\n)+", "\n", text)
+
+    image_texts = [text for _, text in messages if "<image>" in text]
+    human_texts = []
+    for role, text in messages:
+        if role == "user":
+            if "<image>" in text:
+                text = text.replace("<image>", "").strip().replace(SUFFIX, "").strip()
+            human_texts.append(collapse(text.strip()))
+    rendered = ""
+    for role, text in messages:
+        if text in image_texts:
+            text = collapse(text.replace("<image>", "").strip())
+            text = {
+                "first": "<image>\n" + text,
+                "middle": "\n".join(human_texts) + "\n<image>\n" + text,
+                "last": text + "\n<image>",
+            }[image_position].strip()
+        else:
+            text = collapse(text.strip())
+        speaker = "User" if role == "user" else "Assistant"
+        rendered += f"{speaker}: {text}\n\n" if text else f"{speaker}:"
+    return rendered
+
+
+def test_template_matches_the_original_rules_on_random_conversations(processor):
+    rng = random.Random(0)
+    pieces = ["a", "b c", " ", "  ", "\n", "\n", "\t", "\r", "\x0c", "\u00a0", "\u3000", SUFFIX, "é", "?", "x\ny"]
+
+    def random_text():
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+
+    for _ in range(300):
+        messages = [("user" if turn % 2 == 0 else "assistant", random_text()) for turn in range(rng.randint(1, 6))]
+        user_turns = [index for index, (role, _) in enumerate(messages) if role == "user"]
+        image_turn = rng.choice(user_turns)
+        marked = [
+            (role, "<image>" * (index == image_turn) + text) if rng.random() < 0.5 or index != image_turn
+            else (role, text + "<image>")
+            for index, (role, text) in enumerate(messages)
+        ]
+        chat = [{"role": role, "content": text} for role, text in marked]
+        for position in ("first", "middle", "last"):
+            assert processor.apply_chat_template(chat, image_position=position) == original_format(marked, position)
+
+
+def test_template_refuses_system_prompts_and_unknown_positions(processor):
+    with pytest.raises(Exception, match="system"):
+        processor.apply_chat_template([{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}])
+    with pytest.raises(ValueError, match="image_position"):
+        processor.apply_chat_template(bus_chat(False), image_position="centre")
+    with pytest.raises(ValueError, match="image_position"):
+        VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), image_position="top")
+
+
+def test_apply_chat_template_tokenizes_images_from_the_messages(processor, image):
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    out = processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", image_position="first"
+    )
+    assert set(out) == {"input_ids", "attention_mask", "pixel_values"}
+    assert out["input_ids"][0, :4].tolist() == USER_PREFIX + [IMAGE_ID]
+    assert out["input_ids"][0, -3:].tolist() == GENERATION_PROMPT
+    assert out["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_continue_final_message(processor):
+    chat = bus_chat(False) + [{"role": "assistant", "content": "The bus is"}]
+    assert processor.apply_chat_template(chat, continue_final_message=True).endswith("\n\nAssistant: The bus is")
+
+
+# ---------------------------------------------------------------- images, batches
+
+
+def test_image_expands_to_num_image_tokens_contiguous(image):
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=37)
+    ids = processor(images=image, text=QUESTION)["input_ids"][0]
+    positions = [index for index, token in enumerate(ids) if token == IMAGE_ID]
+    assert len(positions) == 37 and positions == list(range(positions[0], positions[0] + 37))
+
+
+def test_pixel_values_equal_the_clip_image_processor_on_the_rgb_image(processor, image):
+    pixels = processor(images=image, text=QUESTION, return_tensors="pt")["pixel_values"]
+    expected = default_image_processor()(image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 336, 336)
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=0)
+    clip = processor.image_processor
+    assert clip.size == {"shortest_edge": 336} and clip.crop_size == {"height": 336, "width": 336}
+    assert clip.do_center_crop and not getattr(clip, "do_pad", False)
+
+
+def test_padded_batch_rows_equal_single_prompts(processor, image):
+    texts = [QUESTION, "User: Hi\n\nAssistant:", "Describe it."]
+    images = [[image], [], [image]]
+    singles = [processor(images=sample, text=text)["input_ids"][0] for text, sample in zip(texts, images)]
+    longest = max(len(row) for row in singles)
+    for side in ("left", "right"):
+        batch = processor(images=images, text=texts, padding=True, padding_side=side, return_tensors="pt")
+        assert batch["input_ids"].shape == (3, longest) and batch["pixel_values"].shape == (2, 3, 336, 336)
+        for row, single in enumerate(singles):
+            mask = batch["attention_mask"][row].bool()
+            assert batch["input_ids"][row][mask].tolist() == single
+            assert batch["input_ids"][row][~mask].eq(0).all()
+            pad = longest - len(single)
+            assert mask.tolist() == ([False] * pad + [True] * len(single) if side == "left" else
+                                     [True] * len(single) + [False] * pad)
+    # A flat list with one image per text, and one image per text that holds the marker, mean the same.
+    marked = ["User: <image>\nA\n\nAssistant:", "User: B\n\nAssistant:"]
+    assert processor(images=[image], text=marked, padding=True)["input_ids"] == processor(
+        images=[[image], []], text=marked, padding=True
+    )["input_ids"]
+
+
+def test_images_without_text(processor, image):
+    out = processor(images=[image, image], return_tensors="pt")
+    assert list(out) == ["pixel_values"] and out["pixel_values"].shape == (2, 3, 336, 336)
+
+
+def test_any_image_processor_works(image):
+    siglip = SiglipImageProcessorPil(size={"height": 224, "width": 224})
+    processor = VisualRWKVProcessor(image_processor=siglip, tokenizer=RwkvWorldTokenizer(), num_image_tokens=196)
+    out = processor(images=image, text=QUESTION, return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 3, 224, 224)
+    assert (out["input_ids"] == IMAGE_ID).sum() == 196
+    torch.testing.assert_close(out["pixel_values"], siglip(image, return_tensors="pt")["pixel_values"])
+
+
+def rgb_pixels(image) -> np.ndarray:
+    return np.asarray(load_rgb_image(image))
+
+
+def test_transparency_is_composited_on_white():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[0, 1] = (255, 0, 0, 0)  # transparent
+    rgba[1, 0] = (0, 0, 255, 128)  # half blue
+    pixels = rgb_pixels(Image.fromarray(rgba, "RGBA"))
+    assert pixels[0, 0].tolist() == [255, 0, 0] and pixels[0, 1].tolist() == [255, 255, 255]
+    assert pixels[1, 0].tolist() == [127, 127, 255]
+    assert rgb_pixels(Image.fromarray(np.array([[[0, 0], [90, 255]]], np.uint8), "LA")).tolist() == [
+        [[255, 255, 255], [90, 90, 90]]
+    ]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 40, 50, 60])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    assert rgb_pixels(palette).tolist() == [[[255, 255, 255], [40, 50, 60]]]
+    assert rgb_pixels(rgba).tolist() == pixels.tolist()  # an RGBA array converts the same way
+
+
+def test_high_bit_depth_and_other_modes_convert_to_rgb():
+    sixteen = np.array([[0, 257 * 100, 65535]], np.uint16)
+    expected = [[[0] * 3, [100] * 3, [255] * 3]]
+    assert Image.fromarray(sixteen).mode == "I;16"
+    assert rgb_pixels(Image.fromarray(sixteen)).tolist() == expected
+    assert rgb_pixels(Image.fromarray(sixteen.astype(np.int32), "I")).tolist() == expected
+    assert rgb_pixels(sixteen).tolist() == expected
+    buffer = io.BytesIO()
+    Image.fromarray(sixteen).save(buffer, format="PNG")
+    assert rgb_pixels(buffer.getvalue()).tolist() == expected  # a real 16-bit PNG
+
+    assert rgb_pixels(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")).tolist() == [
+        [[0] * 3, [128] * 3, [255] * 3]
+    ]
+    assert rgb_pixels(Image.new("1", (2, 1), 1)).tolist() == [[[255] * 3] * 2]
+    assert rgb_pixels(Image.new("L", (1, 1), 77)).tolist() == [[[77] * 3]]
+    assert rgb_pixels(Image.new("CMYK", (1, 1), (0, 255, 255, 0))).tolist() == [[[255, 0, 0]]]
+    for mode in ("1", "L", "P", "LA", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "I;16", "I;16B", "I", "F", "RGBX"):
+        assert load_rgb_image(Image.new(mode, (3, 2))).mode == "RGB", mode
+    with pytest.raises(ValueError, match="mode 'La'"):  # Pillow itself cannot convert premultiplied gray + alpha
+        load_rgb_image(Image.new("La", (3, 2)))
+
+
+def test_arrays_and_tensors():
+    hwc = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert rgb_pixels(hwc).tolist() == hwc.tolist()
+    assert rgb_pixels(hwc.transpose(2, 0, 1)).tolist() == hwc.tolist()  # channels first
+    assert rgb_pixels(torch.from_numpy(hwc.transpose(2, 0, 1).copy()) / 255.0).tolist() == hwc.tolist()
+    assert rgb_pixels(hwc.astype(np.int64)).tolist() == hwc.tolist()
+    assert rgb_pixels(hwc.astype(np.float64)).tolist() == hwc.tolist()  # floats above 1 read as 0..255
+    assert rgb_pixels(np.ones((2, 2), bool)).tolist() == [[[255] * 3] * 2] * 2
+    assert rgb_pixels(hwc[..., :1]).tolist() == np.repeat(hwc[..., :1], 3, axis=-1).tolist()
+
+
+def test_paths_and_bytes(tmp_path, image):
+    path = tmp_path / "bus.png"
+    image.save(path)
+    expected = np.asarray(image).tolist()
+    for source in (path, str(path), path.read_bytes()):
+        assert rgb_pixels(source).tolist() == expected
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=4)
+    from_path = processor(images=str(path), text=QUESTION, return_tensors="pt")
+    from_image = processor(images=image, text=QUESTION, return_tensors="pt")
+    torch.testing.assert_close(from_path["pixel_values"], from_image["pixel_values"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unreadable_images_fail_with_their_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_rgb_image(tmp_path / "missing.jpg")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image format"):
+        load_rgb_image(tmp_path / "notes.jpg")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buffer, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[:80])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_rgb_image(tmp_path / "cut.png")
+    with pytest.raises(ValueError, match="not an image format"):
+        load_rgb_image(b"\x00\x01 definitely not an image")
+    with pytest.raises(TypeError, match="PIL image"):
+        load_rgb_image({"image": 1})
+    for bad_array, message in [
+        (np.zeros((2, 3, 4, 5)), "shape"),
+        (np.zeros((2, 2, 7)), "shape"),
+        (np.full((2, 2), 300), "0..255"),
+        (np.full((2, 2), -1.0), r"\[0, 1\]"),
+        (np.full((2, 2), np.nan), "NaN"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_rgb_image(bad_array)
+
+
+def test_mismatched_images_and_markers_fail_clearly(processor, image):
+    formatted = "User: <image>\nWhat?\n\nAssistant:"
+    cases = [
+        (dict(images=[image, image], text=QUESTION), "one image per prompt"),
+        (dict(images=[image, image], text=formatted), "one image per prompt"),
+        (dict(images=[[image, image]], text=[QUESTION]), "takes one image"),
+        (dict(images=[[image]], text=[QUESTION, QUESTION]), "one list"),
+        (dict(images=[[image], image], text=[QUESTION, QUESTION]), "one list"),
+        (dict(images=None, text=formatted), "no image but a '<image>' marker"),
+        (dict(images=image, text="User: What?\n\nAssistant:"), "an image but no '<image>' marker"),
+        (dict(images=None, text="<image>\nWhat?"), "no image but a '<image>' marker"),
+        (dict(images=image, text="User: <image><image>\n\nAssistant:"), "2 '<image>' markers"),
+        (dict(images=image, text=QUESTION, truncation=True, max_length=10), "does not truncate"),
+        (dict(images=image, text=QUESTION, image_position="centre"), "image_position"),
+        (dict(images=image, text=[QUESTION, 3]), "string"),
+        (dict(), "needs `images`, `text` or both"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            processor(**kwargs)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        processor(images="/no/such/bus.jpg", text=QUESTION)
+
+
+# ---------------------------------------------------------------- decoding, saving
+
+
+def test_post_process_cuts_at_the_turn_end(processor, image):
+    new_tokens = torch.tensor([[20733, 261, 24281, 59], [20733, 11, 20733, 261]])
+    assert processor.post_process_image_text_to_text(new_tokens) == ["Red", "Red\n Red"]
+    prompt = processor(images=image, text=QUESTION)["input_ids"][0]
+    full = processor.post_process_image_text_to_text([prompt + [20733, 261, 0, 0]])[0]
+    decoded_prompt = processor.post_process_image_text_to_text([prompt])[0]
+    # The image-text-to-text pipeline decodes prompt and prompt + answer and keeps what follows the prompt.
+    assert decoded_prompt.endswith("Assistant:") and full == decoded_prompt + " Red"
+    assert processor.post_process_image_text_to_text(torch.tensor([20733, 261, 5585])) == "Red"
+    assert processor.batch_decode([[20733, 261]]) == [" Red\n\n"] and processor.decode([20733]) == " Red"
+
+
+def test_save_and_auto_processor_round_trip(tmp_path, image):
+    # The package registers AutoProcessor on import once its __init__ has the line; the test does not rely on it.
+    AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
+    original = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), image_position="last", num_image_tokens=37)
+    original.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is VisualRWKVProcessor
+    assert (loaded.image_position, loaded.num_image_tokens, loaded.image_token_id) == ("last", 37, IMAGE_ID)
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    for inputs in (dict(conversation=chat, add_generation_prompt=True, tokenize=True, return_dict=True), dict()):
+        call = (lambda p: p.apply_chat_template(**inputs)) if inputs else (lambda p: p(images=image, text=QUESTION))
+        before, after = call(original), call(loaded)
+        assert set(before) == set(after) == {"input_ids", "attention_mask", "pixel_values"}
+        assert before["input_ids"] == after["input_ids"] and before["attention_mask"] == after["attention_mask"]
+        assert np.array_equal(np.asarray(before["pixel_values"]), np.asarray(after["pixel_values"]))
+        assert before["input_ids"][0][-len(GENERATION_PROMPT) - 1 - 37 :][:37] == [IMAGE_ID] * 37  # "last"
