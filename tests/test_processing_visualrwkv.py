@@ -114,6 +114,10 @@ def test_each_turn_is_tokenized_on_its_own(processor, reference):
     assert prompt == "".join(turns)
     per_turn = [token for turn in turns for token in reference.encode(turn)]
     assert processor(text=prompt)["input_ids"][0] == per_turn
+    # Only "<image>" is special in a prompt: other added tokens in the text are plain bytes, as in the original.
+    literal = "User: <|endoftext|>\n\nAssistant:"
+    loose = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(split_special_tokens=False))
+    assert loose(text=literal)["input_ids"][0] == reference.encode("User: <|endoftext|>\n\n") + GENERATION_PROMPT
 
 
 def test_image_splits_the_text_around_it(reference):
@@ -434,7 +438,7 @@ def test_post_process_cuts_at_the_turn_end(processor, image):
     full = processor.post_process_image_text_to_text([prompt + [20733, 261, 0, 0]])[0]
     decoded_prompt = processor.post_process_image_text_to_text([prompt])[0]
     # The image-text-to-text pipeline decodes prompt and prompt + answer and keeps what follows the prompt.
-    assert decoded_prompt.endswith("Assistant:") and full == decoded_prompt + " Red"
+    assert decoded_prompt.endswith("Assistant:") and full == decoded_prompt + "Red"
     assert processor.post_process_image_text_to_text(torch.tensor([20733, 261, 5585])) == "Red"
     assert processor.batch_decode([[20733, 261]]) == [" Red\n\n"] and processor.decode([20733]) == " Red"
 

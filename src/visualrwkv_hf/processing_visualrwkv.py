@@ -400,7 +400,9 @@ class VisualRWKVProcessor(ProcessorMixin):
         """Decodes generated ids and cuts each answer at its turn end `"\\n\\n"`, stripped.
 
         Works on the new tokens alone (`" Red\\n\\n"` -> `"Red"`) and on prompt + answer, as the image-text-to-text
-        pipeline passes them: then the answer starts after the prompt's last `"Assistant:"` and the prompt is kept.
+        pipeline passes them: then the answer starts after the prompt's last `"Assistant:"`, and the prompt is kept
+        with the stripped answer right after it, so that the pipeline, which removes the decoded prompt, returns the
+        bare answer.
         """
         decoded = self.tokenizer.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
         return [cut_answer(text) for text in decoded] if isinstance(decoded, list) else cut_answer(decoded)
@@ -411,9 +413,10 @@ class VisualRWKVProcessor(ProcessorMixin):
 
 
 def cut_answer(text: str) -> str:
-    """`text` up to the end of the answer turn: the first `"\\n\\n"` after the last `"Assistant:"` (or at all)."""
+    """The answer in `text`, from its last `"Assistant:"` (if any) to the next `"\\n\\n"`, stripped; the prompt
+    before it is kept, stripped on the left."""
     prompt, generation_prompt, answer = text.rpartition(GENERATION_PROMPT)
-    return (prompt + generation_prompt + answer.split(TURN_END, 1)[0]).strip()
+    return (prompt + generation_prompt).lstrip() + answer.split(TURN_END, 1)[0].strip()
 
 
 __all__ = ["VisualRWKVProcessor", "default_image_processor", "load_rgb_image"]
