@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, load_image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torch_tensor
 
