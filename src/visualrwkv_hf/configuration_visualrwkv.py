@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -161,14 +159,18 @@ class VisualRWKVConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     vision_has_cls_token: bool | None = None
     grid_size: int = -1
-    scan_mode: Literal[SCAN_MODES] = "bidirectional"
-    image_position: Literal[IMAGE_POSITIONS] = "middle"
+    scan_mode: str = "bidirectional"
+    image_position: str = "middle"
     projector_bias: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)  # builds the sub-configs
         vision, text = self.vision_config, self.text_config
+        if self.scan_mode not in SCAN_MODES:
+            raise ValueError(f"Unknown `scan_mode` {self.scan_mode!r}; expected one of {SCAN_MODES}.")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"Unknown `image_position` {self.image_position!r}; expected one of {IMAGE_POSITIONS}.")
         if self.vision_has_cls_token is None:
             if vision.model_type not in CLS_TOKEN_BY_VISION_MODEL_TYPE:
                 raise ValueError(

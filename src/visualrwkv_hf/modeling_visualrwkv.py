@@ -103,17 +103,19 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         the projector.
         """
         config = self.config
+        rows, cols = config.patch_grid
+        patch_size = config.vision_config.patch_size
+        expected_size = (rows * patch_size, cols * patch_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != expected_size:
+            raise ValueError(
+                f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this vision "
+                f"encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
+            )
         vision_outputs = self.vision_tower(
             pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
         )
         features = vision_outputs.hidden_states[config.vision_feature_layer]
         num_cls = int(config.vision_has_cls_token)
-        rows, cols = config.patch_grid
-        if features.shape[1] != rows * cols + num_cls:
-            raise ValueError(
-                f"The vision encoder gave {features.shape[1]} tokens per image, expected {rows} x {cols} patches"
-                f"{' + cls' if num_cls else ''}: are the images {config.vision_config.image_size} px as configured?"
-            )
         cls_token, patches = features[:, :num_cls], features[:, num_cls:]
         if config.grid_size == 0:
             patches = patches[:, :0]
@@ -235,6 +237,8 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         self.model = VisualRWKVModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # The image placeholder is not text: a generated one would be read back as a lone (partial) image span.
+        self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
