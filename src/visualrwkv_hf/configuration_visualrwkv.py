@@ -95,8 +95,6 @@ class VisualRWKVTextConfig(PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
 
-
-
 # Where the processor puts the image in the prompt (spec section 5); "middle" is the sandwich prompt.
 IMAGE_POSITIONS = ("first", "middle", "last")
 
