@@ -1,6 +1,13 @@
 """VisualRWKV for Hugging Face transformers. Importing the package registers its classes with the Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
 
 from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
 from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
@@ -9,6 +16,7 @@ from .modeling_visualrwkv import (
     VisualRWKVModel,
     VisualRWKVPreTrainedModel,
 )
+from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
 
 AutoConfig.register(VisualRWKVTextConfig.model_type, VisualRWKVTextConfig, exist_ok=True)
@@ -20,6 +28,7 @@ AutoConfig.register(VisualRWKVConfig.model_type, VisualRWKVConfig, exist_ok=True
 AutoModel.register(VisualRWKVConfig, VisualRWKVModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisualRWKVConfig, VisualRWKVForConditionalGeneration, exist_ok=True)
 AutoTokenizer.register(VisualRWKVConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
 
 __all__ = [
     "RwkvWorldTokenizer",
@@ -28,6 +37,7 @@ __all__ = [
     "VisualRWKVForConditionalGeneration",
     "VisualRWKVModel",
     "VisualRWKVPreTrainedModel",
+    "VisualRWKVProcessor",
     "VisualRWKVTextConfig",
     "VisualRWKVTextModel",
 ]

@@ -41,9 +41,9 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torch_tensor
 
+from .configuration_visualrwkv import IMAGE_POSITIONS
 
 IMAGE_TOKEN = "<image>"
-IMAGE_POSITIONS = ("first", "middle", "last")
 DEFAULT_IMAGE_POSITION = "middle"
 DEFAULT_NUM_IMAGE_TOKENS = 577  # 24 x 24 CLIP-L/14-336 patches + the cls token
 TURN_END = "\n\n"
