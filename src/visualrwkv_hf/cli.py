@@ -1,4 +1,4 @@
-"""The `visualrwkv` command line: `lm-demo` and `convert-rwkv6`."""
+"""The `visualrwkv` command line: `chat`, `convert`, `convert-rwkv6` and `lm-demo`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,70 @@ def convert_rwkv6(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_visualrwkv(args: argparse.Namespace) -> int:
+    from .convert_visualrwkv import convert_visualrwkv_checkpoint
+
+    try:
+        output = convert_visualrwkv_checkpoint(
+            args.output,
+            checkpoint=args.checkpoint,
+            rwkv=args.rwkv,
+            visual=args.visual,
+            vision_config=args.vision_config,
+            scan_mode=args.scan_mode,
+            image_position=args.image_position,
+            grid_size=args.grid_size,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            push_to_hub=args.push_to_hub,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as error:  # user errors (and Hub errors, which are OSErrors): a message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Answers one question about one image with a converted folder, streaming the answer to stdout."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+
+    from .convert_rwkv6 import EOS_TOKEN_ID
+    from .processing_visualrwkv import load_rgb_image
+
+    model_dir = Path(args.model)
+    try:
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
+                "`visualrwkv convert --checkpoint X.pth --output DIR`."
+            )
+        image = load_rgb_image(Path(args.image))
+        processor = AutoProcessor.from_pretrained(model_dir)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+        prompt = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, image_position=args.image_position
+        )
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {"do_sample": False}
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=EOS_TOKEN_ID,  # "\n\n" ends the assistant's turn
+            streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
+            **sampling,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visualrwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +139,61 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=lm_demo)
 
+    from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
     from .convert_rwkv6 import DTYPES
+    from .scanning import SCAN_MODES
+
+    chat_parser = commands.add_parser(
+        "chat", help="ask a converted VisualRWKV model about an image (streams the answer)"
+    )
+    chat_parser.add_argument("question", help="the question about the image")
+    chat_parser.add_argument("--model", required=True, help="a folder written by `visualrwkv convert`")
+    chat_parser.add_argument("--image", required=True, help="image file")
+    chat_parser.add_argument(
+        "--image-position", choices=IMAGE_POSITIONS, default=None,
+        help="where the image goes in the prompt (default: the folder's, middle = the sandwich prompt)",
+    )
+    chat_parser.add_argument("--max-new-tokens", type=int, default=256)
+    chat_parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    chat_parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    chat_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    chat_parser.set_defaults(run=chat)
+
+    convert_parser = commands.add_parser(
+        "convert", help="convert an original VisualRWKV-6 checkpoint into a transformers folder"
+    )
+    source = convert_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.weight)")
+    source.add_argument("--rwkv", help="the exported pair's RWKV-6 file (<name>_rwkv.pth); needs --visual")
+    convert_parser.add_argument("--visual", help="the exported pair's vision file (<name>_visual.pth)")
+    convert_parser.add_argument(
+        "--output", required=True, help="output folder (created; must be empty unless --overwrite)"
+    )
+    convert_parser.add_argument(
+        "--vision-config", metavar="JSON_OR_DIR",
+        help="vision encoder config: a JSON file or a folder holding config.json (default: CLIP ViT-L/14-336)",
+    )
+    convert_parser.add_argument(
+        "--scan-mode", choices=SCAN_MODES, help=f"image scanning (default: {VisualRWKVConfig.scan_mode}, as released)"
+    )
+    convert_parser.add_argument(
+        "--image-position", choices=IMAGE_POSITIONS,
+        help=f"the processor's image position (default: {VisualRWKVConfig.image_position}, the sandwich prompt)",
+    )
+    convert_parser.add_argument(
+        "--grid-size", type=int,
+        help=f"patch pooling: -1 all patches, 0 cls only, g > 0 a g x g grid (default: {VisualRWKVConfig.grid_size})",
+    )
+    convert_parser.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto",
+        help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
+    )
+    convert_parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert_parser.add_argument(
+        "--push-to-hub", metavar="REPO", help="then upload the folder to this Hub model repository (created if needed)"
+    )
+    convert_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert_parser.set_defaults(run=convert_visualrwkv)
 
     convert = commands.add_parser("convert-rwkv6", help="convert a BlinkDL RWKV-6 .pth into a transformers folder")
     convert.add_argument("--checkpoint", required=True, help="BlinkDL RWKV-6 (x060) .pth file")

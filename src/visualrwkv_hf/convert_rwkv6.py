@@ -161,7 +161,7 @@ def check_state_dict(
         raise ValueError(f"{what}: " + "; ".join(problems) + ".")
 
 
-def _select_prefix(state_dict: object, prefix: str, source: str) -> dict[str, torch.Tensor]:
+def select_prefix(state_dict: object, prefix: str, source: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix`, with the prefix removed, after checking that they are named tensors."""
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise ValueError(
@@ -184,7 +184,10 @@ def _not_rwkv6_hint(keys: set[str]) -> str:
     if "_strategy" in keys:
         return " It was already converted by the `rwkv` package for one inference strategy; convert the original .pth."
     if any(k.startswith("rwkv.") for k in keys):
-        return " It looks like a full VisualRWKV checkpoint (keys start with 'rwkv.'); use the VisualRWKV converter."
+        return (
+            " It looks like a full VisualRWKV checkpoint (keys start with 'rwkv.'); convert it with "
+            "`visualrwkv convert --checkpoint`."
+        )
     if "blocks.0.att.time_mix_k" in keys:
         return " It looks like an RWKV-4 or RWKV-5 checkpoint (att.time_mix_* instead of att.time_maa_*)."
     if "blocks.0.att.x_r" in keys or "blocks.0.att.w0" in keys:
@@ -201,7 +204,7 @@ def rwkv6_config_from_state_dict(
     `time_faaaa` (H, N); `intermediate_size` from `ffn.key.weight`; LoRA ranks from `time_maa_w2` (5, R, C) and
     `time_decay_w1` (C, D). Raises ValueError saying what is wrong and what was expected.
     """
-    tensors = _select_prefix(state_dict, prefix, source)
+    tensors = select_prefix(state_dict, prefix, source)
     if not all(k in tensors for k in RWKV6_MARKER_KEYS):
         markers = ", ".join(f"'{prefix}{k}'" for k in RWKV6_MARKER_KEYS)
         raise ValueError(
@@ -271,7 +274,7 @@ def convert_blinkdl_to_hf(
 ) -> tuple[VisualRWKVTextConfig, dict[str, torch.Tensor]]:
     """Validates a BlinkDL RWKV-6 state dict and returns its config (with `dtype` set) and the HF state dict."""
     config = rwkv6_config_from_state_dict(state_dict, prefix, source)
-    tensors = _select_prefix(state_dict, prefix, source)
+    tensors = select_prefix(state_dict, prefix, source)
     config.dtype = resolve_dtype(dtype, tensors)
     params = rwkv6_parameters(config)
     hf_state_dict = {
@@ -403,4 +406,5 @@ __all__ = [
     "rwkv6_config_from_state_dict",
     "rwkv6_parameters",
     "save_hf_text_model",
+    "select_prefix",
 ]

@@ -1,0 +1,448 @@
+"""Conversion of the original VisualRWKV-6 checkpoints into a Hugging Face folder.
+
+Two layouts exist (spec section 8):
+
+* the full checkpoint (`VisualRWKV-v060-{1B6,3B,7B}-v1.0-20240612.pth`): `rwkv.` + BlinkDL's RWKV-6 keys, `vit.` + the
+  keys of transformers' `CLIPVisionModel` (saved with transformers 4, hence `vit.vision_model.*`; a stray
+  `...position_ids` buffer is dropped), and `proj.weight` (text width, vision width);
+* the pair written by the original's export script: `<name>_rwkv.pth` (the RWKV-6 keys, unprefixed) and
+  `<name>_visual.pth` (`vit.*` and `proj.weight`).
+
+The RWKV-6 part is validated and mapped by `convert_rwkv6`, the one key table both converters share. No file ships a
+vision config: the vision tower is checked against the one given (CLIP ViT-L/14-336, the released models', by
+default), tensor by tensor, and a mismatch names the sizes the weights imply. The output folder holds the model
+(config, safetensors, generation config), the processor (image processor at the vision encoder's resolution, World
+tokenizer with `"<image>"`, chat template, image position) and a model card; it appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, ModelCardData
+from transformers import AutoConfig, AutoModel, PreTrainedConfig
+
+from .configuration_visualrwkv import VisualRWKVConfig
+from .convert_rwkv6 import (
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    atomic_output_dir,
+    check_output_dir,
+    check_state_dict,
+    convert_blinkdl_to_hf,
+    load_checkpoint,
+    resolve_dtype,
+    select_prefix,
+)
+from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
+from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
+from .tokenization_rwkv_world import RwkvWorldTokenizer
+
+# Key prefixes of the original layout.
+RWKV_PREFIX = "rwkv."
+VISION_PREFIX = "vit."
+# transformers 4 saved CLIPVisionModel weights under `vision_model.`; its 5.x models no longer have that level.
+LEGACY_VISION_PREFIX = "vit.vision_model."
+PROJECTOR_KEY = "proj.weight"
+
+# Where each part lives in `VisualRWKVForConditionalGeneration`. `convert_rwkv6` maps onto `VisualRWKVForCausalLM`,
+# whose backbone `model.` is our `model.language_model.`; the head `lm_head` is the same.
+HF_VISION_PREFIX = "model.vision_tower."
+HF_PROJECTOR_KEY = "model.multi_modal_projector.linear.weight"
+CAUSAL_LM_BACKBONE_PREFIX = "model."
+HF_TEXT_BACKBONE_PREFIX = "model.language_model."
+
+# Released sizes (spec section 2), to name the model in its card: (layers, width) -> size.
+RELEASED_SIZES = {(24, 2048): "1.6B", (32, 2560): "3B", (32, 4096): "7B"}
+
+_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class OriginalCheckpoint:
+    """The tensors of an original VisualRWKV checkpoint, read from one full file or from the exported pair.
+
+    `rwkv` holds BlinkDL RWKV-6 keys under `rwkv_prefix`; `visual` holds `vit.*` and `proj.weight`. The sources name
+    the files in error messages.
+    """
+
+    rwkv: dict[str, torch.Tensor]
+    rwkv_prefix: str
+    rwkv_source: str
+    visual: dict[str, torch.Tensor]
+    visual_source: str
+
+    @classmethod
+    def from_full(cls, state_dict: object, source: str = "the checkpoint") -> OriginalCheckpoint:
+        tensors = select_prefix(state_dict, "", source)
+        if not any(k.startswith(RWKV_PREFIX) for k in tensors):
+            hint = ""
+            if "emb.weight" in tensors:
+                hint = (
+                    " It looks like an RWKV-6 language model alone (such as the `_rwkv.pth` half of an exported "
+                    "pair): give it with its visual file (--rwkv A_rwkv.pth --visual A_visual.pth), or convert it "
+                    "as a language model with `visualrwkv convert-rwkv6`."
+                )
+            elif any(k.startswith(VISION_PREFIX) for k in tensors):
+                hint = (
+                    " It looks like the `_visual.pth` half of an exported pair: give it with its RWKV-6 file "
+                    "(--rwkv A_rwkv.pth --visual A_visual.pth)."
+                )
+            raise ValueError(
+                f"{source} is not a full VisualRWKV checkpoint: expected 'rwkv.*' (the RWKV-6 language model), "
+                f"'vit.*' (the vision tower) and 'proj.weight' (the projector).{hint}"
+            )
+        visual = {k: v for k, v in tensors.items() if not k.startswith(RWKV_PREFIX)}
+        _check_has_vision_tower(visual, source)
+        return cls(tensors, RWKV_PREFIX, source, visual, source)
+
+    @classmethod
+    def from_pair(
+        cls,
+        rwkv_state_dict: object,
+        visual_state_dict: object,
+        rwkv_source: str = "the RWKV-6 weights",
+        visual_source: str = "the visual weights",
+    ) -> OriginalCheckpoint:
+        rwkv = select_prefix(rwkv_state_dict, "", rwkv_source)
+        if any(k.startswith(RWKV_PREFIX) for k in rwkv):
+            raise ValueError(
+                f"{rwkv_source} has 'rwkv.*' keys: it is a full VisualRWKV checkpoint, not the `_rwkv.pth` half of "
+                "an exported pair. Give it alone (--checkpoint)."
+            )
+        visual = select_prefix(visual_state_dict, "", visual_source)
+        _check_has_vision_tower(visual, visual_source)
+        return cls(rwkv, "", rwkv_source, visual, visual_source)
+
+
+def _check_has_vision_tower(visual: Mapping[str, torch.Tensor], source: str) -> None:
+    if not any(k.startswith(VISION_PREFIX) for k in visual):
+        raise ValueError(
+            f"{source} holds no vision tower: expected 'vit.*' tensors (a CLIP vision model) and 'proj.weight' next "
+            "to the RWKV-6 weights."
+        )
+
+
+def load_vision_config(path: str | os.PathLike) -> PreTrainedConfig:
+    """A vision encoder config from a JSON file or a folder holding `config.json`.
+
+    A full CLIP or SigLIP config (text and vision) gives its vision part.
+    """
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"Vision config {path} not found: give a JSON file or a folder holding config.json "
+            "(for example a CLIPVisionConfig saved with save_pretrained)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(config_file, local_files_only=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(f"Cannot read the vision config {config_file}: {error}") from error
+    return getattr(config, "vision_config", None) or config
+
+
+def vision_sizes(config: PreTrainedConfig) -> dict[str, object]:
+    """The sizes of a vision encoder config that its weights' shapes reveal."""
+    return {
+        name: getattr(config, name)
+        for name in ("hidden_size", "num_hidden_layers", "patch_size", "image_size", "intermediate_size")
+    }
+
+
+def vision_sizes_from_weights(tensors: Mapping[str, torch.Tensor], has_cls_token: bool) -> dict[str, object]:
+    """The sizes a ViT's weights imply (CLIP and SigLIP parameter names; keys relative to the vision model).
+
+    The image size assumes a square grid; sizes whose tensors are absent or odd are left out.
+    """
+    sizes = {}
+    patch_embedding = tensors.get("embeddings.patch_embedding.weight")  # (hidden, channels, patch, patch)
+    if patch_embedding is not None and patch_embedding.dim() == 4:
+        sizes["hidden_size"] = patch_embedding.shape[0]
+    layers = [int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k))]
+    if layers:
+        sizes["num_hidden_layers"] = 1 + max(layers)
+    if patch_embedding is not None and patch_embedding.dim() == 4:
+        sizes["patch_size"] = patch_embedding.shape[-1]
+        position_embedding = tensors.get("embeddings.position_embedding.weight")  # (patches [+ cls], hidden)
+        if position_embedding is not None and position_embedding.dim() == 2:
+            side = math.isqrt(max(position_embedding.shape[0] - int(has_cls_token), 0))
+            if side * side == position_embedding.shape[0] - int(has_cls_token):
+                sizes["image_size"] = side * sizes["patch_size"]
+    fc1 = tensors.get("encoder.layers.0.mlp.fc1.weight")  # (intermediate, hidden)
+    if fc1 is not None and fc1.dim() == 2:
+        sizes["intermediate_size"] = fc1.shape[0]
+    return sizes
+
+
+def _format_sizes(sizes: Mapping[str, object]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in sizes.items())
+
+
+def _vision_state_dict(
+    visual: Mapping[str, torch.Tensor], config: VisualRWKVConfig, source: str
+) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors (keys relative to it), checked against `config.vision_config`."""
+    with torch.device("meta"):  # shapes only: builds no weights, even for a ViT-L
+        vision_tower = AutoModel.from_config(config.vision_config)
+    expected = {k: tuple(v.shape) for k, v in vision_tower.state_dict().items()}
+    non_persistent_buffers = {name for name, _ in vision_tower.named_buffers()} - expected.keys()
+    vision = {k: v for k, v in visual.items() if k.startswith(VISION_PREFIX)}
+    prefix = LEGACY_VISION_PREFIX if any(k.startswith(LEGACY_VISION_PREFIX) for k in vision) else VISION_PREFIX
+    # Buffers the model recomputes (CLIP's position_ids), which older transformers saved.
+    vision = {k: v for k, v in vision.items() if k.removeprefix(prefix) not in non_persistent_buffers}
+    file_sizes = vision_sizes_from_weights(
+        {k.removeprefix(prefix): v for k, v in vision.items()}, config.vision_has_cls_token
+    )
+    check_state_dict(
+        vision,
+        {prefix + k: shape for k, shape in expected.items()},
+        f"The vision tower in {source} does not match the vision config ({config.vision_config.model_type}: "
+        f"{_format_sizes(vision_sizes(config.vision_config))}); its weights imply {_format_sizes(file_sizes)}. Give "
+        "the matching config with --vision-config JSON_OR_DIR (vision_config=...). The differences",
+    )
+    return {k.removeprefix(prefix): v for k, v in vision.items()}
+
+
+def convert_original_to_hf(
+    checkpoint: OriginalCheckpoint,
+    vision_config: PreTrainedConfig | dict | None = None,
+    dtype: str | torch.dtype | None = None,
+    scan_mode: str | None = None,
+    image_position: str | None = None,
+    grid_size: int | None = None,
+    progress: bool = False,
+) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
+    """Validates an original checkpoint and returns the `VisualRWKVConfig` and the state dict of
+    `VisualRWKVForConditionalGeneration`.
+
+    `vision_config` defaults to CLIP ViT-L/14-336; `scan_mode`, `image_position` and `grid_size` left as None take
+    `VisualRWKVConfig`'s defaults, the released models' settings. `dtype` "auto"/None keeps the checkpoint's own.
+    Raises ValueError naming every problem (missing, unexpected or mis-shaped tensors, a mismatched vision config).
+    """
+    dtype = resolve_dtype(dtype, {**checkpoint.rwkv, **checkpoint.visual})
+    text_config, text_state_dict = convert_blinkdl_to_hf(
+        checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress
+    )
+    settings = {"scan_mode": scan_mode, "image_position": image_position, "grid_size": grid_size}
+    config = VisualRWKVConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        **{name: value for name, value in settings.items() if value is not None},
+    )
+    config.dtype = dtype
+    vision_state_dict = _vision_state_dict(checkpoint.visual, config, checkpoint.visual_source)
+    projector_shape = (text_config.hidden_size, config.vision_config.hidden_size)
+    check_state_dict(
+        {k: v for k, v in checkpoint.visual.items() if not k.startswith(VISION_PREFIX)},
+        {PROJECTOR_KEY: projector_shape},
+        f"The projector in {checkpoint.visual_source} does not match (text hidden_size "
+        f"{text_config.hidden_size}, vision hidden_size {config.vision_config.hidden_size})",
+    )
+
+    def text_key(key: str) -> str:
+        if key.startswith(CAUSAL_LM_BACKBONE_PREFIX):
+            return HF_TEXT_BACKBONE_PREFIX + key.removeprefix(CAUSAL_LM_BACKBONE_PREFIX)
+        return key
+
+    state_dict = {text_key(k): v for k, v in text_state_dict.items()}
+    state_dict.update({HF_VISION_PREFIX + k: v.to(dtype).contiguous() for k, v in vision_state_dict.items()})
+    state_dict[HF_PROJECTOR_KEY] = checkpoint.visual[PROJECTOR_KEY].to(dtype).contiguous()
+    return config, state_dict
+
+
+def image_processor_for(config: VisualRWKVConfig):
+    """`default_image_processor()` (CLIP's resize, crop and normalisation) at the vision encoder's resolution."""
+    rows, cols = config.patch_grid
+    height, width = rows * config.vision_config.patch_size, cols * config.vision_config.patch_size
+    base = default_image_processor()
+    return type(base).from_dict(
+        base.to_dict(), size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
+    )
+
+
+def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
+    """README.md for a converted folder: what it is, how it was converted, how to use it, the paper's results."""
+    text = config.text_config
+    size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
+    title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
+    metadata = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["visualrwkv", "rwkv", "rwkv6", "vision-language", "linear-rnn"],
+    ).to_yaml()
+    vision = config.vision_config
+    settings = [
+        ("Converted from", ", ".join(f"`{source}`" for source in sources)),
+        ("Weights dtype", str(config.dtype).removeprefix("torch.")),
+        ("Language model", f"RWKV-6 (x060), {text.num_hidden_layers} layers x {text.hidden_size}, "
+                           f"vocab {text.vocab_size}"),
+        ("Vision encoder", f"`{vision.model_type}`: {_format_sizes(vision_sizes(vision))}"),
+        ("Image tokens", f"{config.num_image_tokens} (grid_size {config.grid_size}, "
+                         f"{'cls token last' if config.vision_has_cls_token else 'no cls token'})"),
+        ("Image scanning (`scan_mode`)", config.scan_mode),
+        ("Image position in the prompt (`image_position`)",
+         config.image_position + (" (the sandwich prompt)" if config.image_position == "middle" else "")),
+        ("Generation", f'stops at "\\n\\n" (eos {EOS_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
+        ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
+    ]
+    settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
+    return f"""---
+{metadata}
+---
+
+# {title} for transformers
+
+VisualRWKV ("VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models", Hou, Zeng, Ma, Yu;
+arXiv 2406.13362, COLING 2025) is a vision-language model on the RWKV-6 linear RNN: CLIP image features, projected,
+are read by RWKV-6 blocks that scan the image patches in alternating directions. This folder is the original
+checkpoint converted to a native transformers model by `visualrwkv convert` (package `visualrwkv_hf`).
+
+## Conversion settings
+
+| Setting | Value |
+|---|---|
+{settings_table}
+
+## Usage
+
+```python
+import visualrwkv_hf  # registers VisualRWKV with the Auto classes
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")
+processor = AutoProcessor.from_pretrained("path/to/this/folder")
+inputs = processor(images=Image.open("photo.jpg"), text="What is in the picture?", return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1]:])[0])
+```
+
+Or from the command line: `visualrwkv chat --model path/to/this/folder --image photo.jpg "What is in the picture?"`.
+
+## Results reported in the paper
+
+| Model | VQAv2 | GQA | SQA-IMG | TextVQA | POPE | MME | MMBench | MMBench-CN |
+|---|---|---|---|---|---|---|---|---|
+| VisualRWKV-6 1.6B | 69.4 | 55.2 | 59.1 | 43.6 | 83.2 | 1204.9 | 55.8 | 53.2 |
+| VisualRWKV-6 3B | 71.5 | 59.6 | 65.3 | 48.7 | 83.1 | 1369.2 | 59.5 | 56.3 |
+| VisualRWKV-6 7B | 75.8 | 64.3 | 68.2 | 51.0 | 84.7 | 1387.8 | 65.8 | 63.7 |
+| LLaVA-1.5-7B | 78.5 | 62.0 | 66.8 | 58.2 | 85.9 | 1510.7 | 64.3 | 30.5 |
+
+## Citation
+
+```bibtex
+@inproceedings{{hou2025visualrwkv,
+  title = {{VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models}},
+  author = {{Hou, Haowen and Zeng, Peigen and Ma, Fei and Yu, Fei Richard}},
+  booktitle = {{Proceedings of the 31st International Conference on Computational Linguistics (COLING)}},
+  year = {{2025}}
+}}
+```
+"""
+
+
+def save_visualrwkv_folder(
+    directory: Path, config: VisualRWKVConfig, state_dict: Mapping[str, torch.Tensor], sources: list[str]
+) -> None:
+    """Writes model, generation config, processor and model card: a folder the Auto classes load."""
+    with torch.device("meta"):  # the converted tensors become the parameters: nothing is allocated twice
+        model = VisualRWKVForConditionalGeneration(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Keeps what the model's default generation config holds (the image placeholder is never generated).
+    model.generation_config.eos_token_id = EOS_TOKEN_ID
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.save_pretrained(directory)
+    VisualRWKVProcessor(
+        image_processor=image_processor_for(config),
+        tokenizer=RwkvWorldTokenizer(),
+        image_position=config.image_position,
+        num_image_tokens=config.num_image_tokens,
+    ).save_pretrained(directory)
+    (directory / "README.md").write_text(model_card(config, sources), encoding="utf-8")
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
+    """Uploads a converted folder to a Hub model repository (created if needed); returns the repository's URL.
+
+    Uses the token of `huggingface-cli login` or `HF_TOKEN`.
+    """
+    api = HfApi()
+    repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    api.upload_folder(
+        repo_id=repo.repo_id,
+        repo_type="model",
+        folder_path=folder,
+        commit_message="Upload VisualRWKV converted with visualrwkv-hf",
+    )
+    return repo.url
+
+
+def convert_visualrwkv_checkpoint(
+    output_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    rwkv: str | os.PathLike | None = None,
+    visual: str | os.PathLike | None = None,
+    vision_config: str | os.PathLike | None = None,
+    scan_mode: str | None = None,
+    image_position: str | None = None,
+    grid_size: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
+
+    Give either `checkpoint` (the full `.pth`) or `rwkv` and `visual` (the exported pair). `vision_config` is a JSON
+    file or a folder holding config.json (default: CLIP ViT-L/14-336). Settings left as None take the released models'
+    (bidirectional scan, sandwich prompt, all patches). With `push_to_hub`, the finished folder is uploaded to that
+    Hub repository.
+
+    Everything is validated before anything is written, and the folder appears complete or not at all. Raises
+    ValueError (not a VisualRWKV checkpoint, inconsistent tensors, a vision config that does not fit),
+    FileNotFoundError or FileExistsError.
+    """
+    if (checkpoint is None) == (rwkv is None and visual is None) or (checkpoint is None and None in (rwkv, visual)):
+        raise ValueError(
+            "Give either a full VisualRWKV checkpoint (--checkpoint X.pth) or both files of an exported pair "
+            "(--rwkv A_rwkv.pth --visual A_visual.pth)."
+        )
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir.absolute(), overwrite)  # fail before reading a multi-GB file
+    loaded_vision_config = None if vision_config is None else load_vision_config(vision_config)
+    if checkpoint is not None:
+        sources = [Path(checkpoint).name]
+        original = OriginalCheckpoint.from_full(load_checkpoint(checkpoint), str(checkpoint))
+    else:
+        sources = [Path(rwkv).name, Path(visual).name]
+        original = OriginalCheckpoint.from_pair(load_checkpoint(rwkv), load_checkpoint(visual), str(rwkv), str(visual))
+    config, state_dict = convert_original_to_hf(
+        original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress
+    )
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        save_visualrwkv_folder(staging, config, state_dict, sources)
+    if push_to_hub:
+        push_folder_to_hub(output_dir, push_to_hub)
+    return output_dir
+
+
+__all__ = [
+    "OriginalCheckpoint",
+    "convert_original_to_hf",
+    "convert_visualrwkv_checkpoint",
+    "image_processor_for",
+    "load_vision_config",
+    "model_card",
+    "push_folder_to_hub",
+    "save_visualrwkv_folder",
+    "vision_sizes",
+    "vision_sizes_from_weights",
+]
