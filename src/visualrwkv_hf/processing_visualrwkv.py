@@ -258,6 +258,10 @@ class VisualRWKVProcessor(ProcessorMixin):
             raise ValueError(f"`num_image_tokens` must be a positive integer, got {num_image_tokens!r}.")
         self.image_position = check_image_position(image_position)
         self.num_image_tokens = num_image_tokens
+        # Generation appends after the last column, so batches must be padded on the left (the model zeroes padding
+        # before every recurrence); a tokenizer made without an explicit side gets left, also in the pipeline.
+        if "padding_side" not in tokenizer.init_kwargs:
+            tokenizer.padding_side = "left"
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
         self.image_token = IMAGE_TOKEN
