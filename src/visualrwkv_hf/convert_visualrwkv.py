@@ -118,15 +118,16 @@ class OriginalCheckpoint:
                 "an exported pair. Give it alone (--checkpoint)."
             )
         visual = select_prefix(visual_state_dict, "", visual_source)
-        _check_has_vision_tower(visual, visual_source)
+        swapped = "emb.weight" in visual and any(k.startswith(VISION_PREFIX) for k in rwkv)
+        _check_has_vision_tower(visual, visual_source, " Are the RWKV-6 and visual files swapped?" if swapped else "")
         return cls(rwkv, "", rwkv_source, visual, visual_source)
 
 
-def _check_has_vision_tower(visual: Mapping[str, torch.Tensor], source: str) -> None:
+def _check_has_vision_tower(visual: Mapping[str, torch.Tensor], source: str, hint: str = "") -> None:
     if not any(k.startswith(VISION_PREFIX) for k in visual):
         raise ValueError(
             f"{source} holds no vision tower: expected 'vit.*' tensors (a CLIP vision model) and 'proj.weight' next "
-            "to the RWKV-6 weights."
+            f"to the RWKV-6 weights.{hint}"
         )
 
 
