@@ -196,3 +196,11 @@ def test_image_as_a_file_path_or_a_pil_image(pipe, images, tmp_path):
     assert chat_answer(pipe(text=chat(str(path), QUESTIONS[0]), max_new_tokens=MAX_NEW_TOKENS)) == from_pil
     (plain,) = pipe(images=str(path), text=QUESTIONS[0], max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)
     assert plain["generated_text"] == from_pil
+
+
+def test_processor_pads_on_the_left_unless_told_otherwise(processor):
+    # Generation appends after the last column: only left padding keeps each row's new tokens next to its prompt.
+    assert processor.tokenizer.padding_side == "left"
+    assert VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer()).tokenizer.padding_side == "left"
+    explicit = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(padding_side="right"))
+    assert explicit.tokenizer.padding_side == "right"
