@@ -1,6 +1,18 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visualrwkv_hf.cli import main
+
+from test_convert_visualrwkv import test_image, write_original_files
+
+CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_visualrwkv_to_hf.py"
+QUESTION = "What is in the picture?"
 
 
 def test_lm_demo_builds_saves_and_generates(tmp_path, capsys):
@@ -11,3 +23,119 @@ def test_lm_demo_builds_saves_and_generates(tmp_path, capsys):
     assert "Generated 6 tokens" in printed
     assert json.loads((output / "config.json").read_text())["model_type"] == "visualrwkv_text"
     assert (output / "tokenizer_config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ convert and chat (VisualRWKV)
+
+
+@pytest.fixture(scope="module")
+def converted_folder(tmp_path_factory) -> Path:
+    """A tiny random VisualRWKV converted from the exported pair with `visualrwkv convert`."""
+    directory = tmp_path_factory.mktemp("cli")
+    files = write_original_files(directory)
+    output = directory / "hf"
+    arguments = ["convert", "--rwkv", str(files.rwkv), "--visual", str(files.visual), "--output", str(output),
+                 "--vision-config", str(files.vision_config), "--no-progress"]
+    assert main(arguments) == 0
+    return output
+
+
+def test_convert_writes_a_folder_with_the_released_defaults(converted_folder, capsys):
+    config = json.loads((converted_folder / "config.json").read_text())
+    assert (config["scan_mode"], config["image_position"], config["grid_size"]) == ("bidirectional", "middle", -1)
+    assert config["dtype"] == "float16"  # auto keeps the exported pair's dtype
+    assert (converted_folder / "README.md").is_file() and (converted_folder / "chat_template.jinja").is_file()
+
+
+def test_convert_flags(tmp_path, capsys):
+    files = write_original_files(tmp_path)
+    output = tmp_path / "hf"
+    arguments = ["convert", "--checkpoint", str(files.full), "--output", str(output), "--vision-config",
+                 str(files.vision_config), "--scan-mode", "unidirectional", "--image-position", "first",
+                 "--grid-size", "0", "--dtype", "float32", "--no-progress"]
+    assert main(arguments) == 0
+    assert capsys.readouterr().out == f"Wrote {output}\n"
+    config = json.loads((output / "config.json").read_text())
+    assert (config["scan_mode"], config["image_position"], config["grid_size"], config["dtype"]) == (
+        "unidirectional", "first", 0, "float32"
+    )
+    assert json.loads((output / "processor_config.json").read_text())["num_image_tokens"] == 1  # cls only
+    assert main(arguments) == 1  # the folder is not empty now
+    assert "not empty; pass overwrite=True (--overwrite" in capsys.readouterr().err
+    assert main([*arguments, "--overwrite"]) == 0
+
+
+def test_convert_script_reports_user_errors_without_traceback(tmp_path):
+    files = write_original_files(tmp_path)
+    run = [sys.executable, str(CONVERT_SCRIPT), "--checkpoint", str(files.full), "--output", str(tmp_path / "hf"),
+           "--no-progress"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: The vision tower in ") and "--vision-config" in result.stderr
+    result = subprocess.run([*run, "--rwkv", str(files.rwkv)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_convert_pushes_to_the_hub(tmp_path, monkeypatch, capsys):
+    files = write_original_files(tmp_path)
+    pushed = []
+    monkeypatch.setattr(
+        "visualrwkv_hf.convert_visualrwkv.push_folder_to_hub", lambda folder, repo_id: pushed.append((folder, repo_id))
+    )
+    output = tmp_path / "hf"
+    arguments = ["convert", "--checkpoint", str(files.full), "--output", str(output), "--vision-config",
+                 str(files.vision_config), "--push-to-hub", "someone/tiny", "--no-progress"]
+    assert main(arguments) == 0
+    assert pushed == [(output, "someone/tiny")]
+    assert capsys.readouterr().out == f"Wrote {output} and uploaded it to someone/tiny\n"
+
+
+def expected_answer(folder: Path, image_position: str | None, max_new_tokens: int) -> str:
+    """What greedy generation gives for the question, decoded the way the streamer prints it."""
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True, image_position=image_position)
+    inputs = processor(images=test_image(), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=261)
+    return processor.tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("image_position", [None, "last"])
+def test_chat_streams_the_greedy_answer(converted_folder, tmp_path, capsys, image_position):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    arguments = ["chat", "--model", str(converted_folder), "--image", str(image), "--max-new-tokens", "5", QUESTION]
+    if image_position:
+        arguments += ["--image-position", image_position]
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert printed == expected_answer(converted_folder, image_position, 5) + "\n"
+
+
+def test_chat_samples_with_a_temperature(converted_folder, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    torch.manual_seed(0)
+    arguments = ["chat", "--model", str(converted_folder), "--image", str(image), "--max-new-tokens", "3",
+                 "--do-sample", "--temperature", "0.7", QUESTION]
+    assert main(arguments) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_chat_reports_user_errors_without_traceback(converted_folder, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    cases = [
+        (["--model", str(tmp_path / "absent"), "--image", str(image)], "is not a model folder (no config.json)"),
+        (["--model", str(converted_folder), "--image", str(tmp_path / "absent.png")], "it does not exist"),
+        (["--model", str(converted_folder), "--image", str(not_an_image)], "not an image format Pillow recognises"),
+    ]
+    for arguments, message in cases:
+        assert main(["chat", *arguments, QUESTION]) == 1
+        captured = capsys.readouterr()
+        assert captured.err.startswith("error: ") and message in captured.err and not captured.out
