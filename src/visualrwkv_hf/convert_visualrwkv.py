@@ -373,7 +373,7 @@ def save_visualrwkv_folder(
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
     """Uploads a converted folder to a Hub model repository (created if needed); returns the repository's URL.
 
-    Uses the token of `huggingface-cli login` or `HF_TOKEN`.
+    Uses the token of `hf auth login` or `HF_TOKEN`.
     """
     api = HfApi()
     repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
