@@ -3,6 +3,7 @@ Python where `visualrwkv_hf` cannot be imported, and computes what the package c
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -21,7 +22,8 @@ from visualrwkv_hf import (
     VisualRWKVForConditionalGeneration,
     VisualRWKVTextConfig,
 )
-from visualrwkv_hf.remote_code import add_remote_code
+from visualrwkv_hf import remote_code
+from visualrwkv_hf.remote_code import add_remote_code, flat_name, flattened_source, needed_modules
 
 from test_pipeline import IMAGE_SIZE, QUESTIONS, random_image, save_tiny_visualrwkv
 
@@ -189,3 +191,24 @@ def test_refuses_folders_it_cannot_serve(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match="model_type 'llava'"):
         add_remote_code(tmp_path)
+
+
+def test_subpackage_modules_flatten_with_their_relative_imports(tmp_path, monkeypatch):
+    package = tmp_path / "package"
+    (package / "sub").mkdir(parents=True)
+    (package / "base.py").write_text("VALUE = 21\n")
+    (package / "sub" / "__init__.py").write_text("from .leaf import double\n")
+    (package / "sub" / "leaf.py").write_text("from ..base import VALUE\n\n\ndef double():\n    return 2 * VALUE\n")
+    (package / "top.py").write_text("from .sub import double\n\nANSWER = double()\n")
+    monkeypatch.setattr(remote_code, "PACKAGE_DIR", package)
+
+    modules = needed_modules(["top"])
+    assert modules == ["top", "sub", "sub.leaf", "base"]
+    flat = tmp_path / "flat_package"
+    flat.mkdir()
+    (flat / "__init__.py").write_text("")
+    for module_name in modules:
+        (flat / f"{flat_name(module_name)}.py").write_text(flattened_source(module_name))
+    assert (flat / "leaf.py").read_text().startswith("from .base import VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.import_module("flat_package.top").ANSWER == 42

@@ -70,7 +70,7 @@ def relative_imports(path: Path) -> dict[int, str]:
                 "module by name (`from .module import name`)."
             )
         base = package[: len(package) - (node.level - 1)]
-        imports[node.lineno] = ".".join([*base, node.module]).removeprefix(".")
+        imports[node.lineno] = ".".join([*base, node.module])
     return imports
 
 
