@@ -37,14 +37,19 @@ def token_shift(
     hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
 ) -> torch.Tensor:
     """Returns x_{t-1} for every t (the cached last token, or zeros, before t = 0) and caches the new last token."""
-    previous = None
-    if cache is not None and cache.has_previous_state(layer_idx, state_idx):
-        previous = cache.layers[layer_idx].conv_states[state_idx][..., -1].to(hidden_states.dtype)
-    if previous is None:
-        previous = hidden_states.new_zeros(hidden_states.shape[0], hidden_states.shape[2])
-    shifted = torch.cat([previous.unsqueeze(1), hidden_states[:, :-1]], dim=1)
-    if cache is not None:
-        # Stored as a one-column "conv" state (B, C, 1): the cache layer then keeps exactly the last token.
+    layer = cache.layers[layer_idx] if cache is not None else None
+    if layer is not None and cache.has_previous_state(layer_idx, state_idx):
+        # Stored as a one-column "conv" state (B, C, 1): the cache layer keeps exactly the last token.
+        conv_state = layer.conv_states[state_idx]
+        # A copy: the cached column is overwritten in place below.
+        previous = conv_state[..., -1].to(hidden_states.dtype, copy=True).unsqueeze(1)
+        # The decode step: the shift is just the cached token (no concatenation), and the state is overwritten in
+        # place directly; `update_conv_state` would concatenate old and new first.
+        shifted = previous if hidden_states.shape[1] == 1 else torch.cat([previous, hidden_states[:, :-1]], dim=1)
+        conv_state.copy_(hidden_states[:, -1:].transpose(1, 2))
+        return shifted
+    shifted = F.pad(hidden_states[:, :-1], (0, 0, 1, 0))
+    if layer is not None:
         cache.update_conv_state(hidden_states[:, -1:].transpose(1, 2), layer_idx, state_idx, conv_kernel_size=1)
     return shifted
 
@@ -91,20 +96,20 @@ class VisualRWKVTimeMix(nn.Module):
 
         x = mask_padding(hidden_states, padding_mask)
         dx = token_shift(x, cache, self.layer_idx, 0) - x
-        base = x + dx * self.time_maa_x
-        lora = torch.tanh(base @ self.time_maa_w1).view(B, T, len(TIME_MIX_SLOTS), -1)
-        m_w, m_k, m_v, m_r, m_g = torch.einsum("btsr,src->sbtc", lora, self.time_maa_w2).unbind(0)
-        x_w = x + dx * (self.time_maa_w + m_w)
-        x_k = x + dx * (self.time_maa_k + m_k)
-        x_v = x + dx * (self.time_maa_v + m_v)
-        x_r = x + dx * (self.time_maa_r + m_r)
-        x_g = x + dx * (self.time_maa_g + m_g)
+        slots = len(TIME_MIX_SLOTS)
+        lora = torch.tanh(torch.addcmul(x, dx, self.time_maa_x) @ self.time_maa_w1)
+        # All five slots at once (few large ops rather than many small ones: the decode step is overhead-bound):
+        # one batched matmul gives m_s for every slot s, one addcmul gives x_s = x + dx * (maa_s + m_s).
+        mix = torch.bmm(lora.view(B * T, slots, -1).transpose(0, 1), self.time_maa_w2).view(slots, B, T, C)
+        maa = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
+        x_w, x_k, x_v, x_r, x_g = torch.addcmul(x, dx, mix + maa.view(slots, 1, 1, C)).unbind(0)
 
         r = self.att_receptance(x_r)
         k = self.att_key(x_k)
         v = self.att_value(x_v)
         g = F.silu(self.att_gate(x_g))
-        w = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
+        decay_lora = torch.tanh(x_w.reshape(B * T, C) @ self.time_decay_w1)
+        w = torch.addmm(self.time_decay, decay_lora, self.time_decay_w2).view(B, T, C)
         if padding_mask is not None:
             # A padded step must leave the state untouched: k is already 0 there, and decay exp(-exp(-inf)) = 1.
             w = w.masked_fill(~padding_mask.bool()[:, :, None], float("-inf"))
@@ -140,8 +145,8 @@ class VisualRWKVChannelMix(nn.Module):
     ) -> torch.Tensor:
         x = mask_padding(hidden_states, padding_mask)
         dx = token_shift(x, cache, self.layer_idx, 1) - x
-        k = torch.relu(self.ffn_key(x + dx * self.time_maa_k)) ** 2
-        return torch.sigmoid(self.ffn_receptance(x + dx * self.time_maa_r)) * self.ffn_value(k)
+        k = torch.square(torch.relu(self.ffn_key(torch.addcmul(x, dx, self.time_maa_k))))
+        return torch.sigmoid(self.ffn_receptance(torch.addcmul(x, dx, self.time_maa_r))) * self.ffn_value(k)
 
 
 class VisualRWKVBlock(GradientCheckpointingLayer):
