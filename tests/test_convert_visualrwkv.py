@@ -353,6 +353,10 @@ def test_unusable_vision_configs_are_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="Cannot read the vision config"):
         convert_visualrwkv_checkpoint(tmp_path / "hf", checkpoint=files.full, vision_config=tmp_path / "broken.json")
+    invalid = json.loads(vision_config_file(tmp_path).read_text()) | {"num_attention_heads": 5}
+    (tmp_path / "invalid.json").write_text(json.dumps(invalid))
+    with pytest.raises(ValueError, match="(?s)Cannot read the vision config .* not a multiple of the number of"):
+        convert_visualrwkv_checkpoint(tmp_path / "hf", checkpoint=files.full, vision_config=tmp_path / "invalid.json")
     assert not (tmp_path / "hf").exists()
 
 

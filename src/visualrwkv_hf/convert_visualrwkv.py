@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from .configuration_visualrwkv import VisualRWKVConfig
@@ -145,17 +146,15 @@ def load_vision_config(path: str | os.PathLike) -> PreTrainedConfig:
         )
     try:
         config = AutoConfig.from_pretrained(config_file, local_files_only=True)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, StrictDataclassError) as error:  # StrictDataclassError: invalid values
         raise ValueError(f"Cannot read the vision config {config_file}: {error}") from error
     return getattr(config, "vision_config", None) or config
 
 
 def vision_sizes(config: PreTrainedConfig) -> dict[str, object]:
     """The sizes of a vision encoder config that its weights' shapes reveal."""
-    return {
-        name: getattr(config, name)
-        for name in ("hidden_size", "num_hidden_layers", "patch_size", "image_size", "intermediate_size")
-    }
+    names = ("hidden_size", "num_hidden_layers", "patch_size", "image_size", "intermediate_size")
+    return {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}
 
 
 def vision_sizes_from_weights(tensors: Mapping[str, torch.Tensor], has_cls_token: bool) -> dict[str, object]:
@@ -165,19 +164,20 @@ def vision_sizes_from_weights(tensors: Mapping[str, torch.Tensor], has_cls_token
     """
     sizes = {}
     patch_embedding = tensors.get("embeddings.patch_embedding.weight")  # (hidden, channels, patch, patch)
+    position_embedding = tensors.get("embeddings.position_embedding.weight")  # (patches [+ cls], hidden)
+    fc1 = tensors.get("encoder.layers.0.mlp.fc1.weight")  # (intermediate, hidden)
+    layers = [int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k))]
     if patch_embedding is not None and patch_embedding.dim() == 4:
         sizes["hidden_size"] = patch_embedding.shape[0]
-    layers = [int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k))]
     if layers:
         sizes["num_hidden_layers"] = 1 + max(layers)
     if patch_embedding is not None and patch_embedding.dim() == 4:
-        sizes["patch_size"] = patch_embedding.shape[-1]
-        position_embedding = tensors.get("embeddings.position_embedding.weight")  # (patches [+ cls], hidden)
+        sizes["patch_size"] = patch_size = patch_embedding.shape[-1]
         if position_embedding is not None and position_embedding.dim() == 2:
-            side = math.isqrt(max(position_embedding.shape[0] - int(has_cls_token), 0))
-            if side * side == position_embedding.shape[0] - int(has_cls_token):
-                sizes["image_size"] = side * sizes["patch_size"]
-    fc1 = tensors.get("encoder.layers.0.mlp.fc1.weight")  # (intermediate, hidden)
+            num_patches = position_embedding.shape[0] - int(has_cls_token)
+            side = math.isqrt(max(num_patches, 0))
+            if side * side == num_patches:
+                sizes["image_size"] = side * patch_size
     if fc1 is not None and fc1.dim() == 2:
         sizes["intermediate_size"] = fc1.shape[0]
     return sizes
