@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-# The rwkv package reads these at import time: TorchScript on (its fastest CPU fp32 setting), no CUDA kernels.
+# The rwkv package reads these at import time: its TorchScript path on (the package default), no CUDA kernels.
 os.environ["RWKV_JIT_ON"] = "1"
 os.environ["RWKV_CUDA_ON"] = "0"
 os.environ["RWKV_V7_ON"] = "0"
