@@ -65,6 +65,19 @@ def test_convert_flags(tmp_path, capsys):
     assert main([*arguments, "--overwrite"]) == 0
 
 
+def test_convert_with_remote_code_writes_auto_map_and_code(tmp_path):
+    files = write_original_files(tmp_path)
+    output = tmp_path / "hf"
+    arguments = ["convert", "--checkpoint", str(files.full), "--output", str(output), "--vision-config",
+                 str(files.vision_config), "--remote-code", "--no-progress"]
+    assert main(arguments) == 0
+    auto_map = json.loads((output / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"].endswith("VisualRWKVForConditionalGeneration")
+    module = auto_map["AutoModelForImageTextToText"].split(".")[0]
+    assert (output / f"{module}.py").is_file()
+    assert "AutoProcessor" in json.loads((output / "processor_config.json").read_text())["auto_map"]
+
+
 def test_convert_script_reports_user_errors_without_traceback(tmp_path):
     files = write_original_files(tmp_path)
     run = [sys.executable, str(CONVERT_SCRIPT), "--checkpoint", str(files.full), "--output", str(tmp_path / "hf"),

@@ -81,6 +81,7 @@ def convert_visualrwkv(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             push_to_hub=args.push_to_hub,
             progress=not args.no_progress,
+            remote_code=args.remote_code,
         )
     except (ValueError, OSError) as error:  # user errors (and Hub errors, which are OSErrors): a message, no traceback
         print(f"error: {error}", file=sys.stderr)
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-to-hub", metavar="REPO", help="then upload the folder to this Hub model repository (created if needed)"
     )
     convert_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert_parser.add_argument(
+        "--remote-code", action="store_true",
+        help="also copy this package's code into the folder (auto_map) so it loads with trust_remote_code=True",
+    )
     convert_parser.set_defaults(run=convert_visualrwkv)
 
     convert = commands.add_parser("convert-rwkv6", help="convert a BlinkDL RWKV-6 .pth into a transformers folder")

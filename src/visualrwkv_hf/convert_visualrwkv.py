@@ -44,6 +44,7 @@ from .convert_rwkv6 import (
 )
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
+from .remote_code import add_remote_code
 from .tokenization_rwkv_world import RwkvWorldTokenizer
 
 # Key prefixes of the original layout.
@@ -399,13 +400,15 @@ def convert_visualrwkv_checkpoint(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     progress: bool = True,
+    remote_code: bool = False,
 ) -> Path:
     """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
 
     Give either `checkpoint` (the full `.pth`) or `rwkv` and `visual` (the exported pair). `vision_config` is a JSON
     file or a folder holding config.json (default: CLIP ViT-L/14-336). Settings left as None take the released models'
     (bidirectional scan, sandwich prompt, all patches). With `push_to_hub`, the finished folder is uploaded to that
-    Hub repository.
+    Hub repository. With `remote_code`, the folder also carries this package's code (`auto_map`), so it loads with
+    `trust_remote_code=True` where the package is not installed.
 
     Everything is validated before anything is written, and the folder appears complete or not at all. Raises
     ValueError (not a VisualRWKV checkpoint, inconsistent tensors, a vision config that does not fit),
@@ -430,6 +433,8 @@ def convert_visualrwkv_checkpoint(
     )
     with atomic_output_dir(output_dir, overwrite) as staging:
         save_visualrwkv_folder(staging, config, state_dict, sources)
+        if remote_code:
+            add_remote_code(staging)
     if push_to_hub:
         push_folder_to_hub(output_dir, push_to_hub)
     return output_dir
