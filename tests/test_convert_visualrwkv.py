@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig, CLIPVisionModel
 
 import visualrwkv_hf
-from visualrwkv_hf import VisualRWKVForConditionalGeneration, VisualRWKVProcessor
+from visualrwkv_hf import VisualRWKVConfig, VisualRWKVForConditionalGeneration, VisualRWKVProcessor
 from visualrwkv_hf.configuration_visualrwkv import CLIP_VIT_L_14_336
 from visualrwkv_hf.convert_visualrwkv import (
     OriginalCheckpoint,
@@ -502,3 +502,23 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_finished_folder(tmp_path, 
     assert "model.safetensors" in uploaded_files and "README.md" in uploaded_files
     assert Path(upload_kwargs["folder_path"]) == output
     assert (upload_kwargs["repo_id"], upload_kwargs["repo_type"]) == ("someone/visualrwkv6-tiny", "model")
+
+
+def test_image_processor_follows_the_vision_encoder():
+    from transformers import SiglipVisionConfig
+    from transformers.image_utils import OPENAI_CLIP_MEAN
+
+    text = dict(hidden_size=32, num_hidden_layers=2, head_size=8)
+    siglip = VisualRWKVConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14
+        ).to_dict(),
+        text_config=text,
+    )
+    pixels = image_processor_for(siglip)(test_image(), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 56, 56)
+    assert tuple(image_processor_for(siglip).image_mean) == (0.5, 0.5, 0.5)
+    clip = VisualRWKVConfig(vision_config=CLIPVisionConfig(image_size=56, patch_size=14).to_dict(), text_config=text)
+    processor = image_processor_for(clip)
+    assert tuple(processor.image_mean) == tuple(OPENAI_CLIP_MEAN)
+    assert processor(test_image(), return_tensors="pt")["pixel_values"].shape == (1, 3, 56, 56)

@@ -29,6 +29,7 @@ import torch
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import (
@@ -261,9 +262,12 @@ def convert_original_to_hf(
 
 
 def image_processor_for(config: VisualRWKVConfig):
-    """`default_image_processor()` (CLIP's resize, crop and normalisation) at the vision encoder's resolution."""
+    """The image processor matching the vision encoder: SigLIP's own (plain resize, mean/std 0.5) for SigLIP towers,
+    otherwise `default_image_processor()` (CLIP's resize, crop and normalisation) at the encoder's resolution."""
     rows, cols = config.patch_grid
     height, width = rows * config.vision_config.patch_size, cols * config.vision_config.patch_size
+    if config.vision_config.model_type.startswith("siglip"):
+        return SiglipImageProcessorPil(size={"height": height, "width": width})
     base = default_image_processor()
     return type(base).from_dict(
         base.to_dict(), size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
