@@ -222,7 +222,7 @@ class VisualRWKVCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-class VisualRWKVPreTrainedModel(PreTrainedModel):
+class VisualRWKVTextPreTrainedModel(PreTrainedModel):
     config: VisualRWKVTextConfig
     base_model_prefix = "model"
     _no_split_modules = ["VisualRWKVBlock"]
@@ -264,7 +264,7 @@ class VisualRWKVPreTrainedModel(PreTrainedModel):
             init.copy_(module.time_maa_r, shift_mix)
 
 
-class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
+class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
     """The RWKV-6 backbone: embedding, blocks, final LayerNorm."""
 
     def __init__(self, config: VisualRWKVTextConfig):
@@ -345,7 +345,7 @@ class VisualRWKVTextModel(VisualRWKVPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class VisualRWKVForCausalLM(VisualRWKVPreTrainedModel, GenerationMixin):
+class VisualRWKVForCausalLM(VisualRWKVTextPreTrainedModel, GenerationMixin):
     """RWKV-6 with its (untied) language-modelling head."""
 
     _tied_weights_keys = {}
@@ -433,7 +433,7 @@ __all__ = [
     "VisualRWKVBlock",
     "VisualRWKVChannelMix",
     "VisualRWKVForCausalLM",
-    "VisualRWKVPreTrainedModel",
     "VisualRWKVTextModel",
+    "VisualRWKVTextPreTrainedModel",
     "VisualRWKVTimeMix",
 ]
