@@ -20,7 +20,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
-from .ops import wkv6
+from .ops import WKV6
 
 # Slot order of the data-dependent token-shift LoRA (time_maa_w1 columns / time_maa_w2 rows), as in the original.
 TIME_MIX_SLOTS = ("w", "k", "v", "r", "g")
@@ -82,6 +82,8 @@ class VisualRWKVTimeMix(nn.Module):
         self.att_gate = nn.Linear(C, C, bias=False)
         self.att_output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.num_heads, C, eps=config.group_norm_epsilon)
+        # stateless: the compiled kernel where one builds, else the torch op; `kernels.kernelize` can swap it
+        self.wkv = WKV6()
 
     def forward(
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
@@ -114,9 +116,9 @@ class VisualRWKVTimeMix(nn.Module):
             # A padded step must leave the state untouched: k is already 0 there, and decay exp(-exp(-inf)) = 1.
             w = w.masked_fill(~padding_mask.bool()[:, :, None], float("-inf"))
 
-        y, state = wkv6(
+        y, state = self.wkv(
             r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N),
-            self.time_faaaa, initial_state=initial_state, chunk_size=self.chunk_size,
+            self.time_faaaa, initial_state, self.chunk_size,
         )
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx, 0)

@@ -1,5 +1,25 @@
-"""Pure tensor functions: the WKV6 recurrence in its forms. Nothing here knows about models."""
+"""Pure tensor functions: the WKV6 recurrence in its forms (torch and compiled). Nothing here knows about models."""
 
+from .kernels import (
+    WKV6,
+    kernel_available,
+    register_wkv6_kernels,
+    set_wkv6_backend,
+    wkv6_backend,
+    wkv6_compiled,
+    wkv6_kernel_mapping,
+)
 from .wkv6 import wkv6, wkv6_chunked, wkv6_recurrent
 
-__all__ = ["wkv6", "wkv6_chunked", "wkv6_recurrent"]
+__all__ = [
+    "WKV6",
+    "kernel_available",
+    "register_wkv6_kernels",
+    "set_wkv6_backend",
+    "wkv6",
+    "wkv6_backend",
+    "wkv6_chunked",
+    "wkv6_compiled",
+    "wkv6_kernel_mapping",
+    "wkv6_recurrent",
+]

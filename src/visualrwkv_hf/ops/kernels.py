@@ -1,0 +1,237 @@
+"""Compiled WKV6: the package's CPU kernel (csrc/wkv6), built at first use, and its `kernels` layer.
+
+* `wkv6_compiled(r, k, v, w, u, initial_state)`: the compiled op with autograd, same contract as `ops.wkv6`; any input
+  it has no kernel for (a CUDA tensor, a failed build, the torch backend forced) goes to the torch op instead.
+* `WKV6`: the stateless layer the model calls, declared with `kernels.use_kernel_forward_from_hub("WKV6")`. Its own
+  forward is `wkv6_compiled`, so a plain `from_pretrained` model already gets the fastest path on the CPU;
+  `kernels.kernelize(model, device=..., mode=...)` replaces it per device and mode from the mapping registered by
+  `register_wkv6_kernels` (the local build as a `LocalLayerRepository` on the CPU; a Hub repository built with
+  kernel-builder from csrc/wkv6 for CUDA, when one is given).
+
+The build: `torch.utils.cpp_extension.load` compiles csrc/wkv6 into the per-user torch extensions cache
+(~60 s once, ~0.2 s to load afterwards). -fopenmp is required (without it at::parallel_for runs on one thread);
+-mavx2 -mfma are added only when this CPU has them, and the flag set and a hash of the sources and the torch version
+are part of the extension name, so builds for different CPUs or sources never share a cache entry. Nothing is built
+at import time. If the build fails (no compiler, ...) one warning says so and every call uses the torch op.
+
+Switch: VISUALRWKV_WKV_BACKEND=torch (or `set_wkv6_backend("torch")`) forces the torch op; "auto" (default) uses the
+kernel where there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from kernels import LocalLayerRepository, Mode, register_kernel_mapping, use_kernel_forward_from_hub
+from torch import nn
+
+from .wkv6 import _check_inputs, wkv6
+
+BACKEND_ENV = "VISUALRWKV_WKV_BACKEND"
+BACKENDS = ("auto", "torch")
+# csrc/ ships inside the package (a link in the source tree, real files in a wheel)
+KERNEL_SOURCES = Path(__file__).resolve().parent / "csrc" / "wkv6"
+# a `kernels` repository (build/torch-cpu/) whose layer runs the local build
+LOCAL_KERNEL_REPOSITORY = KERNEL_SOURCES / "local-repository"
+
+_backend_override: str | None = None
+_build_lock = threading.Lock()
+_cpu_ops: SimpleNamespace | None = None
+_build_failed = False
+
+
+def set_wkv6_backend(backend: str | None) -> None:
+    """Force the WKV6 backend for this process: "torch" (never compile), "auto", or None (back to the env var)."""
+    global _backend_override
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"WKV6 backend must be one of {BACKENDS} or None, got {backend!r}.")
+    _backend_override = backend
+
+
+def wkv6_backend() -> str:
+    """The backend in force: the `set_wkv6_backend` override, else VISUALRWKV_WKV_BACKEND, else "auto"."""
+    if _backend_override is not None:
+        return _backend_override
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def _cpu_has(*features: str) -> bool:
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return False
+    return all(feature in flags for feature in features)
+
+
+def cpu_build_flags() -> list[str]:
+    """Compiler flags of the local CPU build: a baseline ISA, never -march=native (a cached build may move)."""
+    flags = ["-O3", "-fopenmp", "-DCPU_KERNEL"]
+    if _cpu_has("avx2", "fma"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _cpu_sources() -> list[Path]:
+    return [KERNEL_SOURCES / "wkv6_cpu" / "wkv6_cpu.cpp", KERNEL_SOURCES / "torch-ext" / "torch_binding.cpp"]
+
+
+def cpu_extension_name(flags: list[str]) -> str:
+    """Cache key of the build: ISA tag + hash of the flags, the sources and the torch version."""
+    digest = hashlib.sha256(" ".join(flags + [torch.__version__]).encode())
+    for source in _cpu_sources() + [KERNEL_SOURCES / "wkv6_cpu" / "wkv6_cpu.h"]:
+        digest.update(source.read_bytes())
+    isa = "avx2" if "-mavx2" in flags else "base"
+    return f"visualrwkv_wkv6_cpu_{isa}_{digest.hexdigest()[:12]}"
+
+
+def _build_cpu_ops() -> SimpleNamespace:
+    from torch.utils.cpp_extension import load
+
+    flags = cpu_build_flags()
+    name = cpu_extension_name(flags)
+    # is_python_module=False: the library registers torch.ops.<name>.forward / backward, as in a Hub build
+    load(
+        name=name,
+        sources=[str(path) for path in _cpu_sources()],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    namespace = getattr(torch.ops, name)
+    return SimpleNamespace(forward=namespace.forward, backward=namespace.backward)
+
+
+def cpu_kernel_ops() -> SimpleNamespace | None:
+    """The compiled CPU ops, building them on first call; None (after one warning) when the build fails."""
+    global _cpu_ops, _build_failed
+    if _cpu_ops is not None or _build_failed:
+        return _cpu_ops
+    with _build_lock:
+        if _cpu_ops is None and not _build_failed:
+            try:
+                _cpu_ops = _build_cpu_ops()
+            except Exception as error:  # no compiler, missing headers, a compile error: all mean "use torch"
+                _build_failed = True
+                warnings.warn(
+                    f"visualrwkv_hf: the compiled WKV6 CPU kernel could not be built ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the torch "
+                    f"implementation (slower). Set {BACKEND_ENV}=torch to skip the build attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _cpu_ops
+
+
+def kernel_available(device: torch.device | str = "cpu") -> bool:
+    """Whether `wkv6_compiled` runs a compiled kernel for tensors on `device` (builds the CPU kernel if needed)."""
+    if wkv6_backend() == "torch" or torch.device(device).type != "cpu":
+        return False
+    return cpu_kernel_ops() is not None
+
+
+class WKV6KernelFunction(torch.autograd.Function):
+    """Autograd around a compiled forward / backward pair (the backward recomputes the states: O(1) memory)."""
+
+    @staticmethod
+    def forward(ctx, ops, r, k, v, w, u, initial_state):
+        y, state = ops.forward(r, k, v, w, u, initial_state)
+        ctx.ops = ops
+        ctx.save_for_backward(r, k, v, w, u, initial_state)
+        ctx.set_materialize_grads(False)
+        return y, state
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_state):
+        r, k, v, w, u, initial_state = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros(r.shape, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32,
+                                 device=r.device)
+        dr, dk, dv, dw, du, d_initial = ctx.ops.backward(r, k, v, w, u, initial_state, grad_y, grad_state)
+        return None, dr, dk, dv, dw, du, (d_initial if initial_state is not None else None)
+
+
+def wkv6_compiled(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV6 through the compiled CPU kernel where there is one, else the torch op; same contract as `ops.wkv6`."""
+    if not kernel_available(r.device):
+        return wkv6(r, k, v, w, u, initial_state=initial_state, chunk_size=chunk_size)
+    _check_inputs(r, k, v, w, u, initial_state)
+    return WKV6KernelFunction.apply(cpu_kernel_ops(), r, k, v, w, u, initial_state)
+
+
+@use_kernel_forward_from_hub("WKV6")
+class WKV6(nn.Module):
+    """The WKV6 recurrence as a stateless layer, so `kernels.kernelize` can swap its forward per device and mode."""
+
+    def forward(
+        self,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        w: torch.Tensor,
+        u: torch.Tensor,
+        initial_state: torch.Tensor | None = None,
+        chunk_size: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return wkv6_compiled(r, k, v, w, u, initial_state, chunk_size)
+
+
+def wkv6_kernel_mapping(cuda_repository=None) -> dict:
+    """The `kernels` mapping of the "WKV6" layer: the local CPU build for inference and training, and optionally
+    a kernel-builder build of csrc/wkv6 for CUDA (a `kernels.LayerRepository` or `LocalLayerRepository`)."""
+    cpu = LocalLayerRepository(repo_path=LOCAL_KERNEL_REPOSITORY, layer_name="WKV6")
+    mapping = {"cpu": {Mode.INFERENCE: cpu, Mode.TRAINING: cpu}}
+    if cuda_repository is not None:
+        mapping["cuda"] = {Mode.INFERENCE: cuda_repository, Mode.TRAINING: cuda_repository}
+    return {"WKV6": mapping}
+
+
+def register_wkv6_kernels(cuda_repository=None) -> None:
+    """Register `wkv6_kernel_mapping` globally, for `kernels.kernelize(model, device=..., mode=...)`."""
+    register_kernel_mapping(wkv6_kernel_mapping(cuda_repository))
+
+
+def build_cuda_kernel_ops() -> SimpleNamespace:
+    """Build (nvcc, cached like the CPU build) and load the CUDA kernel of csrc/wkv6 for this process's GPU.
+
+    Explicit only: until the CUDA kernel has been validated on a GPU (benchmarks/gpu_check.sh), `wkv6_compiled`
+    keeps CUDA tensors on the torch op. Raises when the build fails.
+    """
+    from torch.utils.cpp_extension import load
+
+    sources = [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.cu", KERNEL_SOURCES / "torch-ext" / "torch_binding.cpp"]
+    flags = ["-O3", "-DCUDA_KERNEL"]
+    digest = hashlib.sha256(" ".join(flags + [torch.__version__, str(torch.version.cuda)]).encode())
+    for source in sources + [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.h"]:
+        digest.update(source.read_bytes())
+    name = f"visualrwkv_wkv6_cuda_{digest.hexdigest()[:12]}"
+    load(
+        name=name,
+        sources=[str(path) for path in sources],
+        extra_cflags=flags,
+        extra_cuda_cflags=["-O3", "--use_fast_math", "-DCUDA_KERNEL"],
+        is_python_module=False,
+    )
+    namespace = getattr(torch.ops, name)
+    return SimpleNamespace(forward=namespace.forward, backward=namespace.backward)
