@@ -1,0 +1,300 @@
+"""The compiled WKV6 kernels against a float64 reference: forward, final state, gradients; fallback and switch.
+
+The first test that needs the CPU kernel builds it (~60 s once per machine, cached afterwards). Kernel tests skip
+where it cannot be built; the fallback and switch tests run everywhere.
+"""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import visualrwkv_hf.ops.kernels as kernels_mod
+from visualrwkv_hf.ops import set_wkv6_backend, wkv6, wkv6_compiled
+from visualrwkv_hf.ops.kernels import BACKEND_ENV, WKV6KernelFunction, cpu_kernel_ops
+
+
+def reference_float64(r, k, v, w, u, initial_state=None):
+    """The spec's recurrence step by step in float64 (log-decay clamped at -60, as every form)."""
+    r, k, v, w, u = (x.double() for x in (r, k, v, w, u))
+    B, T, H, N = r.shape
+    state = torch.zeros(B, H, N, N, dtype=torch.float64) if initial_state is None else initial_state.double()
+    decay = torch.exp(-torch.exp(w.clamp(max=math.log(60.0))))
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        ys.append(torch.einsum("bhi,bhij->bhj", r[:, t], u[None, :, :, None] * kv + state))
+        state = decay[:, t, :, :, None] * state + kv
+    return torch.stack(ys, dim=1), state
+
+
+@pytest.fixture(scope="module")
+def ops():
+    set_wkv6_backend("auto")
+    compiled = cpu_kernel_ops()
+    set_wkv6_backend(None)
+    if compiled is None:
+        pytest.skip("the WKV6 CPU kernel cannot be built here")
+    return compiled
+
+
+def make_inputs(B, T, H, N, decay="per_channel", dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=gen) for _ in range(3))
+    if decay == "per_channel":
+        # realistic checkpoints: one decay level per channel from -6 to 3, small data-dependent jitter
+        w = torch.linspace(-6.0, 3.0, H * N).view(1, 1, H, N) + 0.3 * torch.randn(B, T, H, N, generator=gen)
+    else:
+        w = torch.full((B, T, H, N), float(decay))
+    u = 0.5 * torch.randn(H, N, generator=gen)
+    state = torch.randn(B, H, N, N, generator=gen)
+    return [x.to(dtype) for x in (r, k, v, w, u)], state
+
+
+def kernel_run(ops, inputs, state, grad_y, grad_state):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.detach().requires_grad_()
+    y, s = WKV6KernelFunction.apply(ops, *leaves, s0)
+    ((y * grad_y).sum() + (s * grad_state).sum()).backward()
+    grads = [x.grad for x in leaves] + ([s0.grad] if s0 is not None else [])
+    return y, s, grads
+
+
+def reference_run(inputs, state, grad_y, grad_state):
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.detach().double().requires_grad_()
+    y, s = reference_float64(*leaves, s0)
+    ((y * grad_y.double()).sum() + (s * grad_state.double()).sum()).backward()
+    grads = [x.grad for x in leaves] + ([s0.grad] if s0 is not None else [])
+    return y, s, grads
+
+
+def assert_close_relative(actual, expected, tol, what):
+    # relative to the largest value, floored at 1: a gradient that is exactly 0 in the reference (dw at T = 1) comes
+    # out of the kernel as a cancellation of O(1) terms
+    scale = max(expected.abs().max().item(), 1.0)
+    error = (actual.double() - expected).abs().max().item() / scale
+    assert error < tol, f"{what}: max error {error:.2e} of the largest value"
+
+
+CASES = [
+    # B, T, H, N, decay, with initial state
+    (1, 1, 2, 64, "per_channel", False),
+    (2, 37, 2, 64, "per_channel", True),
+    (1, 64, 1, 64, 100.0, True),
+    (2, 29, 2, 64, -20.0, False),
+    (3, 17, 3, 24, "per_channel", True),
+    (1, 1, 1, 24, -20.0, True),
+    (2, 33, 2, 32, float("-inf"), True),  # padding: decay exactly 1
+]
+
+
+@pytest.mark.parametrize("B,T,H,N,decay,with_state", CASES)
+def test_kernel_matches_float64_reference(ops, B, T, H, N, decay, with_state):
+    inputs, state = make_inputs(B, T, H, N, decay)
+    state = state if with_state else None
+    grad_y = torch.randn(B, T, H, N)
+    grad_state = torch.randn(B, H, N, N)
+    y, s, grads = kernel_run(ops, inputs, state, grad_y, grad_state)
+    y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
+    assert y.dtype == s.dtype == torch.float32
+    assert_close_relative(y, y_ref, 1e-5, "y")
+    assert_close_relative(s, s_ref, 1e-5, "final state")
+    for name, g, g_ref in zip(["r", "k", "v", "w", "u", "initial state"], grads, grads_ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_relative(g, g_ref, 1e-4, f"d{name}")
+
+
+def test_kernel_matches_torch_op(ops):
+    inputs, state = make_inputs(2, 50, 2, 64)
+    y, s = wkv6_compiled(*inputs, state)
+    y_torch, s_torch = wkv6(*inputs, state)
+    torch.testing.assert_close(y, y_torch, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s, s_torch, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("N", [64, 5])
+def test_gradcheck_float64(ops, N):
+    inputs, state = make_inputs(2, 4, 1, N, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in inputs] + [state.double().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda *xs: WKV6KernelFunction.apply(ops, *xs), leaves, fast_mode=True)
+
+
+def test_prefix_then_continuation_equals_full_run(ops):
+    inputs, _ = make_inputs(2, 40, 2, 64)
+    y_full, s_full = wkv6_compiled(*inputs)
+    head = [x[:, :23] for x in inputs[:4]]
+    tail = [x[:, 23:] for x in inputs[:4]]
+    y_head, s_head = wkv6_compiled(*head, inputs[4])
+    y_tail, s_tail = wkv6_compiled(*tail, inputs[4], s_head)
+    torch.testing.assert_close(torch.cat([y_head, y_tail], 1), y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_tail, s_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_fp32_state(ops, dtype):
+    inputs, state = make_inputs(2, 21, 2, 64, dtype=dtype)
+    grad_y = torch.randn(2, 21, 2, 64)
+    grad_state = torch.randn(2, 2, 64, 64)
+    y, s, grads = kernel_run(ops, inputs, state, grad_y, grad_state)
+    # the reference sees exactly the rounded inputs, so only the kernel's fp32 arithmetic differs
+    y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
+    assert y.dtype == s.dtype == torch.float32
+    assert_close_relative(y, y_ref, 1e-5, "y")
+    assert_close_relative(s, s_ref, 1e-5, "final state")
+    for name, g, g_ref in zip(["r", "k", "v", "w", "u"], grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close_relative(g, g_ref, 1e-2, f"d{name}")  # rounding the gradient itself to 8 / 11 bits
+
+
+def test_fallback_warns_once_and_matches_torch(monkeypatch):
+    def failing_build():
+        raise RuntimeError("Error building extension 'visualrwkv_wkv6_cpu': c++: command not found")
+
+    monkeypatch.setattr(kernels_mod, "_build_cpu_ops", failing_build)
+    monkeypatch.setattr(kernels_mod, "_cpu_ops", None)
+    monkeypatch.setattr(kernels_mod, "_build_failed", False)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    inputs, state = make_inputs(1, 9, 2, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = wkv6_compiled(*inputs, state)
+        second = wkv6_compiled(*inputs, state)
+    messages = [str(w.message) for w in caught if "WKV6" in str(w.message)]
+    assert len(messages) == 1 and "could not be built" in messages[0] and BACKEND_ENV in messages[0]
+    expected = wkv6(*inputs, state)
+    for result in (first, second):
+        torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+def test_env_switch_forces_torch_without_building(monkeypatch):
+    def unexpected_build():
+        raise AssertionError("the torch backend must not build anything")
+
+    monkeypatch.setattr(kernels_mod, "_build_cpu_ops", unexpected_build)
+    monkeypatch.setattr(kernels_mod, "_cpu_ops", None)
+    monkeypatch.setattr(kernels_mod, "_build_failed", False)
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    inputs, state = make_inputs(1, 9, 2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = wkv6_compiled(*inputs, state)
+    torch.testing.assert_close(result, wkv6(*inputs, state), rtol=0, atol=0)
+    assert not kernels_mod.kernel_available("cpu")
+    monkeypatch.setenv(BACKEND_ENV, "cuda-please")
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        kernels_mod.wkv6_backend()
+
+
+def test_set_backend_overrides_env(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    set_wkv6_backend("torch")
+    try:
+        assert kernels_mod.wkv6_backend() == "torch"
+    finally:
+        set_wkv6_backend(None)
+    with pytest.raises(ValueError):
+        set_wkv6_backend("fast")
+
+
+def test_import_builds_nothing():
+    code = (
+        "import visualrwkv_hf, visualrwkv_hf.ops.kernels as k; "
+        "assert k._cpu_ops is None and not k._build_failed; print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_extension_name_carries_the_flags():
+    base = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL"])
+    avx2 = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"])
+    assert base != avx2 and "_base_" in base and "_avx2_" in avx2
+
+
+def tiny_model():
+    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+
+    config = VisualRWKVTextConfig(
+        vocab_size=64, hidden_size=128, num_hidden_layers=2, head_size=64, time_mix_extra_dim=8,
+        time_decay_extra_dim=16, initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    model = VisualRWKVForCausalLM(config).eval()
+    with torch.no_grad():  # data-dependent decays, as in a trained model
+        for block in model.model.blocks:
+            block.attention.time_decay_w1.normal_(0, 0.3)
+    return model
+
+
+def test_model_kernel_equals_torch_path(ops):
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, 19))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    set_wkv6_backend("torch")
+    try:
+        out_torch = model(ids, labels=ids)
+        out_torch.loss.backward()
+    finally:
+        set_wkv6_backend(None)
+    torch.testing.assert_close(out.logits, out_torch.logits, rtol=1e-4, atol=1e-4)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode_name", ["INFERENCE", "TRAINING"])
+def test_kernelize_maps_wkv6_to_the_local_build(ops, mode_name):
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    from visualrwkv_hf.ops.kernels import wkv6_kernel_mapping
+
+    model = tiny_model()
+    ids = torch.randint(0, 64, (1, 11))
+    expected = model(ids).logits
+    with use_kernel_mapping(wkv6_kernel_mapping(), inherit_mapping=False):
+        kernelize(model, mode=getattr(Mode, mode_name), device="cpu")
+    layer = model.model.blocks[0].attention.wkv
+    assert layer.forward.__func__.__module__.endswith(".layers")  # the repository's layer, not WKV6.forward
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B,T,H,N,decay,with_state", CASES)
+def test_cuda_kernel_matches_float64_reference(B, T, H, N, decay, with_state):
+    from visualrwkv_hf.ops.kernels import build_cuda_kernel_ops
+
+    cuda_ops = build_cuda_kernel_ops()
+    inputs, state = make_inputs(B, T, H, N, decay)
+    state = state if with_state else None
+    grad_y = torch.randn(B, T, H, N)
+    grad_state = torch.randn(B, H, N, N)
+    on_gpu = [x.cuda() for x in inputs]
+    y, s, grads = kernel_run(cuda_ops, on_gpu, None if state is None else state.cuda(), grad_y.cuda(),
+                             grad_state.cuda())
+    y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
+    assert_close_relative(y.cpu(), y_ref, 1e-5, "y")
+    assert_close_relative(s.cpu(), s_ref, 1e-5, "final state")
+    for name, g, g_ref in zip(["r", "k", "v", "w", "u", "initial state"], grads, grads_ref):
+        assert_close_relative(g.cpu(), g_ref, 1e-4, f"d{name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_inputs(dtype):
+    from visualrwkv_hf.ops.kernels import build_cuda_kernel_ops
+
+    cuda_ops = build_cuda_kernel_ops()
+    inputs, state = make_inputs(2, 45, 2, 64, dtype=dtype)
+    y, s = cuda_ops.forward(*[x.cuda() for x in inputs], state.cuda())
+    y_ref, s_ref = reference_float64(*inputs, state)
+    assert y.dtype == torch.float32
+    assert_close_relative(y.cpu(), y_ref, 1e-5, "y")
+    assert_close_relative(s.cpu(), s_ref, 1e-5, "final state")
