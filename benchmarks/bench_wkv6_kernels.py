@@ -1,0 +1,119 @@
+"""Compiled WKV6 CPU kernel vs the torch forms, at the op and at the model level (fp32, CPU).
+
+Usage: python benchmarks/bench_wkv6_kernels.py [--lengths 512 2048 4096] [--repeats 5] [--model-length 2048]
+Op level (B=1, H=32, N=64): forward and forward+backward of the kernel, the chunked torch form and the step torch
+form; model level (d_model 256, 4 layers): prefill and one training step (forward+backward), tokens/s with and
+without the kernel. Every number is the minimum over --repeats runs (the machine may be shared), and ratios are
+"torch time / kernel time". The first run builds the kernel (~60 s) unless it is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent
+from visualrwkv_hf.ops.kernels import cpu_kernel_ops
+
+
+def min_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator and thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def op_inputs(T: int, heads: int = 32, head_size: int = 64):
+    g = torch.Generator().manual_seed(0)
+    r, k, v = (torch.randn(1, T, heads, head_size, generator=g) for _ in range(3))
+    w = (-6 + 7 * torch.rand(heads, head_size, generator=g)).expand(1, T, heads, head_size).contiguous()
+    u = torch.randn(heads, head_size, generator=g)
+    return r, k, v, w, u
+
+
+def forward_only(form, inputs):
+    with torch.no_grad():
+        form(*inputs)
+
+
+def forward_backward(form, inputs):
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    y, state = form(*leaves)
+    (y.sum() + state.sum()).backward()
+
+
+def bench_ops(lengths, repeats):
+    forms = {"kernel": wkv6_compiled, "chunked": wkv6_chunked, "step": wkv6_recurrent}
+    print("op level, B=1 H=32 N=64 fp32, ms (min of runs); ratio = best torch / kernel")
+    print(f"{'T':>6} {'pass':>9} " + " ".join(f"{name:>9}" for name in forms) + f" {'ratio':>7}")
+    for T in lengths:
+        inputs = op_inputs(T)
+        for label, run in (("forward", forward_only), ("fwd+bwd", forward_backward)):
+            # the step form's backward at long T costs seconds per run: fewer repeats there
+            times = {
+                name: min_seconds(lambda f=form: run(f, inputs), repeats if name != "step" else max(1, repeats // 2))
+                for name, form in forms.items()
+            }
+            best_torch = min(times["chunked"], times["step"])
+            print(
+                f"{T:>6} {label:>9} " + " ".join(f"{times[n] * 1e3:>9.1f}" for n in forms)
+                + f" {best_torch / times['kernel']:>6.1f}x"
+            )
+
+
+def bench_model(T, repeats):
+    config = VisualRWKVTextConfig(
+        vocab_size=1024, hidden_size=256, num_hidden_layers=4, head_size=64, time_mix_extra_dim=32,
+        time_decay_extra_dim=64,
+    )
+    torch.manual_seed(0)
+    model = VisualRWKVForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (1, T))
+
+    def prefill():
+        with torch.no_grad():
+            model(ids, use_cache=True)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    print(f"\nmodel level, d_model 256, 4 layers, T={T}, fp32: tokens/s (min time of runs)")
+    results = {}
+    for backend in ("auto", "torch"):
+        set_wkv6_backend(backend)
+        try:
+            results[backend] = (min_seconds(prefill, repeats), min_seconds(train_step, repeats))
+        finally:
+            set_wkv6_backend(None)
+    for i, label in enumerate(("prefill", "train step")):
+        kernel, torch_time = results["auto"][i], results["torch"][i]
+        print(
+            f"{label:>11}: kernel {T / kernel:9.0f} tok/s   torch {T / torch_time:9.0f} tok/s   "
+            f"ratio {torch_time / kernel:.1f}x"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model-length", type=int, default=2048)
+    args = parser.parse_args()
+    set_wkv6_backend("auto")
+    if cpu_kernel_ops() is None:
+        raise SystemExit("the WKV6 CPU kernel could not be built here: nothing to compare")
+    set_wkv6_backend(None)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_ops(args.lengths, args.repeats)
+    bench_model(args.model_length, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
