@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
+from .data import LlavaDataset, VisualRWKVDataCollator
 from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
 from .modeling_visualrwkv import (
     VisualRWKVForConditionalGeneration,
@@ -18,6 +19,7 @@ from .modeling_visualrwkv import (
 )
 from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
+from .training import LORA_TARGETS, freeze_for_training, lora_config
 
 AutoConfig.register(VisualRWKVTextConfig.model_type, VisualRWKVTextConfig, exist_ok=True)
 AutoModel.register(VisualRWKVTextConfig, VisualRWKVTextModel, exist_ok=True)
@@ -31,8 +33,11 @@ AutoTokenizer.register(VisualRWKVConfig, tokenizer_class=RwkvWorldTokenizer, exi
 AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
 
 __all__ = [
+    "LORA_TARGETS",
+    "LlavaDataset",
     "RwkvWorldTokenizer",
     "VisualRWKVConfig",
+    "VisualRWKVDataCollator",
     "VisualRWKVForCausalLM",
     "VisualRWKVForConditionalGeneration",
     "VisualRWKVModel",
@@ -40,4 +45,6 @@ __all__ = [
     "VisualRWKVProcessor",
     "VisualRWKVTextConfig",
     "VisualRWKVTextModel",
+    "freeze_for_training",
+    "lora_config",
 ]

@@ -227,6 +227,36 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def weighted_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    loss_weights: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """
+    Next-token cross-entropy averaged with per-label weights: sum(weight * token loss) / sum(weight) over the valid
+    labels (not -100) of this call. With 1 / (the sample's valid label count) as weights this is the original's
+    sample-level loss: each sample's mean, then the mean over the samples.
+
+    Trainer passes `num_items_in_batch` (valid labels of the whole optimizer step: all gradient-accumulation steps
+    and, by default, all processes) and expects losses normalized by it, as token-level ones are. The weighted mean of
+    this call is then scaled by its share of those labels, so the step combines its calls as it combines token-level
+    losses (exactly the sample-level mean for one call per step; otherwise each call's sample-level mean weighted by
+    its share of the valid labels).
+    """
+    labels = labels.to(logits.device)
+    target_labels = labels[:, 1:]
+    valid = target_labels != -100
+    weights = loss_weights.to(logits.device, torch.float32)[:, 1:] * valid
+    token_losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target_labels.masked_fill(~valid, 0).flatten(), reduction="none"
+    ).view_as(weights)
+    loss = (weights * token_losses).sum() / weights.sum()
+    if num_items_in_batch is not None:
+        loss = loss * valid.sum() / num_items_in_batch
+    return loss
+
+
 class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMixin):
     """VisualRWKV with its (untied) language-modelling head."""
 
@@ -282,6 +312,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
+        loss_weights: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -293,6 +324,9 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             labels: (batch, seq) next-token targets, shifted inside; -100 is ignored (use it for image, prompt and
                 padding positions). Extra keyword arguments (such as Trainer's `num_items_in_batch`) reach
                 `loss_function`.
+            loss_weights: (batch, seq) weight of each label's token loss, aligned with `labels`; given, the loss is
+                the weighted mean `weighted_causal_lm_loss` instead of the mean over valid tokens. The data
+                collator's `loss_reduction="sample"` makes them (1 / the sample's valid label count).
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -314,7 +348,9 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         logits = self.lm_head(hidden_states).float()
 
         loss = None
-        if labels is not None:
+        if labels is not None and loss_weights is not None:
+            loss = weighted_causal_lm_loss(logits, labels, loss_weights, kwargs.get("num_items_in_batch"))
+        elif labels is not None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
@@ -336,4 +372,5 @@ __all__ = [
     "VisualRWKVModelOutput",
     "VisualRWKVMultiModalProjector",
     "VisualRWKVPreTrainedModel",
+    "weighted_causal_lm_loss",
 ]

@@ -388,17 +388,25 @@ class VisualRWKVProcessor(ProcessorMixin):
 
     def _tokenize_prompt(self, prompt: str) -> list[int]:
         """Ids of a formatted prompt: each turn, and each side of the image, tokenized on its own."""
+        return [token_id for turn_ids in self.tokenize_turns(prompt) for token_id in turn_ids]
+
+    def tokenize_turns(self, prompt: str) -> list[list[int]]:
+        """The ids of each turn of a formatted prompt (what `apply_chat_template` makes), in order: every turn ends
+        with `"\\n\\n"` except a final empty one (`"Assistant:"`); the image becomes `num_image_tokens` image token
+        ids, and each side of it is tokenized on its own. Training collators label the turns from this."""
         turns = prompt.split(TURN_END)
-        turns = [turn + TURN_END for turn in turns[:-1]] + [turns[-1]]
+        turns = [turn + TURN_END for turn in turns[:-1]] + ([turns[-1]] if turns[-1] else [])
         image_ids = [self.image_token_id] * self.num_image_tokens
-        ids = []
+        turn_ids = []
         for turn in turns:
+            ids = []
             for index, piece in enumerate(turn.split(IMAGE_TOKEN)):
                 if index:
                     ids.extend(image_ids)
                 if piece:
                     ids.extend(self.tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True))
-        return ids
+            turn_ids.append(ids)
+        return turn_ids
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """Decodes generated ids and cuts each answer at its turn end `"\\n\\n"`, stripped.

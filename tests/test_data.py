@@ -1,0 +1,217 @@
+"""LlavaDataset and VisualRWKVDataCollator: ids and label masks against the spec's example, multi-turn masking,
+padding, truncation, malformed records, and both loss reductions checked by hand."""
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from visualrwkv_hf import RwkvWorldTokenizer, VisualRWKVProcessor
+from visualrwkv_hf.data import LlavaDataset, MalformedRecordError, VisualRWKVDataCollator
+from visualrwkv_hf.modeling_visualrwkv import weighted_causal_lm_loss
+
+from test_pipeline import random_image
+
+QUESTION = "What color is the bus?\nAnswer the question using a single word or phrase."
+NUM_IMAGE_TOKENS = 5
+IMAGE_ID = 65530
+# Spec section 5 (image position "middle", the sandwich).
+SANDWICH_HEAD = [24281, 59, 30031, 38083, 4600, 22590, 21399, 64, 11]  # "User: What color is the bus?\n"
+ASSISTANT_RED = [5585, 41693, 59, 20733, 261]  # "Assistant: Red\n\n"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 14}, crop_size={"height": 14, "width": 14})
+    return VisualRWKVProcessor(
+        image_processor=image_processor, tokenizer=RwkvWorldTokenizer(), num_image_tokens=NUM_IMAGE_TOKENS
+    )
+
+
+def record(*turns, image=None):
+    conversations = [{"from": "human" if index % 2 == 0 else "gpt", "value": text} for index, text in enumerate(turns)]
+    return {"conversations": conversations, "image": image}
+
+
+def test_spec_example_ids_and_labels(processor):
+    ids, labels = VisualRWKVDataCollator(processor).tokenize(record("<image>\n" + QUESTION, "Red", image=random_image(0)))
+    assert ids[: len(SANDWICH_HEAD)] == SANDWICH_HEAD
+    image_start = len(SANDWICH_HEAD)
+    assert ids[image_start : image_start + NUM_IMAGE_TOKENS] == [IMAGE_ID] * NUM_IMAGE_TOKENS
+    assert ids[image_start + NUM_IMAGE_TOKENS : image_start + NUM_IMAGE_TOKENS + 2] == [11, 24326]
+    assert ids[-len(ASSISTANT_RED) - 2 :] == [47, 261] + ASSISTANT_RED
+    assert labels[-5:] == [-100, -100, -100, 20733, 261]
+    assert labels[:-2] == [-100] * (len(ids) - 2)  # every human and image token ignored
+
+
+def test_ids_match_the_processor_at_inference(processor):
+    """The training prompt up to "Assistant:" is exactly what the processor feeds the model when asked."""
+    collator = VisualRWKVDataCollator(processor, image_position="first")
+    ids, _ = collator.tokenize(record("<image>\n" + QUESTION, "Red", image=random_image(0)))
+    asked = processor(images=[random_image(0)], text=QUESTION, image_position="first")["input_ids"][0]
+    assert ids[: len(asked)] == asked
+    assert ids[:3] == [24281, 59, 33]  # "User: " (spec, image first)
+
+
+def test_image_without_marker_goes_into_the_first_human_turn(processor):
+    collator = VisualRWKVDataCollator(processor, image_position="last")
+    with_marker = collator.tokenize(record(QUESTION + "\n<image>", "Red", image=random_image(0)))
+    without_marker = collator.tokenize(record(QUESTION, "Red", image=random_image(0)))
+    assert with_marker == without_marker
+    assert with_marker[0][-len(ASSISTANT_RED) - 1 :] == [261] + ASSISTANT_RED  # "\n" + image + "\n\n"
+
+
+def test_multi_turn_masking(processor):
+    encode = processor.tokenizer.encode
+    ids, labels = VisualRWKVDataCollator(processor).tokenize(
+        record("<image>\nWhat is it?", "A bus.", "And its colour?", "Red", image=random_image(1))
+    )
+    turns = processor.tokenize_turns(
+        processor.apply_chat_template(
+            [
+                {"role": "user", "content": "<image>\nWhat is it?"},
+                {"role": "assistant", "content": "A bus."},
+                {"role": "user", "content": "And its colour?"},
+                {"role": "assistant", "content": "Red"},
+            ]
+        )
+    )
+    assert ids == [token for turn in turns for token in turn]
+    expected = []
+    for index, turn in enumerate(turns):
+        expected += [-100] * len(turn) if index % 2 == 0 else [-100] * 3 + turn[3:]
+    assert labels == expected
+    assert turns[1] == encode("Assistant: A bus.\n\n") and turns[3] == ASSISTANT_RED
+    assert turns[2] == encode("User: And its colour?\n\n")
+
+
+def test_collator_right_pads_and_mixes_text_only_samples(processor):
+    samples = [record("Hi", "Hello there, friend"), record("<image>\n" + QUESTION, "Red", image=random_image(0))]
+    collator = VisualRWKVDataCollator(processor)
+    batch = collator(samples)
+    lengths = [len(collator.tokenize(sample)[0]) for sample in samples]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["pixel_values"].shape == (1, 3, 14, 14)  # only the sample with an image
+    short = min(lengths)
+    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (max(lengths) - short)
+    assert batch["input_ids"][0, short:].eq(0).all() and batch["labels"][0, short:].eq(-100).all()
+    assert batch["labels"][0, :short].tolist() == collator.tokenize(samples[0])[1]
+    assert "pixel_values" not in collator(samples[:1])
+
+
+def test_truncation_cuts_the_answer_and_keeps_the_instruction(processor):
+    sample = record("<image>\n" + QUESTION, "Red and white, with a blue stripe", image=random_image(0))
+    full_ids, full_labels = VisualRWKVDataCollator(processor).tokenize(sample)
+    first_answer = full_labels.index(20733) if 20733 in full_labels else len(full_ids) - 8
+    max_length = first_answer + 2
+    ids, labels = VisualRWKVDataCollator(processor, max_length=max_length).tokenize(sample)
+    assert ids == full_ids[:max_length] and labels == full_labels[:max_length]
+    assert sum(label != -100 for label in labels) == 2
+    # The instruction, the "Assistant:" prefix and one answer token are the least that is kept.
+    first_trained = next(index for index, label in enumerate(full_labels) if label != -100)
+    VisualRWKVDataCollator(processor, max_length=first_trained + 1).tokenize(sample)
+    with pytest.raises(MalformedRecordError, match="more than max_length"):
+        VisualRWKVDataCollator(processor, max_length=first_trained).tokenize(sample)
+
+
+def test_collator_skips_what_does_not_fit_with_a_count(processor, caplog):
+    long_sample = record("<image>\n" + QUESTION, "Red", image=random_image(0))
+    collator = VisualRWKVDataCollator(processor, max_length=12, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="visualrwkv_hf.data"):
+        batch = collator([long_sample, record("Hi", "Yes")])
+    assert batch["input_ids"].shape[0] == 1 and "pixel_values" not in batch
+    assert sum(collator.skipped.values()) == 1 and "max_length" in caplog.text
+    with pytest.raises(ValueError, match="every sample of this batch was skipped"):
+        collator([long_sample])
+
+
+def test_loss_reductions_by_hand(processor):
+    """Token level: the mean over all valid targets. Sample level: each sample's mean, then the mean of those."""
+    samples = [record("Hi", "Hello there, my friend"), record("Yo", "Hey")]
+    token_batch = VisualRWKVDataCollator(processor).__call__(samples)
+    sample_batch = VisualRWKVDataCollator(processor, loss_reduction="sample")(samples)
+    assert torch.equal(token_batch["labels"], sample_batch["labels"])
+    labels = token_batch["labels"]
+    torch.manual_seed(0)
+    logits = torch.randn(*labels.shape, 50000)
+
+    per_sample = []
+    all_losses = []
+    for row in range(2):
+        losses = [
+            -F.log_softmax(logits[row, position - 1], -1)[labels[row, position]]
+            for position in range(1, labels.shape[1])
+            if labels[row, position] != -100
+        ]
+        per_sample.append(sum(losses) / len(losses))
+        all_losses += losses
+    assert len(all_losses) > 2 * len(per_sample[1:])  # the samples have different label counts
+    token_level = sum(all_losses) / len(all_losses)
+    sample_level = (per_sample[0] + per_sample[1]) / 2
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    assert torch.allclose(ForCausalLMLoss(logits, labels, vocab_size=50000), token_level, atol=1e-5)
+    weights = sample_batch["loss_weights"]
+    assert torch.allclose(weights.sum(1), torch.ones(2))
+    assert torch.allclose(weighted_causal_lm_loss(logits, labels, weights), sample_level, atol=1e-5)
+    # Under Trainer, a call's loss is scaled by its share of the step's valid labels.
+    num_valid = len(all_losses)
+    scaled = weighted_causal_lm_loss(logits, labels, weights, num_items_in_batch=torch.tensor(3 * num_valid))
+    assert torch.allclose(scaled, sample_level / 3, atol=1e-5)
+
+
+def test_dataset_reads_json_jsonl_and_memory(tmp_path):
+    image_path = tmp_path / "images" / "a.png"
+    image_path.parent.mkdir()
+    random_image(2).save(image_path)
+    records = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "X"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(one) for one in records) + "\n")
+    for source in (tmp_path / "data.json", str(tmp_path / "data.jsonl")):
+        dataset = LlavaDataset(source, image_folder=tmp_path / "images")
+        assert len(dataset) == 2 and dataset.skipped == {}
+        assert dataset[0]["image"].mode == "RGB" and dataset[0]["image"].size == (52, 40)
+        assert dataset[1] == {"conversations": records[1]["conversations"], "image": None}
+    in_memory = LlavaDataset([{**records[0], "image": random_image(3).convert("RGBA")}])
+    assert in_memory[0]["image"].mode == "RGB"
+
+
+MALFORMED = [
+    ({"image": None}, "no 'conversations'"),
+    (record("Hi", "Hello", "Bye"), "ends with a human turn"),
+    ({"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "?"}]}, "expected 'human'"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "?"}]}, "expected 'gpt'"),
+    (record("<image>\nWhat?", "X"), "has no 'image'"),
+    (record("<image>\nWhat?", "X", image="missing.png"), "does not exist"),
+    (record("<image>\nA <image>", "X", image="a.png"), "2 '<image>' markers"),
+    (record("Hi", "  "), "turn 1 is empty"),
+]
+
+
+@pytest.mark.parametrize("bad_record, problem", MALFORMED)
+def test_malformed_records_raise_with_index_and_problem(tmp_path, bad_record, problem):
+    good = record("Hi", "Hello")
+    with pytest.raises(MalformedRecordError, match=f"record 1: .*{problem}"):
+        LlavaDataset([good, bad_record, good], image_folder=tmp_path)
+
+
+def test_malformed_records_skip_with_count_and_one_warning(tmp_path, caplog):
+    (tmp_path / "corrupt.png").write_bytes(b"not an image")
+    good = record("Hi", "Hello")
+    records = [good] + [bad for bad, _ in MALFORMED] + [good, record("<image>\nWhat?", "X", image="corrupt.png")]
+    with caplog.at_level(logging.WARNING, logger="visualrwkv_hf.data"):
+        dataset = LlavaDataset(records, image_folder=tmp_path, on_error="skip")
+    assert len(dataset) == 3 and sorted(dataset.skipped) == list(range(1, len(MALFORMED) + 1))
+    assert caplog.text.count("LlavaDataset skipped") == 1 and f"skipped {len(MALFORMED)} of" in caplog.text
+    # The corrupt file is found when read: skipped, counted, and the next readable record given instead.
+    assert dataset[2] == dataset[0] and len(dataset.skipped) == len(MALFORMED) + 1
+    with pytest.raises(MalformedRecordError, match=f"record {len(records) - 1}: .*not an image format"):
+        LlavaDataset(records[-1:] * (len(records)), image_folder=tmp_path)[len(records) - 1]
