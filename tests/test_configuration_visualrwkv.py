@@ -50,3 +50,8 @@ def test_dict_round_trip():
     config = VisualRWKVTextConfig(hidden_size=64, head_size=16, num_hidden_layers=3)
     again = VisualRWKVTextConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
+
+
+def test_wkv_chunk_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        VisualRWKVTextConfig(hidden_size=64, head_size=16, wkv_chunk_size=24)

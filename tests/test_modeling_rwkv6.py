@@ -32,8 +32,10 @@ def random_ids(batch, length, seed=1):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the compiled kernel where it builds, and the torch forms
 @pytest.mark.parametrize("split", [1, 5, 13])
-def test_cached_decode_equals_full_recompute(split):
+def test_cached_decode_equals_full_recompute(split, backend, monkeypatch):
+    monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", backend)
     model = tiny_model()
     ids = random_ids(2, 17)
     full = model(ids, use_cache=False).logits
@@ -93,7 +95,9 @@ def test_beam_search_cached_equals_uncached():
 
 
 @torch.no_grad()
-def test_left_padded_batch_generates_what_each_row_generates_alone():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_left_padded_batch_generates_what_each_row_generates_alone(backend, monkeypatch):
+    monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", backend)
     model = tiny_model()
     rows = [random_ids(1, n, seed=n)[0] for n in (11, 4, 8)]
     width = max(len(r) for r in rows)
