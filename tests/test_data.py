@@ -37,7 +37,8 @@ def record(*turns, image=None):
 
 
 def test_spec_example_ids_and_labels(processor):
-    ids, labels = VisualRWKVDataCollator(processor).tokenize(record("<image>\n" + QUESTION, "Red", image=random_image(0)))
+    sample = record("<image>\n" + QUESTION, "Red", image=random_image(0))
+    ids, labels = VisualRWKVDataCollator(processor).tokenize(sample)
     assert ids[: len(SANDWICH_HEAD)] == SANDWICH_HEAD
     image_start = len(SANDWICH_HEAD)
     assert ids[image_start : image_start + NUM_IMAGE_TOKENS] == [IMAGE_ID] * NUM_IMAGE_TOKENS
@@ -132,15 +133,14 @@ def test_collator_skips_what_does_not_fit_with_a_count(processor, caplog):
 def test_loss_reductions_by_hand(processor):
     """Token level: the mean over all valid targets. Sample level: each sample's mean, then the mean of those."""
     samples = [record("Hi", "Hello there, my friend"), record("Yo", "Hey")]
-    token_batch = VisualRWKVDataCollator(processor).__call__(samples)
+    token_batch = VisualRWKVDataCollator(processor)(samples)
     sample_batch = VisualRWKVDataCollator(processor, loss_reduction="sample")(samples)
     assert torch.equal(token_batch["labels"], sample_batch["labels"])
     labels = token_batch["labels"]
     torch.manual_seed(0)
     logits = torch.randn(*labels.shape, 50000)
 
-    per_sample = []
-    all_losses = []
+    per_sample, all_losses, counts = [], [], []
     for row in range(2):
         losses = [
             -F.log_softmax(logits[row, position - 1], -1)[labels[row, position]]
@@ -149,7 +149,8 @@ def test_loss_reductions_by_hand(processor):
         ]
         per_sample.append(sum(losses) / len(losses))
         all_losses += losses
-    assert len(all_losses) > 2 * len(per_sample[1:])  # the samples have different label counts
+        counts.append(len(losses))
+    assert counts[0] > counts[1]  # so the two reductions differ
     token_level = sum(all_losses) / len(all_losses)
     sample_level = (per_sample[0] + per_sample[1]) / 2
 
@@ -170,8 +171,8 @@ def test_dataset_reads_json_jsonl_and_memory(tmp_path):
     image_path.parent.mkdir()
     random_image(2).save(image_path)
     records = [
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "X"}]},
-        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {**record("<image>\nWhat?", "X"), "image": "a.png"},
+        {"conversations": record("Hi", "Hello")["conversations"]},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(one) for one in records) + "\n")

@@ -16,7 +16,7 @@ from visualrwkv_hf import VisualRWKVForConditionalGeneration
 from visualrwkv_hf.data import LlavaDataset, VisualRWKVDataCollator
 from visualrwkv_hf.training import LORA_TARGETS, freeze_for_training, lora_config
 
-from test_pipeline import random_image, save_tiny_visualrwkv
+from test_pipeline import save_tiny_visualrwkv
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 sys.path.insert(0, str(SCRIPT.parent))

@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
@@ -299,7 +298,8 @@ class VisualRWKVDataCollator:
                 if self.on_error == "raise":
                     raise
                 self.skipped[str(error)] += 1
-                logger.warning(f"VisualRWKVDataCollator skipped a sample: {error} ({sum(self.skipped.values())} so far)")
+                total = sum(self.skipped.values())
+                logger.warning(f"VisualRWKVDataCollator skipped a sample: {error} ({total} so far)")
                 continue
             if sample.get("image") is not None:
                 images.append(sample["image"])

@@ -43,7 +43,9 @@ def lora_config(targets: str | list[str] = "language_model", **lora_kwargs):
     if isinstance(targets, str) and targets != "all-linear":
         unknown = [name for name in targets.split("+") if name not in LORA_TARGETS]
         if unknown:
-            raise ValueError(f"Unknown LoRA target preset(s) {unknown}: choose from {sorted(LORA_TARGETS)} or 'all-linear'.")
+            raise ValueError(
+                f"Unknown LoRA target preset(s) {unknown}: choose from {sorted(LORA_TARGETS)} or 'all-linear'."
+            )
         targets = [module for name in targets.split("+") for module in LORA_TARGETS[name]]
     return LoraConfig(target_modules=targets, exclude_modules=VISION_TOWER_MODULES, **lora_kwargs)
 

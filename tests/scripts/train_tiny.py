@@ -27,7 +27,9 @@ def tiny_records() -> list[dict]:
             {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": answer}]}
         for seed, answer in enumerate(ANSWERS[:3])
     ]
-    records.append({"conversations": [{"from": "human", "value": "Name a shape."}, {"from": "gpt", "value": ANSWERS[3]}]})
+    records.append(
+        {"conversations": [{"from": "human", "value": "Name a shape."}, {"from": "gpt", "value": ANSWERS[3]}]}
+    )
     return records
 
 
