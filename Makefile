@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/visualrwkv lm-demo
+	$(VENV)/bin/visualrwkv demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests

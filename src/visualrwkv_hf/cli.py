@@ -1,4 +1,4 @@
-"""The `visualrwkv` command line: `chat`, `convert`, `convert-rwkv6` and `lm-demo`."""
+"""The `visualrwkv` command line: `demo`, `chat`, `convert`, `convert-rwkv6` and `lm-demo`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+
+def visual_demo(args: argparse.Namespace) -> int:
+    """Trains a tiny VisualRWKV on synthetic shapes and answers held-out questions (see `demo.py`)."""
+    from .demo import run_demo
+
+    run_demo(
+        Path(args.output), num_train=args.steps * args.batch_size, num_test=args.num_test, steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, progress=not args.no_progress,
+    )
+    return 0
 
 
 def lm_demo(args: argparse.Namespace) -> int:
@@ -132,6 +143,20 @@ def chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visualrwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from .demo import DEFAULT_OUTPUT
+
+    visual = commands.add_parser(
+        "demo", help="train a tiny VisualRWKV on synthetic shapes on the CPU, then answer held-out questions"
+    )
+    visual.add_argument("--output", default=DEFAULT_OUTPUT, help="folder the trained model is saved in")
+    visual.add_argument("--steps", type=int, default=1000, help="training steps (one fresh batch each)")
+    visual.add_argument("--batch-size", type=int, default=32)
+    visual.add_argument("--learning-rate", type=float, default=3e-3)
+    visual.add_argument("--num-test", type=int, default=200, help="held-out questions")
+    visual.add_argument("--seed", type=int, default=0)
+    visual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    visual.set_defaults(run=visual_demo)
 
     demo = commands.add_parser("lm-demo", help="build a tiny random RWKV-6 model, save, reload and generate")
     demo.add_argument("--output", default="outputs/tiny-rwkv6", help="folder to save the tiny model in")

@@ -1,0 +1,103 @@
+"""`visualrwkv demo` at a tiny size: the drawn data answer their questions (read back from the pixels), the held-out
+split shares no (scene, question) pair with training, and a few Trainer steps give a folder that loads and answers
+through the pipeline and `visualrwkv chat`."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from transformers import AutoModelForImageTextToText
+
+from visualrwkv_hf import demo
+from visualrwkv_hf.cli import main
+
+
+def read_scene(image) -> dict[str, tuple[str, str]]:
+    """Position -> (shape, colour) of the objects in a drawn image, from its pixels alone."""
+    pixels = np.asarray(image)
+    scene = {}
+    for position, (row, col) in demo.POSITIONS.items():
+        cell = pixels[row * demo.CELL:(row + 1) * demo.CELL, col * demo.CELL:(col + 1) * demo.CELL]
+        filled = (cell != demo.BACKGROUND).any(-1)
+        if not filled.any():
+            continue
+        rows, cols = np.nonzero(filled)
+        box = filled[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        colour = next(name for name, rgb in demo.COLORS.items() if (cell[filled] == rgb).all())
+        corners = box[[0, 0, -1, -1], [0, -1, 0, -1]]
+        if corners.all():
+            shape = "square"
+        elif corners[2:].all() and not corners[:2].any():
+            shape = "triangle"
+        else:  # a disc fills ~78% of its box, a cross of bars a third as thick ~55%
+            shape = "circle" if box.mean() > 0.68 else "cross"
+        scene[position] = (shape, colour)
+    return scene
+
+
+def answer_from_pixels(image, question: str) -> str:
+    scene = read_scene(image)
+    if match := re.fullmatch(r"What color is the (\w+)\?", question):
+        (colour,) = [c for s, c in scene.values() if s == match[1]]
+        return colour
+    if match := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        (shape,) = [s for s, c in scene.values() if c == match[1]]
+        return shape
+    if match := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        (position,) = [p for p, (s, c) in scene.items() if (s, c) == (match[2], match[1])]
+        return position
+    if match := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return demo.COUNT_WORDS[sum(s == match[1] for s, _ in scene.values()) - 1]
+    if match := re.fullmatch(r"What is at the (\w+)\?", question):
+        return " ".join(reversed(scene[match[1]]))
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_answers_match_the_pixels_and_are_balanced():
+    samples = demo.make_samples(400, seed=3, question_types=(*demo.QUESTION_TYPES, demo.DESCRIBE))
+    for sample in samples:
+        assert answer_from_pixels(sample.image, sample.question) == sample.answer, sample
+        assert 2 <= len(read_scene(sample.image)) <= 4
+    for question_type in demo.QUESTION_TYPES:
+        answers = [sample.answer for sample in samples if sample.question_type == question_type]
+        counts = {answer: answers.count(answer) for answer in set(answers)}
+        assert len(counts) == 4 and max(counts.values()) < 0.45 * len(answers), (question_type, counts)
+
+
+def test_held_out_split_shares_no_scene_question_pair():
+    train, test = demo.make_splits(300, 100, seed=0)
+    assert not {sample.key for sample in train} & {sample.key for sample in test}
+    assert len({sample.key for sample in test}) > 90
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo") / "visualrwkv-demo"
+    accuracy = demo.run_demo(
+        output, num_train=32, num_test=8, steps=4, batch_size=8, learning_rate=3e-3, seed=0, num_examples=2,
+        progress=False,
+    )
+    assert 0.0 <= accuracy <= 1.0
+    return output
+
+
+def test_demo_saves_a_folder_that_loads_and_answers(demo_folder, capsys):
+    model = AutoModelForImageTextToText.from_pretrained(demo_folder)
+    assert model.generation_config.eos_token_id == 261  # "\n\n" still ends the answer
+    test = demo.make_splits(0, 2, seed=0)[1]
+    answers = demo.answer_questions(demo_folder, test)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    assert (demo_folder / "sample.png").is_file()
+    assert main(["chat", "--model", str(demo_folder), "--image", str(demo_folder / "sample.png"),
+                 "--max-new-tokens", "3", test[0].question]) == 0
+
+
+def test_cli_demo_runs(tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["demo", "--output", str(output), "--steps", "2", "--batch-size", "4", "--num-test", "4",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Held-out accuracy" in printed and "NOT frozen" in printed
+    assert (output / "config.json").is_file() and (output / "sample.png").is_file()
