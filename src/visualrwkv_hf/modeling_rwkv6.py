@@ -194,6 +194,13 @@ def run_block_in_order(
     return torch.empty_like(outputs).scatter_(1, index, outputs)
 
 
+def positions_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions the head is applied to: the last `n` (0 = all) or the given indices (generate asks for 1)."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+    return hidden_states[:, logits_to_keep]
+
+
 @dataclass
 class VisualRWKVTextModelOutput(ModelOutput):
     """
@@ -414,12 +421,7 @@ class VisualRWKVForCausalLM(VisualRWKVTextPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states).float()
+        logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
         loss = None
         if labels is not None:

@@ -17,7 +17,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVConfig
-from .modeling_rwkv6 import VisualRWKVTextModel
+from .modeling_rwkv6 import VisualRWKVTextModel, positions_to_keep
 from .scanning import block_gather_indices
 
 
@@ -340,12 +340,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states).float()
+        logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
         loss = None
         if labels is not None and loss_weights is not None:
