@@ -41,6 +41,8 @@ DESCRIBE = "describe"
 # identity that almost nothing of the image reaches the answer at the start; about 1 / sqrt(width) passes it on.
 INIT_RANGE = 0.15
 DEFAULT_OUTPUT = "outputs/visualrwkv-demo"
+WHITE = (1.0, 1.0, 1.0)  # the background, as the image processor's rescaled pixels
+WHITE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,6 @@ def build_model(image_position: str = "middle", scan_mode: str = "bidirectional"
     """A random tiny VisualRWKV (a 2-layer CLIP on 16-pixel patches, 2 RWKV-6 blocks of width 64, the World
     vocabulary) and its processor, image processor sized for the 48-pixel canvas."""
     import torch
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from . import RwkvWorldTokenizer, VisualRWKVConfig, VisualRWKVForConditionalGeneration, VisualRWKVProcessor
@@ -196,8 +197,11 @@ def build_model(image_position: str = "middle", scan_mode: str = "bidirectional"
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
+        # The white canvas maps to 0, so a blank patch embeds to its position alone and the objects carry the
+        # signal; with CLIP's statistics the background dominated every patch and the features barely varied
+        # between images (their spread across a batch shrank to ~5% of their size early in training).
+        image_mean=WHITE,
+        image_std=WHITE_STD,
     )
     processor = VisualRWKVProcessor(
         image_processor=image_processor,
