@@ -43,6 +43,10 @@ INIT_RANGE = 0.15
 DEFAULT_OUTPUT = "outputs/visualrwkv-demo"
 WHITE = (1.0, 1.0, 1.0)  # the background, as the image processor's rescaled pixels
 WHITE_STD = (0.5, 0.5, 0.5)
+# Learning-rate multiplier of the vision tower and projector. At the base rate their features grow and drift while
+# the language model learns to read them (larger multipliers blow them up further and stay at chance); a tenth keeps
+# them steady: 400-step screens reached 46% held-out against 36% at the base rate.
+VISION_LR_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -244,21 +248,30 @@ def train_model(
     seed: int, progress: bool = True,
 ) -> float:
     """Trains the model with `transformers.Trainer`, saves it and the processor to `output_dir` and returns the
-    training time in seconds. The vision tower trains too (it starts from random); the token embedding stays frozen,
-    as in the original recipe, which also spares the optimizer its 65536 rows."""
+    training time in seconds. The vision tower trains too (it starts from random), at `VISION_LR_SCALE` times the
+    rate; the token embedding stays frozen, as in the original recipe, which also spares the optimizer its 65536
+    rows."""
+    import torch
     from transformers import Trainer, TrainingArguments
 
     from .data import LlavaDataset, VisualRWKVDataCollator
 
     model.get_input_embeddings().requires_grad_(False)
+    vision, language = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (vision if "vision_tower" in name or "projector" in name else language).append(parameter)
+    # Trainer builds its scheduler on this optimizer; the schedule scales each group's own rate.
+    optimizer = torch.optim.AdamW(
+        [{"params": language}, {"params": vision, "lr": learning_rate * VISION_LR_SCALE}],
+        lr=learning_rate, weight_decay=0.0,
+    )
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=max(1, steps // 10),
         save_strategy="no",
@@ -274,6 +287,7 @@ def train_model(
         train_dataset=LlavaDataset([sample.to_llava() for sample in samples]),
         data_collator=AnswerWindowCollator(VisualRWKVDataCollator(processor)),
         compute_loss_func=answer_window_loss,
+        optimizers=(optimizer, None),
     )
     start = time.perf_counter()
     trainer.train()
