@@ -1,18 +1,20 @@
-"""Compiled WKV6: the package's CPU kernel (csrc/wkv6), built at first use, and its `kernels` layer.
+"""Compiled WKV6: the package's CPU and CUDA kernels (csrc/wkv6), built at first use, and its `kernels` layer.
 
-* `wkv6_compiled(r, k, v, w, u, initial_state)`: the compiled op with autograd, same contract as `ops.wkv6`; any input
-  it has no kernel for (a CUDA tensor, a failed build, the torch backend forced) goes to the torch op instead.
+* `wkv6_compiled(r, k, v, w, u, initial_state)`: the compiled op with autograd, same contract as `ops.wkv6`; inputs
+  it has no kernel for (a CUDA head size outside `CUDA_HEAD_SIZES`, another device, a failed build, the torch
+  backend forced) go to the torch op instead.
 * `WKV6`: the stateless layer the model calls, declared with `kernels.use_kernel_forward_from_hub("WKV6")`. Its own
-  forward is `wkv6_compiled`, so a plain `from_pretrained` model already gets the fastest path on the CPU;
-  `kernels.kernelize(model, device=..., mode=...)` replaces it per device and mode from the mapping registered by
-  `register_wkv6_kernels` (the local build as a `LocalLayerRepository` on the CPU; a Hub repository built with
+  forward is `wkv6_compiled`, so a plain `from_pretrained` model already gets the fastest path on the CPU and on
+  NVIDIA GPUs; `kernels.kernelize(model, device=..., mode=...)` replaces it per device and mode from the mapping
+  registered by `register_wkv6_kernels` (the local CPU build as a `LocalLayerRepository`; a Hub repository built with
   kernel-builder from csrc/wkv6 for CUDA, when one is given).
 
-The build: `torch.utils.cpp_extension.load` compiles csrc/wkv6 into the per-user torch extensions cache
-(~60 s once, ~0.2 s to load afterwards). -fopenmp is required (without it at::parallel_for runs on one thread);
--mavx2 -mfma are added only when this CPU has them, and the flag set and a hash of the sources and the torch version
-are part of the extension name, so builds for different CPUs or sources never share a cache entry. Nothing is built
-at import time. If the build fails (no compiler, ...) one warning says so and every call uses the torch op.
+The build: `torch.utils.cpp_extension.load` compiles csrc/wkv6 into the per-user torch extensions cache, once per
+device type on first use (CPU ~60 s, CUDA ~1-2 min with nvcc for the current GPU's architecture; ~0.2 s to load
+afterwards). CPU: -fopenmp is required (without it at::parallel_for runs on one thread); -mavx2 -mfma are added only
+when this CPU has them, and the flag set (GPU architecture), a hash of the sources and the torch version are part of
+the extension name, so builds for different machines or sources never share a cache entry. Nothing is built at import
+time. If a build fails (no compiler, no nvcc, ...) one warning says so and every call on that device uses the torch op.
 
 Switch: VISUALRWKV_WKV_BACKEND=torch (or `set_wkv6_backend("torch")`) forces the torch op; "auto" (default) uses the
 kernel where there is one.
@@ -40,10 +42,13 @@ KERNEL_SOURCES = Path(__file__).resolve().parent / "csrc" / "wkv6"
 # a `kernels` repository (build/torch-cpu/) whose layer runs the local build
 LOCAL_KERNEL_REPOSITORY = KERNEL_SOURCES / "local-repository"
 
+# head sizes the CUDA kernel is instantiated for (its per-thread state row lives in registers); others use torch
+CUDA_HEAD_SIZES = (16, 24, 32, 64, 128)
+
 _backend_override: str | None = None
 _build_lock = threading.Lock()
-_cpu_ops: SimpleNamespace | None = None
-_build_failed = False
+# per device type ("cpu", "cuda"): the loaded ops, or None once a build attempt failed
+_compiled_ops: dict[str, SimpleNamespace | None] = {}
 
 
 def set_wkv6_backend(backend: str | None) -> None:
@@ -115,32 +120,53 @@ def _build_cpu_ops() -> SimpleNamespace:
     return SimpleNamespace(forward=namespace.forward, backward=namespace.backward)
 
 
-def cpu_kernel_ops() -> SimpleNamespace | None:
-    """The compiled CPU ops, building them on first call; None (after one warning) when the build fails."""
-    global _cpu_ops, _build_failed
-    if _cpu_ops is not None or _build_failed:
-        return _cpu_ops
+def compiled_ops(device_type: str) -> SimpleNamespace | None:
+    """The compiled ops for "cpu" or "cuda", built on first call; None (after one warning) when the build fails."""
+    if device_type in _compiled_ops:
+        return _compiled_ops[device_type]
     with _build_lock:
-        if _cpu_ops is None and not _build_failed:
+        if device_type not in _compiled_ops:
+            build = {"cpu": _build_cpu_ops, "cuda": _build_cuda_ops}[device_type]
             try:
-                _cpu_ops = _build_cpu_ops()
+                _compiled_ops[device_type] = build()
             except Exception as error:  # no compiler, missing headers, a compile error: all mean "use torch"
-                _build_failed = True
+                _compiled_ops[device_type] = None
+                message = str(error).strip()
                 warnings.warn(
-                    f"visualrwkv_hf: the compiled WKV6 CPU kernel could not be built ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the torch "
+                    f"visualrwkv_hf: the compiled WKV6 {device_type.upper()} kernel could not be built "
+                    f"({type(error).__name__}: {message.splitlines()[-1] if message else ''}); using the torch "
                     f"implementation (slower). Set {BACKEND_ENV}=torch to skip the build attempt.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-    return _cpu_ops
+    return _compiled_ops[device_type]
 
 
-def kernel_available(device: torch.device | str = "cpu") -> bool:
-    """Whether `wkv6_compiled` runs a compiled kernel for tensors on `device` (builds the CPU kernel if needed)."""
-    if wkv6_backend() == "torch" or torch.device(device).type != "cpu":
-        return False
-    return cpu_kernel_ops() is not None
+def cpu_kernel_ops() -> SimpleNamespace | None:
+    """The compiled CPU ops (see `compiled_ops`)."""
+    return compiled_ops("cpu")
+
+
+def cuda_kernel_ops() -> SimpleNamespace | None:
+    """The compiled CUDA ops for this process's GPU (see `compiled_ops`)."""
+    return compiled_ops("cuda")
+
+
+def _kernel_ops_for(device: torch.device, head_size: int) -> SimpleNamespace | None:
+    """The compiled ops for inputs on `device` with this head size, or None when the torch op must run."""
+    if wkv6_backend() == "torch":
+        return None
+    if device.type == "cpu":
+        return cpu_kernel_ops()
+    # ROCm also reports "cuda" tensors; the kernel is CUDA C++ only
+    if device.type == "cuda" and torch.version.hip is None and head_size in CUDA_HEAD_SIZES:
+        return cuda_kernel_ops()
+    return None
+
+
+def kernel_available(device: torch.device | str = "cpu", head_size: int = 64) -> bool:
+    """Whether `wkv6_compiled` runs a compiled kernel for tensors on `device` (builds it if needed)."""
+    return _kernel_ops_for(torch.device(device), head_size) is not None
 
 
 class WKV6KernelFunction(torch.autograd.Function):
@@ -173,11 +199,13 @@ def wkv6_compiled(
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV6 through the compiled CPU kernel where there is one, else the torch op; same contract as `ops.wkv6`."""
-    if not kernel_available(r.device):
-        return wkv6(r, k, v, w, u, initial_state=initial_state, chunk_size=chunk_size)
+    """WKV6 through the compiled kernel for r's device where there is one, else the torch op; same contract as
+    `ops.wkv6`."""
     _check_inputs(r, k, v, w, u, initial_state)
-    return WKV6KernelFunction.apply(cpu_kernel_ops(), r, k, v, w, u, initial_state)
+    ops = _kernel_ops_for(r.device, r.shape[-1])
+    if ops is None:
+        return wkv6(r, k, v, w, u, initial_state=initial_state, chunk_size=chunk_size)
+    return WKV6KernelFunction.apply(ops, r, k, v, w, u, initial_state)
 
 
 @use_kernel_forward_from_hub("WKV6")
@@ -212,26 +240,24 @@ def register_wkv6_kernels(cuda_repository=None) -> None:
     register_kernel_mapping(wkv6_kernel_mapping(cuda_repository))
 
 
-def build_cuda_kernel_ops() -> SimpleNamespace:
-    """Build (nvcc, cached like the CPU build) and load the CUDA kernel of csrc/wkv6 for this process's GPU.
-
-    Explicit only: until the CUDA kernel has been validated on a GPU (benchmarks/gpu_check.sh), `wkv6_compiled`
-    keeps CUDA tensors on the torch op. Raises when the build fails.
-    """
+def _build_cuda_ops() -> SimpleNamespace:
+    """Build (nvcc, for this process's GPU architecture; cached like the CPU build) and load the CUDA kernel."""
     from torch.utils.cpp_extension import load
 
     sources = [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.cu", KERNEL_SOURCES / "torch-ext" / "torch_binding.cpp"]
     flags = ["-O3", "-DCUDA_KERNEL"]
-    digest = hashlib.sha256(" ".join(flags + [torch.__version__, str(torch.version.cuda)]).encode())
+    capability = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    digest = hashlib.sha256(" ".join(flags + [torch.__version__, str(torch.version.cuda), capability]).encode())
     for source in sources + [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.h"]:
         digest.update(source.read_bytes())
-    name = f"visualrwkv_wkv6_cuda_{digest.hexdigest()[:12]}"
+    name = f"visualrwkv_wkv6_cuda_{capability}_{digest.hexdigest()[:12]}"
     load(
         name=name,
         sources=[str(path) for path in sources],
         extra_cflags=flags,
         extra_cuda_cflags=["-O3", "--use_fast_math", "-DCUDA_KERNEL"],
         is_python_module=False,
+        verbose=False,
     )
     namespace = getattr(torch.ops, name)
     return SimpleNamespace(forward=namespace.forward, backward=namespace.backward)
