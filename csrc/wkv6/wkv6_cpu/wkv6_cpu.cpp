@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -56,16 +57,17 @@ inline float exp_vectorisable(float x) {
 }
 inline double exp_vectorisable(double x) { return std::exp(x); }
 
-// One step of one head: r, k, v converted to acc_t, the per-step log-decay lw = -exp(min(w, ln 60)) and decay d.
+// One step of one head: r, k, v, w converted to acc_t, the per-step log-decay lw = -exp(min(w, ln 60)) and decay d.
 template <typename acc_t>
 struct Step {
   std::vector<acc_t> storage;
-  acc_t *r, *k, *v, *lw, *d;
-  explicit Step(int64_t N) : storage(5 * N) {
+  acc_t *r, *k, *v, *w, *lw, *d;
+  explicit Step(int64_t N) : storage(6 * N) {
     r = storage.data();
     k = r + N;
     v = k + N;
-    lw = v + N;
+    w = v + N;
+    lw = w + N;
     d = lw + N;
   }
   template <typename scalar_t>
@@ -74,10 +76,10 @@ struct Step {
       r[i] = static_cast<acc_t>(r_in[i]);
       k[i] = static_cast<acc_t>(k_in[i]);
       v[i] = static_cast<acc_t>(v_in[i]);
-      lw[i] = static_cast<acc_t>(w_in[i]);
+      w[i] = static_cast<acc_t>(w_in[i]);
     }
     // separate loops so each vectorises (needs -fno-trapping-math for the clamps)
-    for (int64_t i = 0; i < N; ++i) lw[i] = -exp_vectorisable(std::min(lw[i], static_cast<acc_t>(kMaxW)));
+    for (int64_t i = 0; i < N; ++i) lw[i] = -exp_vectorisable(std::min(w[i], static_cast<acc_t>(kMaxW)));
     for (int64_t i = 0; i < N; ++i) d[i] = exp_vectorisable(lw[i]);
   }
 };
@@ -91,14 +93,14 @@ struct Dims {
 // Steps ahead to prefetch: a head's consecutive steps lie H * N elements apart, too far for the hardware prefetcher.
 constexpr int64_t kPrefetch = 4;
 
-template <typename scalar_t>
-inline void prefetch_step(const scalar_t* const* inputs, int count, const Dims& dims, int64_t bh, int64_t t) {
+// Prefetch the rows of step t of one head in each of `tensors` ((B, T, H, N) arrays of `element_size` bytes).
+inline void prefetch_step(std::initializer_list<const void*> tensors, int64_t element_size, const Dims& dims,
+                          int64_t bh, int64_t t) {
   if (t < 0 || t >= dims.T) return;
-  const int64_t off = dims.offset(bh, t);
-  for (int a = 0; a < count; ++a) {
-    const char* p = reinterpret_cast<const char*>(inputs[a] + off);
-    for (int64_t byte = 0; byte < dims.N * static_cast<int64_t>(sizeof(scalar_t)); byte += 64)
-      __builtin_prefetch(p + byte);
+  const int64_t offset = dims.offset(bh, t) * element_size;
+  for (const void* tensor : tensors) {
+    const char* row = static_cast<const char*>(tensor) + offset;
+    for (int64_t byte = 0; byte < dims.N * element_size; byte += 64) __builtin_prefetch(row + byte);
   }
 }
 
@@ -143,13 +145,12 @@ template <int kN, typename scalar_t, typename acc_t>
 void forward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, const scalar_t* w, const acc_t* u,
                    acc_t* y, acc_t* state, Dims dims, int64_t bh_begin, int64_t bh_end) {
   const int64_t N = kN > 0 ? kN : dims.N;
-  const scalar_t* inputs[] = {r, k, v, w};
   Step<acc_t> in(N);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
     acc_t* S = state + bh * N * N;
     const acc_t* uh = u + (bh % dims.H) * N;
     for (int64_t t = 0; t < dims.T; ++t) {
-      prefetch_step(inputs, 4, dims, bh, t + kPrefetch);
+      prefetch_step({r, k, v, w}, sizeof(scalar_t), dims, bh, t + kPrefetch);
       const int64_t off = dims.offset(bh, t);
       in.load(r + off, k + off, v + off, w + off, N);
       forward_step(in, uh, S, y + off, N);
@@ -214,36 +215,14 @@ inline void rows_dot_then_decay(acc_t* __restrict__ M, int64_t N, const acc_t* _
   }
 }
 
-// Per key channel i, from s_dy = (S_{t-1} dy_t)_i: dr, A_t (parked in dw) and the u-gradient.
-template <typename acc_t>
-inline void state_row_grads(const Step<acc_t>& in, const acc_t* uh, acc_t v_dy, int64_t i, acc_t s_dy, int64_t off,
-                            acc_t* dr, acc_t* dw, acc_t* du) {
-  dr[off + i] = s_dy + uh[i] * in.k[i] * v_dy;
-  dw[off + i] = in.r[i] * s_dy;
-  du[i] += in.r[i] * in.k[i] * v_dy;
-}
-
-// Per key channel i, from g_v = (G_t v_t)_i: dk, and dw from the running log-decay gradient (A_t read from dw).
-template <typename scalar_t, typename acc_t>
-inline void grad_row_grads(const Step<acc_t>& in, const acc_t* uh, acc_t v_dy, int64_t i, acc_t g_v, int64_t off,
-                           const scalar_t* w, acc_t* dk, acc_t* dw, double* carry) {
-  dk[off + i] = g_v + uh[i] * in.r[i] * v_dy;
-  const double log_decay_grad = carry[i] - static_cast<double>(in.k[i]) * g_v;
-  carry[i] = log_decay_grad + dw[off + i];
-  // d(log-decay)/dw = -exp(w) = lw below the clamp, 0 above it (as torch's clamp)
-  const bool clamped = static_cast<double>(w[off + i]) > kMaxW;
-  dw[off + i] = clamped ? acc_t(0) : static_cast<acc_t>(log_decay_grad) * in.lw[i];
-}
-
 template <int kN, typename scalar_t, typename acc_t>
 void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, const scalar_t* w, const acc_t* u,
                     const acc_t* dy, const acc_t* grad_final_state, acc_t* state, acc_t* grad_state, acc_t* dr,
                     acc_t* dk, acc_t* dv, acc_t* dw, acc_t* du_per_head, Dims dims, int64_t bh_begin,
                     int64_t bh_end) {
   const int64_t N = kN > 0 ? kN : dims.N;
-  const scalar_t* inputs[] = {r, k, v, w};
   Step<acc_t> in(N);
-  std::vector<acc_t> dv_acc(N);
+  std::vector<acc_t> dv_acc(N), dots(N);
   std::vector<double> decay_grad_carry(N);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
     const acc_t* __restrict__ uh = u + (bh % dims.H) * N;
@@ -251,22 +230,22 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
     acc_t* __restrict__ S = state + bh * N * N;
     acc_t* __restrict__ du = du_per_head + bh * N;
     for (int64_t t = 0; t < dims.T; ++t) {
-      prefetch_step(inputs, 4, dims, bh, t + kPrefetch);
+      prefetch_step({r, k, v, w}, sizeof(scalar_t), dims, bh, t + kPrefetch);
+      prefetch_step({dy}, sizeof(acc_t), dims, bh, t + kPrefetch);
       const int64_t off = dims.offset(bh, t);
       in.load(r + off, k + off, v + off, w + off, N);
       const acc_t* __restrict__ dyt = dy + off;
       acc_t v_dy = 0;
       for (int64_t j = 0; j < N; ++j) v_dy += in.v[j] * dyt[j];
+      acc_t* __restrict__ s_dy = dots.data();  // (S_{t-1} dy_t)_i
       int64_t i = 0;
-      for (; i + 3 < N; i += 4) {
-        acc_t s_dy[4];
-        rows_dot_then_decay<4>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy);
-        for (int q = 0; q < 4; ++q) state_row_grads(in, uh, v_dy, i + q, s_dy[q], off, dr, dw, du);
-      }
-      for (; i < N; ++i) {
-        acc_t s_dy[1];
-        rows_dot_then_decay<1>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy);
-        state_row_grads(in, uh, v_dy, i, s_dy[0], off, dr, dw, du);
+      for (; i + 3 < N; i += 4) rows_dot_then_decay<4>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
+      for (; i < N; ++i) rows_dot_then_decay<1>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
+      // per key channel, vectorised: dr, A_t (parked in dw) and the u-gradient
+      for (int64_t c = 0; c < N; ++c) {
+        dr[off + c] = s_dy[c] + uh[c] * in.k[c] * v_dy;
+        dw[off + c] = in.r[c] * s_dy[c];
+        du[c] += in.r[c] * in.k[c] * v_dy;
       }
     }
     // Running sum_{tau > t} A_tau - sum_{s > t} B_s per key channel, seeded with the final-state term A_{T+1}.
@@ -282,7 +261,8 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
     // Backward sweep: G_t = dL/dS_t gives dk, dv and B_t; dw = (log-decay gradient) * d(log-decay)/dw.
     acc_t* __restrict__ G = grad_state + bh * N * N;
     for (int64_t t = dims.T - 1; t >= 0; --t) {
-      prefetch_step(inputs, 4, dims, bh, t - kPrefetch);
+      prefetch_step({r, k, v, w}, sizeof(scalar_t), dims, bh, t - kPrefetch);
+      prefetch_step({dy, dw}, sizeof(acc_t), dims, bh, t - kPrefetch);
       const int64_t off = dims.offset(bh, t);
       in.load(r + off, k + off, v + off, w + off, N);
       const acc_t* __restrict__ dyt = dy + off;
@@ -291,17 +271,19 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
       for (int64_t j = 0; j < N; ++j) v_dy += in.v[j] * dyt[j];
       for (int64_t i = 0; i < N; ++i) ruk += in.r[i] * uh[i] * in.k[i];
       for (int64_t j = 0; j < N; ++j) dvt[j] = ruk * dyt[j];
+      acc_t* __restrict__ g_v = dots.data();  // (G_t v_t)_i
       int64_t i = 0;
-      for (; i + 3 < N; i += 4) {
-        acc_t g_v[4];
-        rows_dot_then_decay<4>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v, in.k + i, dvt);
-        for (int q = 0; q < 4; ++q)
-          grad_row_grads(in, uh, v_dy, i + q, g_v[q], off, w, dk, dw, decay_grad_carry.data());
-      }
-      for (; i < N; ++i) {
-        acc_t g_v[1];
-        rows_dot_then_decay<1>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v, in.k + i, dvt);
-        grad_row_grads(in, uh, v_dy, i, g_v[0], off, w, dk, dw, decay_grad_carry.data());
+      for (; i + 3 < N; i += 4)
+        rows_dot_then_decay<4>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
+      for (; i < N; ++i) rows_dot_then_decay<1>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
+      // per key channel, vectorised: dk, and dw from the running log-decay gradient (A_t read from dw); its
+      // derivative d(log-decay)/dw = -exp(w) is lw below the clamp and 0 above it (as torch's clamp)
+      double* __restrict__ carry = decay_grad_carry.data();
+      for (int64_t c = 0; c < N; ++c) {
+        dk[off + c] = g_v[c] + uh[c] * in.r[c] * v_dy;
+        const double log_decay_grad = carry[c] - static_cast<double>(in.k[c]) * g_v[c];
+        carry[c] = log_decay_grad + dw[off + c];
+        dw[off + c] = in.w[c] > static_cast<acc_t>(kMaxW) ? acc_t(0) : static_cast<acc_t>(log_decay_grad) * in.lw[c];
       }
       for (int64_t j = 0; j < N; ++j) dv[off + j] = dvt[j];
     }
