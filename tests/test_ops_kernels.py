@@ -383,3 +383,20 @@ def test_cuda_bf16_training_step_lowers_loss(cuda_ops):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5, losses
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode_name", ["INFERENCE", "TRAINING"])
+def test_cuda_kernelize_maps_wkv6_to_the_local_build(cuda_ops, mode_name):
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    from visualrwkv_hf.ops.kernels import wkv6_kernel_mapping
+
+    model = tiny_model().cuda()
+    ids = torch.randint(0, 64, (1, 11), device="cuda")
+    expected = model(ids).logits
+    with use_kernel_mapping(wkv6_kernel_mapping(), inherit_mapping=False):
+        kernelize(model, mode=getattr(Mode, mode_name), device="cuda")
+    layer = model.model.blocks[0].attention.wkv
+    assert layer.forward.__func__.__module__.endswith(".layers")
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)

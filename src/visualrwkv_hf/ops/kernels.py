@@ -6,8 +6,8 @@
 * `WKV6`: the stateless layer the model calls, declared with `kernels.use_kernel_forward_from_hub("WKV6")`. Its own
   forward is `wkv6_compiled`, so a plain `from_pretrained` model already gets the fastest path on the CPU and on
   NVIDIA GPUs; `kernels.kernelize(model, device=..., mode=...)` replaces it per device and mode from the mapping
-  registered by `register_wkv6_kernels` (the local CPU build as a `LocalLayerRepository`; a Hub repository built with
-  kernel-builder from csrc/wkv6 for CUDA, when one is given).
+  registered by `register_wkv6_kernels` (the local builds as a `LocalLayerRepository`; for CUDA, optionally a Hub
+  repository built with kernel-builder from csrc/wkv6).
 
 The build: `torch.utils.cpp_extension.load` compiles csrc/wkv6 into the per-user torch extensions cache, once per
 device type on first use (CPU ~60 s, CUDA ~1-2 min with nvcc for the current GPU's architecture; ~0.2 s to load
@@ -39,7 +39,7 @@ BACKEND_ENV = "VISUALRWKV_WKV_BACKEND"
 BACKENDS = ("auto", "torch")
 # csrc/ ships inside the package (a link in the source tree, real files in a wheel)
 KERNEL_SOURCES = Path(__file__).resolve().parent / "csrc" / "wkv6"
-# a `kernels` repository (build/torch-cpu/) whose layer runs the local build
+# a `kernels` repository (one noarch variant, build/torch-universal/) whose layer runs the local builds, CPU or CUDA
 LOCAL_KERNEL_REPOSITORY = KERNEL_SOURCES / "local-repository"
 
 # head sizes the CUDA kernel is instantiated for (its per-thread state row lives in registers); others use torch
@@ -227,13 +227,17 @@ class WKV6(nn.Module):
 
 
 def wkv6_kernel_mapping(cuda_repository=None) -> dict:
-    """The `kernels` mapping of the "WKV6" layer: the local CPU build for inference and training, and optionally
-    a kernel-builder build of csrc/wkv6 for CUDA (a `kernels.LayerRepository` or `LocalLayerRepository`)."""
-    cpu = LocalLayerRepository(repo_path=LOCAL_KERNEL_REPOSITORY, layer_name="WKV6")
-    mapping = {"cpu": {Mode.INFERENCE: cpu, Mode.TRAINING: cpu}}
-    if cuda_repository is not None:
-        mapping["cuda"] = {Mode.INFERENCE: cuda_repository, Mode.TRAINING: cuda_repository}
-    return {"WKV6": mapping}
+    """The `kernels` mapping of the "WKV6" layer, for inference and training: the local builds on the CPU and on
+    CUDA, or for CUDA the given repository instead (a `kernels.LayerRepository` of a kernel-builder build of
+    csrc/wkv6, or a `LocalLayerRepository`)."""
+    local = LocalLayerRepository(repo_path=LOCAL_KERNEL_REPOSITORY, layer_name="WKV6")
+    cuda = local if cuda_repository is None else cuda_repository
+    return {
+        "WKV6": {
+            "cpu": {Mode.INFERENCE: local, Mode.TRAINING: local},
+            "cuda": {Mode.INFERENCE: cuda, Mode.TRAINING: cuda},
+        }
+    }
 
 
 def register_wkv6_kernels(cuda_repository=None) -> None:

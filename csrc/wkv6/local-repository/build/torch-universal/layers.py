@@ -1,4 +1,4 @@
-"""The WKV6 layer of the local repository: the compiled CPU op, built at first use by visualrwkv_hf."""
+"""The WKV6 layer of the local repository: the compiled CPU or CUDA op, built at first use by visualrwkv_hf."""
 
 import torch
 
