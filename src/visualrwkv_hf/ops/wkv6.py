@@ -14,6 +14,7 @@ nothing next to the k^T v added in the same step, and the clamp keeps exp(w) and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,88 +83,72 @@ def wkv6_recurrent(
     return y.transpose(1, 2), state
 
 
-def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """sum over p < t of x_p along dim -2; a shifted cumsum (no subtraction), so row 0 is exactly 0."""
-    return F.pad(x.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))
+@functools.lru_cache(maxsize=None)
+def _decay_exponents(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 matrix (R, L): its product with a chunk's log-decays (L, N) gives every exponent the chunk needs.
+
+    Rows, L per group: one group per dyadic level of half-length h = 2, 4, .., L/2 (position t in the second half
+    of its 2h-block: the sum over the half before t, as a query; in the first half: the sum over the half after t,
+    as a key), then the query and key groups of the state path (before t from the chunk start; after t to the chunk
+    end), then one row summing the whole chunk. Every exponent is a sum of log-decays (<= 0) over a span that
+    starts at its own boundary: no exp of a positive sum, no difference of large sums, and an empty span is
+    exactly 0 (factor exactly 1).
+    """
+    t, p = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
+    groups = []
+    for half in _levels(L)[1:]:
+        start = t // half * half
+        before = (p >= start) & (p < t)
+        after = (p > t) & (p < start + half)
+        groups.append(torch.where(t // half % 2 == 1, before, after))
+    groups += [p < t, p > t, torch.ones(1, L, dtype=torch.bool)]
+    return torch.cat(groups).to(dtype=dtype, device=device)
 
 
-def _excl_rcumsum(x: torch.Tensor) -> torch.Tensor:
-    """sum over p > t of x_p along dim -2; a shifted reverse cumsum, so the last row is exactly 0."""
-    return F.pad(x.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))
+def _levels(L: int) -> list[int]:
+    """Half-lengths of the dyadic levels of a chunk of L = 2^n tokens: 1, 2, .., L/2."""
+    return [1 << i for i in range(L.bit_length() - 1)]
 
 
-def _halves(x: torch.Tensor, half: int) -> torch.Tensor:
-    """(..., L, N) -> (..., L / (2 half), 2, half, N): the blocks of one dyadic level, split into their halves."""
-    *lead, L, N = x.shape
-    return x.view(*lead, L // (2 * half), 2, half, N)
+@functools.lru_cache(maxsize=None)
+def _level_masks(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 masks (levels, L, L): mask[i][t, s] = 1 where key s reaches query t through the boundary of level i
+    (half-length h = 2^i): same 2h-block, s in its first half, t in its second. Together: the strict lower triangle."""
+    t, s, h = torch.arange(L).view(1, L, 1), torch.arange(L).view(1, 1, L), torch.tensor(_levels(L)).view(-1, 1, 1)
+    masks = (t // (2 * h) == s // (2 * h)) & (t // h % 2 == 1) & (s // h % 2 == 0)
+    return masks.to(dtype=dtype, device=device)
 
 
-def _levels(L: int):
-    half = 1
-    while half < L:
-        yield half
-        half *= 2
+def _factors(lw: torch.Tensor):
+    """exp of `_decay_exponents` for chunks lw (..., L, N): (per-level factors (..., L, N) for half = 2, .., L/2,
+    state-path query factors, state-path key factors, whole-chunk decay (..., N)); all <= 1."""
+    L = lw.shape[-2]
+    exponents = _decay_exponents(L, lw.dtype, lw.device)
+    factors = torch.exp(torch.matmul(exponents, lw))
+    groups = factors.split(L, dim=-2)
+    return groups[:-3], groups[-3], groups[-2], groups[-1].squeeze(-2)
 
 
-def _intra_forward(y, r, k, v, lw):
-    """Add to y the s < t terms r_t.(decay over s+1..t-1 * k_s) v_s inside each chunk; all (..., L, N), L = 2^n.
+def _level_operands(r, k, level_factors):
+    """Per dyadic level, (queries, keys) scaled by the level's factors; level 0 (adjacent tokens) decays nothing."""
+    return [(r, k)] + [(r * factor, k * factor) for factor in level_factors]
 
-    Dyadic blocks: at each level every key of a block's first half reaches every query of its second half through
+
+def _intra_scores(r, k, u, operands):
+    """Score matrix of each chunk (..., L, L): A[t, s] = r_t.(decay over s+1..t-1 * k_s) for s < t, and the
+    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path).
+
+    Dyadic levels: at each level every key of a block's first half reaches every query of its second half through
     the halves' boundary, so the decay factorises into (query back to the boundary) x (key forward to the boundary),
-    both <= 1 (never a growth exp(+x) that could overflow), and the block is two matmuls. The cumsums start at the
-    half-block in hand, so a small decay is never a difference of large sums.
+    both <= 1 (never a growth exp(+x) that could overflow). Each level is one full (L, L) matmul, masked to its
+    blocks: wasteful in flops, but few well-shaped matmuls beat many tiny ones here.
     """
-    for half in _levels(r.shape[-2]):
-        out, q = _halves(y, half)[..., 1, :, :], _halves(r, half)[..., 1, :, :]
-        key, value = _halves(k, half)[..., 0, :, :], _halves(v, half)[..., 0, :, :]
-        if half == 1:  # adjacent tokens: nothing decays between a key and the next query
-            out += (q * key).sum(-1, keepdim=True) * value
-            continue
-        lws = _halves(lw, half)
-        q = q * torch.exp(_excl_cumsum(lws[..., 1, :, :]))
-        key = key * torch.exp(_excl_rcumsum(lws[..., 0, :, :]))
-        out += torch.matmul(torch.matmul(q, key.transpose(-1, -2)), value)
-
-
-def _intra_backward(grads, r, k, v, lw, dy):
-    """Accumulate into grads = (dr, dk, dv, dlw) the gradients of `_intra_forward`'s terms.
-
-    The decay factors are exp(cumsum of lw), so their lw-gradient is a cumsum (the opposite way) of
-    grad(scaled input) * scaled input: no cancellation between large terms, unlike deriving it from dr.r - dk.k.
-    """
-    dr, dk, dv, dlw = grads
-    for half in _levels(r.shape[-2]):
-        d_out, q = _halves(dy, half)[..., 1, :, :], _halves(r, half)[..., 1, :, :]
-        key, value = _halves(k, half)[..., 0, :, :], _halves(v, half)[..., 0, :, :]
-        grad_q, grad_key = _halves(dr, half)[..., 1, :, :], _halves(dk, half)[..., 0, :, :]
-        grad_value = _halves(dv, half)[..., 0, :, :]
-        if half == 1:
-            score = (q * key).sum(-1, keepdim=True)
-            d_score = (d_out * value).sum(-1, keepdim=True)
-            grad_value += score * d_out
-            grad_q += d_score * key
-            grad_key += d_score * q
-            continue
-        lws = _halves(lw, half)
-        q_decay = torch.exp(_excl_cumsum(lws[..., 1, :, :]))
-        k_decay = torch.exp(_excl_rcumsum(lws[..., 0, :, :]))
-        q, key = q * q_decay, key * k_decay
-        scores = torch.matmul(q, key.transpose(-1, -2))
-        d_scores = torch.matmul(d_out, value.transpose(-1, -2))
-        grad_value += torch.matmul(scores.transpose(-1, -2), d_out)
-        d_q = torch.matmul(d_scores, key)
-        d_key = torch.matmul(d_scores.transpose(-1, -2), q)
-        grad_q += d_q * q_decay
-        grad_key += d_key * k_decay
-        dlws = _halves(dlw, half)
-        dlws[..., 1, :, :] += _excl_rcumsum(d_q * q)
-        dlws[..., 0, :, :] += _excl_cumsum(d_key * key)
-
-
-def _state_factors(lw):
-    """Decays through the chunk boundaries, all <= 1: query t back to its chunk's start (exclusive of t), key s
-    forward to its chunk's end (exclusive of s), and the whole chunk. lw is (..., C, L, N)."""
-    return torch.exp(_excl_cumsum(lw)), torch.exp(_excl_rcumsum(lw)), torch.exp(lw.sum(-2))
+    masks = _level_masks(r.shape[-2], r.dtype, r.device)
+    scores = torch.zeros(*r.shape[:-1], r.shape[-2], dtype=r.dtype, device=r.device)
+    for mask, (q, key) in zip(masks, operands):
+        scores.addcmul_(torch.matmul(q, key.transpose(-1, -2)), mask)
+    scores.diagonal(dim1=-2, dim2=-1).copy_((r * u * k).sum(-1))
+    return scores
 
 
 def _chunk_states(state, decay, updates):
@@ -177,19 +162,24 @@ def _chunk_states(state, decay, updates):
 
 def _segment_forward(r, k, v, lw, u, state):
     """One segment of chunks, all (B, H, C, L, N); returns (y, state after the segment)."""
-    q_decay, k_decay, decay = _state_factors(lw)
+    level_factors, q_decay, k_decay, decay = _factors(lw)
     updates = torch.matmul((k * k_decay).transpose(-1, -2), v)  # (B, H, C, N, N)
     starts, state = _chunk_states(state, decay, updates)
+    scores = _intra_scores(r, k, u, _level_operands(r, k, level_factors))
     y = torch.matmul(r * q_decay, starts)
-    y += (r * u * k).sum(-1, keepdim=True) * v  # the u-bonus of the current token
-    _intra_forward(y, r, k, v, lw)
+    y += torch.matmul(scores, v)
     return y, state
 
 
 def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     """Gradients of `_segment_forward` from its saved inputs (chunk states recomputed): (dr, dk, dv, dlw, du,
-    gradient of the segment's initial state)."""
-    q_decay, k_decay, decay = _state_factors(lw)
+    gradient of the segment's initial state).
+
+    Each decay factor is exp(e) with e a sum of log-decays (`_decay_exponents`); for a factor scaling x, the
+    gradient of e is grad(x * exp(e)) * x * exp(e), and the exponents' matrix transposed sums those onto lw: no
+    cancellation between large terms, unlike deriving the decay gradient from dr.r - dk.k.
+    """
+    level_factors, q_decay, k_decay, decay = _factors(lw)
     q_state, k_state = r * q_decay, k * k_decay
     starts, _ = _chunk_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
     # the state gradient runs backwards through the same recurrence: dS_start = decay * dS_end + q_state^T dy
@@ -200,17 +190,39 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     d_ends = torch.stack(d_ends[::-1], 2)
     dq_state = torch.matmul(dy, starts.transpose(-1, -2))
     dk_state = torch.matmul(v, d_ends.transpose(-1, -2))
-    dv = torch.matmul(k_state, d_ends)
     dr, dk = dq_state * q_decay, dk_state * k_decay
-    dlw = _excl_rcumsum(dq_state * q_state) + _excl_cumsum(dk_state * k_state)
-    dlw += (decay * (d_ends * starts).sum(-1)).unsqueeze(-2)
-    # the u-bonus (r_t . (u * k_t)) v_t
-    d_score = (dy * v).sum(-1, keepdim=True)
-    dv += (r * u * k).sum(-1, keepdim=True) * dy
-    dr += d_score * u * k
-    dk += d_score * u * r
-    du = (d_score * r * k).sum((0, 2, 3))
-    _intra_backward((dr, dk, dv, dlw), r, k, v, lw, dy)
+    # exponent gradients, in `_decay_exponents`' row order
+    L = lw.shape[-2]
+    exponents = _decay_exponents(L, lw.dtype, lw.device)
+    d_exponents = lw.new_empty(*lw.shape[:-2], exponents.shape[0], lw.shape[-1])
+    *d_levels, d_q_state, d_k_state, d_decay = d_exponents.split(L, dim=-2)
+    torch.mul(dq_state, q_state, out=d_q_state)
+    torch.mul(dk_state, k_state, out=d_k_state)
+    torch.mul(decay, (d_ends * starts).sum(-1), out=d_decay.squeeze(-2))
+    # within the chunks: y = scores v
+    operands = _level_operands(r, k, level_factors)
+    scores = _intra_scores(r, k, u, operands)
+    d_scores = torch.matmul(dy, v.transpose(-1, -2))
+    dv = torch.matmul(k_state, d_ends)
+    dv += torch.matmul(scores.transpose(-1, -2), dy)
+    d_bonus = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    dr += d_bonus * u * k
+    dk += d_bonus * u * r
+    du = (d_bonus * r * k).sum((0, 2, 3))
+    masks = _level_masks(L, lw.dtype, lw.device)
+    for level, (mask, (q, key)) in enumerate(zip(masks, operands)):
+        d_level = d_scores * mask
+        d_q, d_key = torch.matmul(d_level, key), torch.matmul(d_level.transpose(-1, -2), q)
+        if level == 0:
+            dr += d_q
+            dk += d_key
+            continue
+        factor = level_factors[level - 1]
+        dr.addcmul_(d_q, factor)
+        dk.addcmul_(d_key, factor)
+        # a position is a query or a key at each level, never both: one exponent row serves both
+        torch.addcmul(d_q * q, d_key, key, out=d_levels[level - 1])
+    dlw = torch.matmul(exponents.transpose(0, 1), d_exponents)
     return dr, dk, dv, dlw, du, d_state
 
 
