@@ -83,20 +83,26 @@ def wkv6_recurrent(
     return y.transpose(1, 2), state
 
 
+def _levels(L: int) -> list[int]:
+    """Half-lengths of the dyadic levels of a chunk of L = 2^n tokens that need decay factors: 2, 4, .., L/2 (at
+    half-length 1 a key is the token right before its query: nothing decays in between)."""
+    return [1 << i for i in range(1, L.bit_length() - 1)]
+
+
 @functools.lru_cache(maxsize=None)
 def _decay_exponents(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """0/1 matrix (R, L): its product with a chunk's log-decays (L, N) gives every exponent the chunk needs.
 
     Rows, L per group: one group per dyadic level of half-length h = 2, 4, .., L/2 (position t in the second half
     of its 2h-block: the sum over the half before t, as a query; in the first half: the sum over the half after t,
-    as a key), then the query and key groups of the state path (before t from the chunk start; after t to the chunk
-    end), then one row summing the whole chunk. Every exponent is a sum of log-decays (<= 0) over a span that
-    starts at its own boundary: no exp of a positive sum, no difference of large sums, and an empty span is
-    exactly 0 (factor exactly 1).
+    as a key), then the query and key groups of the state path (before t from the chunk
+    start; after t to the chunk end), then one row summing the whole chunk. Every exponent is a sum of log-decays
+    (<= 0) over a span that starts at its own boundary: no exp of a positive sum, no difference of large sums, and
+    an empty span is exactly 0 (factor exactly 1).
     """
     t, p = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
     groups = []
-    for half in _levels(L)[1:]:
+    for half in _levels(L):
         start = t // half * half
         before = (p >= start) & (p < t)
         after = (p > t) & (p < start + half)
@@ -105,50 +111,50 @@ def _decay_exponents(L: int, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.cat(groups).to(dtype=dtype, device=device)
 
 
-def _levels(L: int) -> list[int]:
-    """Half-lengths of the dyadic levels of a chunk of L = 2^n tokens: 1, 2, .., L/2."""
-    return [1 << i for i in range(L.bit_length() - 1)]
-
-
 @functools.lru_cache(maxsize=None)
 def _level_masks(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0/1 masks (levels, L, L): mask[i][t, s] = 1 where key s reaches query t through the boundary of level i
-    (half-length h = 2^i): same 2h-block, s in its first half, t in its second. Together: the strict lower triangle."""
+    """0/1 masks (levels, L, L): mask[i][t, s] = 1 where key s reaches query t through the boundary of the level
+    of half-length h = `_levels(L)[i]`: same 2h-block, s in its first half, t in its second."""
     t, s, h = torch.arange(L).view(1, L, 1), torch.arange(L).view(1, 1, L), torch.tensor(_levels(L)).view(-1, 1, 1)
     masks = (t // (2 * h) == s // (2 * h)) & (t // h % 2 == 1) & (s // h % 2 == 0)
     return masks.to(dtype=dtype, device=device)
 
 
 def _factors(lw: torch.Tensor):
-    """exp of `_decay_exponents` for chunks lw (..., L, N): (per-level factors (..., L, N) for half = 2, .., L/2,
-    state-path query factors, state-path key factors, whole-chunk decay (..., N)); all <= 1."""
-    L = lw.shape[-2]
-    exponents = _decay_exponents(L, lw.dtype, lw.device)
-    factors = torch.exp(torch.matmul(exponents, lw))
-    groups = factors.split(L, dim=-2)
-    return groups[:-3], groups[-3], groups[-2], groups[-1].squeeze(-2)
+    """exp of `_decay_exponents` for chunks lw (..., L, N), all <= 1: (level factors (..., levels, L, N), state-path
+    query factors (..., L, N), state-path key factors (..., L, N), whole-chunk decay (..., N))."""
+    *lead, L, N = lw.shape
+    factors = torch.exp(torch.matmul(_decay_exponents(L, lw.dtype, lw.device), lw))
+    levels = len(_levels(L))
+    return (
+        factors[..., : levels * L, :].view(*lead, levels, L, N),
+        factors[..., levels * L : (levels + 1) * L, :],
+        factors[..., (levels + 1) * L : (levels + 2) * L, :],
+        factors[..., -1, :],
+    )
 
 
-def _level_operands(r, k, level_factors):
-    """Per dyadic level, (queries, keys) scaled by the level's factors; level 0 (adjacent tokens) decays nothing."""
-    return [(r, k)] + [(r * factor, k * factor) for factor in level_factors]
-
-
-def _intra_scores(r, k, u, operands):
+def _intra_scores(r, k, u, level_factors):
     """Score matrix of each chunk (..., L, L): A[t, s] = r_t.(decay over s+1..t-1 * k_s) for s < t, and the
-    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path).
+    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path). Also returns the scaled queries and keys.
 
     Dyadic levels: at each level every key of a block's first half reaches every query of its second half through
     the halves' boundary, so the decay factorises into (query back to the boundary) x (key forward to the boundary),
-    both <= 1 (never a growth exp(+x) that could overflow). Each level is one full (L, L) matmul, masked to its
-    blocks: wasteful in flops, but few well-shaped matmuls beat many tiny ones here.
+    both <= 1 (never a growth exp(+x) that could overflow). All levels go through one batched matmul of full
+    (L, L) products, masked to each level's blocks: wasteful in flops, but a few large ops beat many tiny ones.
+    The first level (a key right before its query, no decay) and the bonus are two diagonals.
     """
+    q, key = r.unsqueeze(-3) * level_factors, k.unsqueeze(-3) * level_factors
     masks = _level_masks(r.shape[-2], r.dtype, r.device)
-    scores = torch.zeros(*r.shape[:-1], r.shape[-2], dtype=r.dtype, device=r.device)
-    for mask, (q, key) in zip(masks, operands):
-        scores.addcmul_(torch.matmul(q, key.transpose(-1, -2)), mask)
+    scores = (torch.matmul(q, key.transpose(-1, -2)) * masks).sum(-3)
     scores.diagonal(dim1=-2, dim2=-1).copy_((r * u * k).sum(-1))
-    return scores
+    _adjacent(scores).copy_((r[..., 1::2, :] * k[..., ::2, :]).sum(-1))
+    return scores, q, key
+
+
+def _adjacent(scores):
+    """The entries (t, t - 1) of the score matrices for odd t: key and query in one 2-token block."""
+    return scores.diagonal(offset=-1, dim1=-2, dim2=-1)[..., ::2]
 
 
 def _chunk_states(state, decay, updates):
@@ -165,7 +171,7 @@ def _segment_forward(r, k, v, lw, u, state):
     level_factors, q_decay, k_decay, decay = _factors(lw)
     updates = torch.matmul((k * k_decay).transpose(-1, -2), v)  # (B, H, C, N, N)
     starts, state = _chunk_states(state, decay, updates)
-    scores = _intra_scores(r, k, u, _level_operands(r, k, level_factors))
+    scores, _, _ = _intra_scores(r, k, u, level_factors)
     y = torch.matmul(r * q_decay, starts)
     y += torch.matmul(scores, v)
     return y, state
@@ -190,38 +196,32 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     d_ends = torch.stack(d_ends[::-1], 2)
     dq_state = torch.matmul(dy, starts.transpose(-1, -2))
     dk_state = torch.matmul(v, d_ends.transpose(-1, -2))
-    dr, dk = dq_state * q_decay, dk_state * k_decay
-    # exponent gradients, in `_decay_exponents`' row order
-    L = lw.shape[-2]
-    exponents = _decay_exponents(L, lw.dtype, lw.device)
-    d_exponents = lw.new_empty(*lw.shape[:-2], exponents.shape[0], lw.shape[-1])
-    *d_levels, d_q_state, d_k_state, d_decay = d_exponents.split(L, dim=-2)
-    torch.mul(dq_state, q_state, out=d_q_state)
-    torch.mul(dk_state, k_state, out=d_k_state)
-    torch.mul(decay, (d_ends * starts).sum(-1), out=d_decay.squeeze(-2))
     # within the chunks: y = scores v
-    operands = _level_operands(r, k, level_factors)
-    scores = _intra_scores(r, k, u, operands)
+    scores, q, key = _intra_scores(r, k, u, level_factors)
     d_scores = torch.matmul(dy, v.transpose(-1, -2))
     dv = torch.matmul(k_state, d_ends)
     dv += torch.matmul(scores.transpose(-1, -2), dy)
+    d_levels = d_scores.unsqueeze(-3) * _level_masks(lw.shape[-2], lw.dtype, lw.device)
+    d_q, d_key = torch.matmul(d_levels, key), torch.matmul(d_levels.transpose(-1, -2), q)
     d_bonus = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    dr += d_bonus * u * k
-    dk += d_bonus * u * r
+    dr = torch.addcmul(dq_state * q_decay, d_bonus * u, k)
+    dr += (d_q * level_factors).sum(-3)
+    dk = torch.addcmul(dk_state * k_decay, d_bonus * u, r)
+    dk += (d_key * level_factors).sum(-3)
     du = (d_bonus * r * k).sum((0, 2, 3))
-    masks = _level_masks(L, lw.dtype, lw.device)
-    for level, (mask, (q, key)) in enumerate(zip(masks, operands)):
-        d_level = d_scores * mask
-        d_q, d_key = torch.matmul(d_level, key), torch.matmul(d_level.transpose(-1, -2), q)
-        if level == 0:
-            dr += d_q
-            dk += d_key
-            continue
-        factor = level_factors[level - 1]
-        dr.addcmul_(d_q, factor)
-        dk.addcmul_(d_key, factor)
-        # a position is a query or a key at each level, never both: one exponent row serves both
-        torch.addcmul(d_q * q, d_key, key, out=d_levels[level - 1])
+    d_adjacent = _adjacent(d_scores).unsqueeze(-1)
+    dr[..., 1::2, :].addcmul_(d_adjacent, k[..., ::2, :])
+    dk[..., ::2, :].addcmul_(d_adjacent, r[..., 1::2, :])
+    # exponent gradients, in `_decay_exponents`' row order (a position is a query or a key at each level, never
+    # both, so one row per level serves both)
+    *lead, L, N = lw.shape
+    exponents = _decay_exponents(L, lw.dtype, lw.device)
+    d_exponents = lw.new_empty(*lead, exponents.shape[0], N)
+    levels = d_levels.shape[-3]
+    torch.addcmul(d_q * q, d_key, key, out=d_exponents[..., : levels * L, :].view(*lead, levels, L, N))
+    torch.mul(dq_state, q_state, out=d_exponents[..., levels * L : (levels + 1) * L, :])
+    torch.mul(dk_state, k_state, out=d_exponents[..., (levels + 1) * L : (levels + 2) * L, :])
+    torch.mul(decay, (d_ends * starts).sum(-1), out=d_exponents[..., -1, :])
     dlw = torch.matmul(exponents.transpose(0, 1), d_exponents)
     return dr, dk, dv, dlw, du, d_state
 
