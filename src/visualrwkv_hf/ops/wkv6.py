@@ -148,7 +148,7 @@ def _intra_scores(r, k, u, level_factors):
     masks = _level_masks(r.shape[-2], r.dtype, r.device)
     scores = (torch.matmul(q, key.transpose(-1, -2)) * masks).sum(-3)
     scores.diagonal(dim1=-2, dim2=-1).copy_((r * u * k).sum(-1))
-    _adjacent(scores).copy_((r[..., 1::2, :] * k[..., ::2, :]).sum(-1))
+    _adjacent(scores).copy_((r[..., 1::2, :] * k[..., :-1:2, :]).sum(-1))
     return scores, q, key
 
 
@@ -210,8 +210,8 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     dk += (d_key * level_factors).sum(-3)
     du = (d_bonus * r * k).sum((0, 2, 3))
     d_adjacent = _adjacent(d_scores).unsqueeze(-1)
-    dr[..., 1::2, :].addcmul_(d_adjacent, k[..., ::2, :])
-    dk[..., ::2, :].addcmul_(d_adjacent, r[..., 1::2, :])
+    dr[..., 1::2, :].addcmul_(d_adjacent, k[..., :-1:2, :])
+    dk[..., :-1:2, :].addcmul_(d_adjacent, r[..., 1::2, :])
     # exponent gradients, in `_decay_exponents`' row order (a position is a query or a key at each level, never
     # both, so one row per level serves both)
     *lead, L, N = lw.shape
