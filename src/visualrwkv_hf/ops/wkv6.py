@@ -157,24 +157,24 @@ def _adjacent(scores):
     return scores.diagonal(offset=-1, dim1=-2, dim2=-1)[..., ::2]
 
 
-def _chunk_states(state, decay, updates):
-    """States at each chunk's start (stacked on dim 2) and after the last chunk: S <- decay * S + update."""
-    starts = []
-    for decay_c, update_c in zip(decay.unbind(2), updates.unbind(2)):
-        starts.append(state)
-        state = torch.addcmul(update_c, decay_c.unsqueeze(-1), state)
-    return torch.stack(starts, 2), state
+def _run_states(state, decay, updates, reverse=False):
+    """The chunk recurrence S_c = decay_c * S_(c-1) + update_c over dim 2 (backwards when `reverse`), from `state`
+    before the first step: returns the states after each step, written into `updates` (updated in place)."""
+    steps = range(updates.shape[2])
+    for c in reversed(steps) if reverse else steps:
+        state = updates[:, :, c].addcmul_(decay[:, :, c].unsqueeze(-1), state)
+    return updates
 
 
 def _segment_forward(r, k, v, lw, u, state):
     """One segment of chunks, all (B, H, C, L, N); returns (y, state after the segment)."""
     level_factors, q_decay, k_decay, decay = _factors(lw)
-    updates = torch.matmul((k * k_decay).transpose(-1, -2), v)  # (B, H, C, N, N)
-    starts, state = _chunk_states(state, decay, updates)
+    ends = _run_states(state, decay, torch.matmul((k * k_decay).transpose(-1, -2), v))  # (B, H, C, N, N)
+    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
     scores, _, _ = _intra_scores(r, k, u, level_factors)
     y = torch.matmul(r * q_decay, starts)
     y += torch.matmul(scores, v)
-    return y, state
+    return y, ends[:, :, -1]
 
 
 def _segment_backward(r, k, v, lw, u, state, dy, d_state):
@@ -187,13 +187,11 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     """
     level_factors, q_decay, k_decay, decay = _factors(lw)
     q_state, k_state = r * q_decay, k * k_decay
-    starts, _ = _chunk_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
+    ends = _run_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
+    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
     # the state gradient runs backwards through the same recurrence: dS_start = decay * dS_end + q_state^T dy
-    d_ends = []
-    for decay_c, g_c in zip(decay.unbind(2)[::-1], torch.matmul(q_state.transpose(-1, -2), dy).unbind(2)[::-1]):
-        d_ends.append(d_state)
-        d_state = torch.addcmul(g_c, decay_c.unsqueeze(-1), d_state)
-    d_ends = torch.stack(d_ends[::-1], 2)
+    d_starts = _run_states(d_state, decay, torch.matmul(q_state.transpose(-1, -2), dy), reverse=True)
+    d_ends = torch.cat([d_starts[:, :, 1:], d_state.unsqueeze(2)], 2)
     dq_state = torch.matmul(dy, starts.transpose(-1, -2))
     dk_state = torch.matmul(v, d_ends.transpose(-1, -2))
     # within the chunks: y = scores v
@@ -223,7 +221,7 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     torch.mul(dk_state, k_state, out=d_exponents[..., (levels + 1) * L : (levels + 2) * L, :])
     torch.mul(decay, (d_ends * starts).sum(-1), out=d_exponents[..., -1, :])
     dlw = torch.matmul(exponents.transpose(0, 1), d_exponents)
-    return dr, dk, dv, dlw, du, d_state
+    return dr, dk, dv, dlw, du, d_starts[:, :, 0]
 
 
 class _ChunkedWKV6(torch.autograd.Function):
