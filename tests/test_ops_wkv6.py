@@ -1,12 +1,22 @@
 """WKV6 forms against an independent float64 loop written from the spec formula (spec section 3)."""
 
+import sys
+
 import pytest
 import torch
 
 from visualrwkv_hf.ops import wkv6, wkv6_chunked, wkv6_recurrent
 from visualrwkv_hf.ops.wkv6 import LOG_DECAY_MIN, _ChunkedWKV6
 
+wkv6_module = sys.modules["visualrwkv_hf.ops.wkv6"]  # the package re-exports the function under the same name
+
 FP32_TOL = 2e-5  # max abs error relative to the output's max abs value; the forms reach ~5e-7
+
+
+@pytest.fixture(autouse=True)
+def short_segments(monkeypatch):
+    """Segments of 64-256 tokens at these tests' small sizes, so the longer inputs span several of them."""
+    monkeypatch.setattr(wkv6_module, "SEGMENT_ELEMENTS", 1 << 13)
 
 
 def oracle(r, k, v, w, u, initial_state=None):
@@ -77,6 +87,19 @@ def test_extreme_decays_stay_finite_and_exact(chunk):
     expected = oracle(r, k, v, w, u, s0)
     assert_close(wkv6_recurrent(r, k, v, w, u, s0), expected)
     assert_close(wkv6_chunked(r, k, v, w, u, s0, chunk_size=chunk), expected)
+
+
+def test_segment_length_does_not_change_the_result(monkeypatch):
+    r, k, v, w, u, s0 = make_inputs(1, 700, 2, 16, seed=15)
+    leaves = [x.requires_grad_() for x in (r, k, v, w, u, s0)]
+    results = []
+    for elements in (1 << 10, 1 << 17):  # 32-token segments, one segment
+        monkeypatch.setattr(wkv6_module, "SEGMENT_ELEMENTS", elements)
+        y, s = wkv6_chunked(*leaves)
+        grads = torch.autograd.grad((y.sin().sum() + s.sum()), leaves)
+        results.append((y, s, *grads))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_all_decays_zero_is_finite():
