@@ -101,10 +101,10 @@ def _decay_exponents(L: int, dtype: torch.dtype, device: torch.device) -> torch.
 
     Rows, L per group: one group per dyadic level of half-length h = 2, 4, .., L/2 (position t in the second half
     of its 2h-block: the sum over the half before t, as a query; in the first half: the sum over the half after t,
-    as a key), then the query and key groups of the state path (before t from the chunk
-    start; after t to the chunk end), then one row summing the whole chunk. Every exponent is a sum of log-decays
-    (<= 0) over a span that starts at its own boundary: no exp of a positive sum, no difference of large sums, and
-    an empty span is exactly 0 (factor exactly 1).
+    as a key), then the query and key groups of the state path (before t from the chunk start; after t to the
+    chunk end), then one row summing the whole chunk. Every exponent is a sum of clamped (finite) log-decays <= 0
+    over a span that starts at its own boundary: no exp of a positive sum, no difference of large sums, and an
+    empty span is exactly 0 (factor exactly 1).
     """
     t, p = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
     groups = []
