@@ -1,11 +1,22 @@
 """WKV6 forms against an independent float64 loop written from the spec formula (spec section 3)."""
 
+import sys
+
 import pytest
 import torch
 
 from visualrwkv_hf.ops import wkv6, wkv6_chunked, wkv6_recurrent
+from visualrwkv_hf.ops.wkv6 import LOG_DECAY_MIN, _ChunkedWKV6
+
+wkv6_module = sys.modules["visualrwkv_hf.ops.wkv6"]  # the package re-exports the function under the same name
 
 FP32_TOL = 2e-5  # max abs error relative to the output's max abs value; the forms reach ~5e-7
+
+
+@pytest.fixture(autouse=True)
+def short_segments(monkeypatch):
+    """Segments of 64-256 tokens at these tests' small sizes, so the longer inputs span several of them."""
+    monkeypatch.setattr(wkv6_module, "SEGMENT_ELEMENTS", 1 << 13)
 
 
 def oracle(r, k, v, w, u, initial_state=None):
@@ -78,6 +89,19 @@ def test_extreme_decays_stay_finite_and_exact(chunk):
     assert_close(wkv6_chunked(r, k, v, w, u, s0, chunk_size=chunk), expected)
 
 
+def test_segment_length_does_not_change_the_result(monkeypatch):
+    r, k, v, w, u, s0 = make_inputs(1, 700, 2, 16, seed=15)
+    leaves = [x.requires_grad_() for x in (r, k, v, w, u, s0)]
+    results = []
+    for elements in (1 << 10, 1 << 17):  # 32-token segments, one segment
+        monkeypatch.setattr(wkv6_module, "SEGMENT_ELEMENTS", elements)
+        y, s = wkv6_chunked(*leaves)
+        grads = torch.autograd.grad((y.sin().sum() + s.sum()), leaves)
+        results.append((y, s, *grads))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_all_decays_zero_is_finite():
     r, k, v, w, u, s0 = make_inputs(1, 70, 2, 8, seed=4)
     w = torch.full_like(w, 100.0)
@@ -112,26 +136,84 @@ def test_dispatcher_uses_step_form_for_one_token():
     assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
 
 
-@pytest.mark.parametrize("T,chunk", [(45, 16), (21, 64)])
-def test_gradients_match_float64_oracle(T, chunk):
+def extreme_decays(w):
+    """Per channel: w = +100 (past the clamp, decay 0), w = -20 (decay 1 - 2e-9), a reset amid slow channels."""
+    w = w.clone()
+    w[..., 0:2] = 100.0
+    w[..., 2:4] = -20.0
+    w[:, w.shape[1] // 3 : w.shape[1] // 3 + 3, :, 4:6] = 100.0
+    return w
+
+
+def grads_of(fn, inputs, grad_y, grad_s, dtype):
+    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in inputs]
+    y, s = fn(*leaves)
+    ((y * grad_y.to(y.dtype)).sum() + (s * grad_s.to(s.dtype)).sum()).backward()
+    return y, s, [None if x is None else x.grad for x in leaves]
+
+
+GRAD_CASES = [  # T, chunk, decays, with_state
+    (1, 16, "per_channel", True),  # T = 1
+    (7, 64, "per_channel", False),  # T < chunk, no initial state
+    (45, 16, "per_channel", True),  # odd, several chunks
+    (45, 16, "extreme", True),
+    (21, 64, "extreme", False),
+    (300, 16, "per_channel", True),  # several segments, ragged end
+    (300, 16, "extreme", True),
+    (40, 1, "per_channel", True),  # chunk of one token: state path only
+]
+
+
+@pytest.mark.parametrize("T,chunk,decays,with_state", GRAD_CASES)
+def test_gradients_match_float64_oracle(T, chunk, decays, with_state):
     B, H, N = 2, 2, 8
-    inputs = make_inputs(B, T, H, N, seed=8)
+    r, k, v, w, u, s0 = make_inputs(B, T, H, N, seed=8 + T, with_state=with_state)
+    inputs = [r, k, v, extreme_decays(w) if decays == "extreme" else w, u, s0]
     g = torch.Generator().manual_seed(9)
     grad_y = torch.randn(B, T, H, N, generator=g)
     grad_s = torch.randn(B, H, N, N, generator=g)
-
-    def grads(fn, dtype):
-        leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
-        y, s = fn(*leaves)
-        ((y * grad_y.to(y.dtype)).sum() + (s * grad_s.to(s.dtype)).sum()).backward()
-        return [x.grad for x in leaves]
-
-    expected = grads(oracle, torch.float64)
+    *_, expected = grads_of(oracle, inputs, grad_y, grad_s, torch.float64)
     names = ["r", "k", "v", "w", "u", "initial_state"]
     for form in (lambda *a: wkv6_chunked(*a, chunk_size=chunk), wkv6_recurrent):
-        for name, got, ref in zip(names, grads(form, torch.float32), expected):
-            assert got is not None and torch.isfinite(got).all(), name
-            assert rel_err(got, ref) < 1e-4, (name, rel_err(got, ref))
+        *_, got = grads_of(form, inputs, grad_y, grad_s, torch.float32)
+        for name, g_got, g_ref in zip(names, got, expected):
+            if g_ref is None:
+                continue
+            assert g_got is not None and torch.isfinite(g_got).all(), name
+            assert rel_err(g_got, g_ref) < 1e-4, (name, rel_err(g_got, g_ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients(dtype):
+    # the same float32 math on the rounded inputs; the gradients come back in the inputs' dtype
+    B, T, H, N = 2, 50, 2, 16
+    r, k, v, w, u, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in (r, k, v, w, u)] + [s0]
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    *_, expected = grads_of(oracle, inputs, grad_y, grad_s, torch.float64)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    y, s = wkv6_chunked(*leaves)
+    ((y * grad_y).sum() + (s * grad_s).sum()).backward()
+    for x, ref in zip(leaves, expected):
+        assert x.grad.dtype == x.dtype
+        assert rel_err(x.grad, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("L,segment", [(1, 2), (2, 2), (4, 3), (8, 1), (16, 2)])
+def test_chunked_function_gradcheck_float64(L, segment):
+    """Finite differences in float64 against the hand-written backward: every level layout (chunk 1 to 16), segments
+    with a ragged last one, log-decays from ~0 (decay ~1) to the clamp (decay e^-60)."""
+    B, H, C, N = 1, 2, 5, 3
+    g = torch.Generator().manual_seed(L)
+    r, k, v = (torch.randn(B, H, C, L, N, generator=g, dtype=torch.float64) for _ in range(3))
+    lw = -torch.exp(torch.rand(B, H, C, L, N, generator=g, dtype=torch.float64) * 8 - 6)
+    lw[..., 0] = LOG_DECAY_MIN
+    lw[..., 1] = -1e-9
+    u = torch.randn(H, N, generator=g, dtype=torch.float64)
+    state = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    inputs = [x.requires_grad_() for x in (r, k, v, lw, u, state)]
+    assert torch.autograd.gradcheck(lambda *a: _ChunkedWKV6.apply(*a, segment), inputs)
 
 
 def test_gradients_finite_past_the_decay_clamp():

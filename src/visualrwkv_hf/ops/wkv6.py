@@ -10,17 +10,25 @@ whatever the input dtype: y is float32 so the caller's GroupNorm sees full preci
 
 Every form clamps the per-step log-decay -exp(w) at -60 (see `_log_decay`): a decay below e^-60 ~ 1e-26 is already
 nothing next to the k^T v added in the same step, and the clamp keeps exp(w) and its gradient finite for huge w.
+
+The chunked form is an autograd.Function (`_ChunkedWKV6`) with a hand-written backward: autograd through its many
+small ops was slower than the forward itself by 3-4x and kept every temporary alive.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 LOG_DECAY_MIN = -60.0
-SEGMENT_LEN = 128
+# Segment length: the power of two of tokens that gives about this many elements per (B, H, segment, N) tensor.
+# Large enough that elementwise ops run on two threads (torch splits work above 32768 elements), small enough to
+# stay in cache: on the 2-core CPU 2^17 beat 2^15 by 20-25% on two threads and matched it on one.
+SEGMENT_ELEMENTS = 1 << 17
 
 
 def _check_inputs(r, k, v, w, u, initial_state):
@@ -81,57 +89,183 @@ def wkv6_recurrent(
     return y.transpose(1, 2), state
 
 
-def _add_within_chunk(y, r, k, v, lw):
-    """Add to y the s < t terms r_t.(decay over s+1..t-1 * k_s) v_s inside each chunk; all (..., L, N), L = 2^n.
+def _levels(L: int) -> list[int]:
+    """Half-lengths of the dyadic levels of a chunk of L = 2^n tokens that need decay factors: 2, 4, .., L/2 (at
+    half-length 1 a key is the token right before its query: nothing decays in between)."""
+    return [1 << i for i in range(1, L.bit_length() - 1)]
 
-    Dyadic blocks: at each level every key of a block's first half reaches every query of its second half through
-    the halves' boundary, so the decay factorises into (query back to the boundary) x (key forward to the boundary),
-    both <= 1 (never a growth exp(+x) that could overflow), and the block is two matmuls. Cumsums start at the
-    half-block in hand, so a small decay is never a difference of large sums.
+
+@functools.lru_cache(maxsize=None)
+def _decay_exponents(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 matrix (R, L): its product with a chunk's log-decays (L, N) gives every exponent the chunk needs.
+
+    Rows, L per group: one group per dyadic level of half-length h = 2, 4, .., L/2 (position t in the second half
+    of its 2h-block: the sum over the half before t, as a query; in the first half: the sum over the half after t,
+    as a key), then the query and key groups of the state path (before t from the chunk start; after t to the
+    chunk end), then one row summing the whole chunk. Every exponent is a sum of clamped (finite) log-decays <= 0
+    over a span that starts at its own boundary: no exp of a positive sum, no difference of large sums, and an
+    empty span is exactly 0 (factor exactly 1).
     """
-    *lead, L, N = r.shape
-    half = 1
-    while half < L:
-        halves = (*lead, L // (2 * half), 2, half, N)
-        queries = r.reshape(halves)[..., 1, :, :]
-        keys = k.reshape(halves)[..., 0, :, :]
-        values = v.reshape(halves)[..., 0, :, :]
-        if half == 1:
-            # adjacent tokens: nothing decays between a key and the next query
-            y_cross = (queries * keys).sum(-1, keepdim=True) * values
-        else:
-            incl = lw.reshape(halves).cumsum(-2)
-            # exact shift for the exclusive prefix: the first query's factor must be exactly 1
-            queries = queries * torch.exp(F.pad(incl[..., 1, :-1, :], (0, 0, 1, 0)))
-            keys = keys * torch.exp(incl[..., 0, -1:, :] - incl[..., 0, :, :])
-            y_cross = torch.matmul(torch.matmul(queries, keys.transpose(-1, -2)), values)
-        y = y + F.pad(y_cross.unsqueeze(-3), (0, 0, 0, 0, 1, 0)).reshape(*lead, L, N)
-        half *= 2
-    return y
+    t, p = torch.arange(L).unsqueeze(1), torch.arange(L).unsqueeze(0)
+    groups = []
+    for half in _levels(L):
+        start = t // half * half
+        before = (p >= start) & (p < t)
+        after = (p > t) & (p < start + half)
+        groups.append(torch.where(t // half % 2 == 1, before, after))
+    groups += [p < t, p > t, torch.ones(1, L, dtype=torch.bool)]
+    return torch.cat(groups).to(dtype=dtype, device=device)
 
 
-def _chunked_segment(r, k, v, lw, u, state, chunk: int):
-    """One segment in (B, H, T, N) float32 layout, T a multiple of `chunk`; returns (y, state after the segment)."""
-    B, H, T, N = r.shape
-    n_chunks = T // chunk
-    r, k, v, lw = (x.reshape(B, H, n_chunks, chunk, N) for x in (r, k, v, lw))
-    bonus = (r * u.view(1, H, 1, 1, N) * k).sum(-1, keepdim=True) * v
-    y = _add_within_chunk(bonus, r, k, v, lw)
+@functools.lru_cache(maxsize=None)
+def _level_masks(L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 masks (levels, L, L): mask[i][t, s] = 1 where key s reaches query t through the boundary of the level
+    of half-length h = `_levels(L)[i]`: same 2h-block, s in its first half, t in its second."""
+    t, s, h = torch.arange(L).view(1, L, 1), torch.arange(L).view(1, 1, L), torch.tensor(_levels(L)).view(-1, 1, 1)
+    masks = (t // (2 * h) == s // (2 * h)) & (t // h % 2 == 1) & (s // h % 2 == 0)
+    return masks.to(dtype=dtype, device=device)
 
-    # Across chunks through the carried state: every factor is a decay (<= 1) to or from a chunk boundary; the
-    # key side uses suffix sums, not total - prefix, so a small remaining decay is not a difference of large sums
-    prefix = lw.cumsum(-2)
-    suffix = lw.flip(-2).cumsum(-2).flip(-2)
-    q_state = r * torch.exp(F.pad(prefix[..., :-1, :], (0, 0, 1, 0)))  # exact shift, as in _add_within_chunk
-    k_state = k * torch.exp(suffix - lw)
-    chunk_decay = torch.exp(prefix[..., -1, :])  # (B, H, C, N)
-    updates = torch.matmul(k_state.transpose(-1, -2), v)  # (B, H, C, N, N)
-    states = []
-    for decay_c, update_c in zip(chunk_decay.unbind(2), updates.unbind(2)):
-        states.append(state)
-        state = decay_c.unsqueeze(-1) * state + update_c
-    y = y + torch.matmul(q_state, torch.stack(states, dim=2))
-    return y.reshape(B, H, T, N), state
+
+def _factors(lw: torch.Tensor):
+    """exp of `_decay_exponents` for chunks lw (..., L, N), all <= 1: (level factors (..., levels, L, N), state-path
+    query factors (..., L, N), state-path key factors (..., L, N), whole-chunk decay (..., N))."""
+    *lead, L, N = lw.shape
+    factors = torch.exp(torch.matmul(_decay_exponents(L, lw.dtype, lw.device), lw))
+    levels = len(_levels(L))
+    return (
+        factors[..., : levels * L, :].view(*lead, levels, L, N),
+        factors[..., levels * L : (levels + 1) * L, :],
+        factors[..., (levels + 1) * L : (levels + 2) * L, :],
+        factors[..., -1, :],
+    )
+
+
+def _intra_scores(r, k, u, level_factors):
+    """Score matrix of each chunk (..., L, L): A[t, s] = r_t.(decay over s+1..t-1 * k_s) for s < t, and the
+    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path). Also returns the scaled queries and keys.
+
+    Dyadic levels: at each level every key of a block's first half reaches every query of its second half through
+    the halves' boundary, so the decay factorises into (query back to the boundary) x (key forward to the boundary),
+    both <= 1 (never a growth exp(+x) that could overflow). All levels go through one batched matmul of full
+    (L, L) products, masked to each level's blocks: wasteful in flops, but a few large ops beat many tiny ones.
+    The first level (a key right before its query, no decay) and the bonus are two diagonals.
+    """
+    q, key = r.unsqueeze(-3) * level_factors, k.unsqueeze(-3) * level_factors
+    masks = _level_masks(r.shape[-2], r.dtype, r.device)
+    scores = (torch.matmul(q, key.transpose(-1, -2)) * masks).sum(-3)
+    scores.diagonal(dim1=-2, dim2=-1).copy_((r * u * k).sum(-1))
+    _adjacent(scores).copy_((r[..., 1::2, :] * k[..., :-1:2, :]).sum(-1))
+    return scores, q, key
+
+
+def _adjacent(scores):
+    """The entries (t, t - 1) of the score matrices for odd t: key and query in one 2-token block."""
+    return scores.diagonal(offset=-1, dim1=-2, dim2=-1)[..., ::2]
+
+
+def _run_states(state, decay, updates, reverse=False):
+    """The chunk recurrence S_c = decay_c * S_(c-1) + update_c over dim 2 (backwards when `reverse`), from `state`
+    before the first step: returns the states after each step, written into `updates` (updated in place)."""
+    steps = range(updates.shape[2])
+    for c in reversed(steps) if reverse else steps:
+        state = updates[:, :, c].addcmul_(decay[:, :, c].unsqueeze(-1), state)
+    return updates
+
+
+def _segment_forward(r, k, v, lw, u, state):
+    """One segment of chunks, all (B, H, C, L, N); returns (y, state after the segment)."""
+    level_factors, q_decay, k_decay, decay = _factors(lw)
+    ends = _run_states(state, decay, torch.matmul((k * k_decay).transpose(-1, -2), v))  # (B, H, C, N, N)
+    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
+    scores, _, _ = _intra_scores(r, k, u, level_factors)
+    y = torch.matmul(r * q_decay, starts)
+    y += torch.matmul(scores, v)
+    return y, ends[:, :, -1]
+
+
+def _segment_backward(r, k, v, lw, u, state, dy, d_state):
+    """Gradients of `_segment_forward` from its saved inputs (chunk states recomputed): (dr, dk, dv, dlw, du,
+    gradient of the segment's initial state).
+
+    Each decay factor is exp(e) with e a sum of log-decays (`_decay_exponents`); for a factor scaling x, the
+    gradient of e is grad(x * exp(e)) * x * exp(e), and the exponents' matrix transposed sums those onto lw: no
+    cancellation between large terms, unlike deriving the decay gradient from dr.r - dk.k.
+    """
+    level_factors, q_decay, k_decay, decay = _factors(lw)
+    q_state, k_state = r * q_decay, k * k_decay
+    ends = _run_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
+    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
+    # the state gradient runs backwards through the same recurrence: dS_start = decay * dS_end + q_state^T dy
+    d_starts = _run_states(d_state, decay, torch.matmul(q_state.transpose(-1, -2), dy), reverse=True)
+    d_ends = torch.cat([d_starts[:, :, 1:], d_state.unsqueeze(2)], 2)
+    dq_state = torch.matmul(dy, starts.transpose(-1, -2))
+    dk_state = torch.matmul(v, d_ends.transpose(-1, -2))
+    # within the chunks: y = scores v
+    scores, q, key = _intra_scores(r, k, u, level_factors)
+    d_scores = torch.matmul(dy, v.transpose(-1, -2))
+    dv = torch.matmul(k_state, d_ends)
+    dv += torch.matmul(scores.transpose(-1, -2), dy)
+    d_levels = d_scores.unsqueeze(-3) * _level_masks(lw.shape[-2], lw.dtype, lw.device)
+    d_q, d_key = torch.matmul(d_levels, key), torch.matmul(d_levels.transpose(-1, -2), q)
+    d_bonus = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    dr = torch.addcmul(dq_state * q_decay, d_bonus * u, k)
+    dr += (d_q * level_factors).sum(-3)
+    dk = torch.addcmul(dk_state * k_decay, d_bonus * u, r)
+    dk += (d_key * level_factors).sum(-3)
+    du = (d_bonus * r * k).sum((0, 2, 3))
+    d_adjacent = _adjacent(d_scores).unsqueeze(-1)
+    dr[..., 1::2, :].addcmul_(d_adjacent, k[..., :-1:2, :])
+    dk[..., :-1:2, :].addcmul_(d_adjacent, r[..., 1::2, :])
+    # exponent gradients, in `_decay_exponents`' row order (a position is a query or a key at each level, never
+    # both, so one row per level serves both)
+    *lead, L, N = lw.shape
+    exponents = _decay_exponents(L, lw.dtype, lw.device)
+    d_exponents = lw.new_empty(*lead, exponents.shape[0], N)
+    levels = d_levels.shape[-3]
+    torch.addcmul(d_q * q, d_key, key, out=d_exponents[..., : levels * L, :].view(*lead, levels, L, N))
+    torch.mul(dq_state, q_state, out=d_exponents[..., levels * L : (levels + 1) * L, :])
+    torch.mul(dk_state, k_state, out=d_exponents[..., (levels + 1) * L : (levels + 2) * L, :])
+    torch.mul(decay, (d_ends * starts).sum(-1), out=d_exponents[..., -1, :])
+    dlw = torch.matmul(exponents.transpose(0, 1), d_exponents)
+    return dr, dk, dv, dlw, du, d_starts[:, :, 0]
+
+
+class _ChunkedWKV6(torch.autograd.Function):
+    """The chunked form on (B, H, C, L, N) chunks with a hand-written backward.
+
+    Autograd through the chunked ops would keep every temporary of every segment and run hundreds of small
+    backward nodes; this saves only the inputs and the state at each segment start (O(T / segment) states) and
+    recomputes each segment's chunk states in the backward, one segment at a time, latest first.
+    Inputs: r, k, v and the log-decay lw (<= 0) in the chunk layout, u as (H, N), the initial state, and the
+    segment length in chunks. Any floating dtype (float64 for gradcheck); the public function passes float32.
+    """
+
+    @staticmethod
+    def forward(ctx, r, k, v, lw, u, state, segment):
+        r, k, v, lw = (x.contiguous() for x in (r, k, v, lw))  # one copy here rather than strided access in every op
+        u_chunks = u.view(1, u.shape[0], 1, 1, u.shape[1])
+        ys, starts = [], []
+        for parts in zip(*(x.split(segment, dim=2) for x in (r, k, v, lw))):
+            starts.append(state)
+            y, state = _segment_forward(*parts, u_chunks, state)
+            ys.append(y)
+        ctx.save_for_backward(r, k, v, lw, u, torch.stack(starts))
+        ctx.segment = segment
+        return torch.cat(ys, 2), state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, d_state):
+        r, k, v, lw, u, starts = ctx.saved_tensors
+        segments = list(zip(*(x.split(ctx.segment, dim=2) for x in (r, k, v, lw, dy.contiguous()))))
+        u_chunks = u.view(1, u.shape[0], 1, 1, u.shape[1])
+        grads, du = [], torch.zeros_like(u)
+        for (r_s, k_s, v_s, lw_s, dy_s), state in zip(segments[::-1], starts.unbind(0)[::-1]):
+            *g, du_s, d_state = _segment_backward(r_s, k_s, v_s, lw_s, u_chunks, state, dy_s, d_state)
+            grads.append(g)
+            du += du_s
+        dr, dk, dv, dlw = (torch.cat(g[::-1], 2) for g in zip(*grads))
+        return dr, dk, dv, dlw, du, d_state, None
 
 
 def wkv6_chunked(
@@ -145,9 +279,9 @@ def wkv6_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked parallel WKV6 (matmul-heavy) for prefill and training; same result as `wkv6_recurrent`.
 
-    `chunk_size` must be a power of two; 16 with SEGMENT_LEN = 128 measured fastest on the 2-core CPU (32 and 64
-    cost 10-50% more, mostly in elementwise passes). Long inputs run in segments of SEGMENT_LEN tokens carrying
-    the state, which keeps the temporaries cache-sized.
+    `chunk_size` must be a power of two; 16 measured fastest on the 2-core CPU (8 and 32 cost 5-15% more in
+    forward + backward). Long inputs run in segments (see SEGMENT_ELEMENTS) carrying the state, which keeps the
+    temporaries cache-sized and lets the backward keep only one state per segment.
     """
     _check_inputs(r, k, v, w, u, initial_state)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -161,17 +295,12 @@ def wkv6_chunked(
     padded = -(-T // chunk) * chunk
     # zero-padding at the end is inert: k = 0 adds nothing to the state and log-decay 0 leaves it as it is
     r, k, v, lw = (
-        F.pad(x.transpose(1, 2), (0, 0, 0, padded - T)) for x in (r.float(), k.float(), v.float(), _log_decay(w))
+        F.pad(x.transpose(1, 2), (0, 0, 0, padded - T)).reshape(B, H, padded // chunk, chunk, N)
+        for x in (r.float(), k.float(), v.float(), _log_decay(w))
     )
-    segment = max(chunk, SEGMENT_LEN // chunk * chunk)
-    uf = u.float()
-    ys = []
-    # split (not slicing in a loop) so autograd joins the segment gradients with one cat
-    for parts in zip(*(x.split(segment, dim=2) for x in (r, k, v, lw))):
-        y_seg, state = _chunked_segment(*parts, uf, state, chunk)
-        ys.append(y_seg)
-    y = torch.cat(ys, dim=2)[:, :, :T]
-    return y.transpose(1, 2), state
+    segment = 1 << max(0, (SEGMENT_ELEMENTS // (B * H * N)).bit_length() - 1)  # tokens
+    y, state = _ChunkedWKV6.apply(r, k, v, lw, u.float(), state, max(1, segment // chunk))
+    return y.reshape(B, H, padded, N)[:, :, :T].transpose(1, 2), state
 
 
 def wkv6(
