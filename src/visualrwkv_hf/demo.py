@@ -40,6 +40,8 @@ DESCRIBE = "describe"
 # Weight std of the RWKV-6 linears: 0.02 (the transformers default) makes a 64-wide model's blocks so close to the
 # identity that almost nothing of the image reaches the answer at the start; about 1 / sqrt(width) passes it on.
 INIT_RANGE = 0.15
+VISION_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TEXT_SIZES = dict(hidden_size=64, num_hidden_layers=2, head_size=16, time_mix_extra_dim=8, time_decay_extra_dim=16)
 DEFAULT_OUTPUT = "outputs/visualrwkv-demo"
 WHITE = (1.0, 1.0, 1.0)  # the background, as the image processor's rescaled pixels
 WHITE_STD = (0.5, 0.5, 0.5)
@@ -169,29 +171,31 @@ def make_samples(
     return samples
 
 
-def make_splits(num_train: int, num_test: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+def make_splits(
+    num_train: int, num_test: int, seed: int, question_types: tuple[str, ...] = QUESTION_TYPES
+) -> tuple[list[Sample], list[Sample]]:
     """Training samples and held-out samples with no (scene, question) pair in common."""
-    test = make_samples(num_test, seed + 1)
-    train = make_samples(num_train, seed, exclude=frozenset(sample.key for sample in test))
+    test = make_samples(num_test, seed + 1, question_types)
+    train = make_samples(num_train, seed, question_types, exclude=frozenset(sample.key for sample in test))
     return train, test
 
 
-def build_model(image_position: str = "middle", scan_mode: str = "bidirectional", seed: int = 0):
-    """A random tiny VisualRWKV (a 2-layer CLIP on 16-pixel patches, 2 RWKV-6 blocks of width 64, the World
-    vocabulary) and its processor, image processor sized for the 48-pixel canvas."""
+def build_model(
+    image_position: str = "middle", scan_mode: str = "bidirectional", seed: int = 0, num_text_layers: int | None = None
+):
+    """A random tiny VisualRWKV (a CLIP of `VISION_SIZES` on 16-pixel patches, RWKV-6 blocks of `TEXT_SIZES`, the
+    World vocabulary) and its processor, image processor sized for the 48-pixel canvas. `num_text_layers` overrides
+    the number of RWKV-6 blocks."""
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from . import RwkvWorldTokenizer, VisualRWKVConfig, VisualRWKVForConditionalGeneration, VisualRWKVProcessor
 
     config = VisualRWKVConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=CELL,
-        ),
+        vision_config=dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=CELL, **VISION_SIZES),
         text_config=dict(
-            hidden_size=64, num_hidden_layers=2, head_size=16, time_mix_extra_dim=8, time_decay_extra_dim=16,
-            wkv_chunk_size=16, initializer_range=INIT_RANGE,
+            TEXT_SIZES, wkv_chunk_size=16, initializer_range=INIT_RANGE,
+            num_hidden_layers=num_text_layers or TEXT_SIZES["num_hidden_layers"],
         ),
         scan_mode=scan_mode,
         image_position=image_position,
@@ -289,6 +293,9 @@ def train_model(
         use_cpu=True,
         seed=seed,
         disable_tqdm=not progress,
+        # Batches are drawn (images processed, prompts tokenized) in a second process, on the second core, while
+        # this one trains: a tenth of a step's time otherwise.
+        dataloader_num_workers=1,
     )
     trainer = Trainer(
         model=model,
