@@ -50,8 +50,9 @@ def answer_from_pixels(image, question: str) -> str:
     if match := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
         (position,) = [p for p, (s, c) in scene.items() if (s, c) == (match[2], match[1])]
         return position
-    if match := re.fullmatch(r"How many (\w+)s are there\?", question):
-        return demo.COUNT_WORDS[sum(s == match[1] for s, _ in scene.values()) - 1]
+    if match := re.fullmatch(r"How many (\w+) are there\?", question):
+        shape = {plural: shape for shape, plural in demo.PLURALS.items()}[match[1]]
+        return demo.COUNT_WORDS[sum(s == shape for s, _ in scene.values()) - 1]
     if match := re.fullmatch(r"What is at the (\w+)\?", question):
         return " ".join(reversed(scene[match[1]]))
     raise AssertionError(f"unexpected question {question!r}")
