@@ -76,8 +76,8 @@ def main() -> None:
     configs = list(itertools.product(IMAGE_POSITIONS, SCAN_MODES, args.seeds))
     print(
         f"{len(configs)} runs: image position {IMAGE_POSITIONS} x scan {SCAN_MODES} x seeds {args.seeds}; each "
-        f"{args.steps} steps of {args.batch_size} at lr {args.learning_rate} (vision {args.vision_learning_rate}), {NUM_TEXT_LAYERS} RWKV-6 blocks, "
-        f"{args.num_test} held-out 'describe' questions; {args.jobs} at a time.",
+        f"{args.steps} steps of {args.batch_size} at lr {args.learning_rate} (vision {args.vision_learning_rate}), "
+        f"{NUM_TEXT_LAYERS} RWKV-6 blocks, {args.num_test} held-out 'describe' questions; {args.jobs} at a time.",
         flush=True,
     )
     start = time.perf_counter()

@@ -231,9 +231,10 @@ def build_model(
 class AnswerWindowCollator:
     """`VisualRWKVDataCollator`'s batches moved to the left padding, plus `logits_to_keep`: the positions whose
     logits predict a trained label. In a model this small the 65536-way head costs most of a training step, and here
-    only the answer and its turn end are trained; left-padded, they end every row at the same positions, so two
-    logits per row suffice instead of the span from the earliest answer of the batch to the end (five, right-padded).
-    The padding is masked, so a row's outputs do not depend on its side. Use with `answer_window_loss`."""
+    only the answer and its turn end are trained; left-padded, they end every row at the same positions, so for
+    one-word answers two logits per row suffice instead of the span from the earliest answer of the batch to the end
+    (five, right-padded). The padding is masked, so a row's outputs do not depend on its side. Use with
+    `answer_window_loss`."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -270,8 +271,8 @@ def train_model(
 ) -> float:
     """Trains the model with `transformers.Trainer`, saves it and the processor to `output_dir` and returns the
     training time in seconds. The vision tower trains too (it starts from random), at `vision_learning_rate`
-    (default `VISION_LR_SCALE` times the rate); the token embedding stays frozen, as in the original recipe, which also spares the optimizer its 65536
-    rows."""
+    (default `VISION_LR_SCALE` times the rate); the token embedding stays frozen, as in the original recipe, which
+    also spares the optimizer its 65536 rows."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -285,7 +286,7 @@ def train_model(
     # Trainer builds its scheduler on this optimizer; the schedule scales each group's own rate.
     optimizer = torch.optim.AdamW(
         [{"params": language}, {"params": vision, "lr": vision_learning_rate or learning_rate * VISION_LR_SCALE}],
-        lr=learning_rate, weight_decay=0.0, fused=True,  # fused: the 65536-row head's update is a third of a step
+        lr=learning_rate, weight_decay=0.0, fused=True,  # unfused, the 65536-row head's update took a fifth of a step
     )
     arguments = TrainingArguments(
         output_dir=str(output_dir),
