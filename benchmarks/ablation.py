@@ -38,7 +38,7 @@ def run_one(image_position: str, scan_mode: str, seed: int, args: argparse.Names
     """Trains one configuration on one seed and scores it on the held-out questions."""
     import torch
 
-    torch.set_num_threads(1)  # one process per core (see `--jobs`)
+    torch.set_num_threads(1)  # one compute thread per run (see `--jobs`)
     train, test = demo.make_splits(
         args.steps * args.batch_size, args.num_test, seed, question_types=(demo.DESCRIBE,)
     )
@@ -49,7 +49,7 @@ def run_one(image_position: str, scan_mode: str, seed: int, args: argparse.Names
             learning_rate=args.learning_rate, vision_learning_rate=args.vision_learning_rate, seed=seed, progress=False,
         )
         predictions = demo.answer_questions(Path(folder), test)
-    words = [(prediction.strip().rstrip(".").lower().split() + ["", ""])[:2] for prediction in predictions]
+    words = [(demo.normalize_answer(prediction).split() + ["", ""])[:2] for prediction in predictions]  # colour, shape
     answers = [sample.answer.split() for sample in test]
     return {
         "image_position": image_position,

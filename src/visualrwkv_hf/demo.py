@@ -340,8 +340,12 @@ def answer_questions(folder: Path, samples: list[Sample], batch_size: int = 64) 
     return [output["generated_text"] for output in outputs]
 
 
+def normalize_answer(prediction: str) -> str:
+    return prediction.strip().rstrip(".").lower()
+
+
 def is_correct(prediction: str, answer: str) -> bool:
-    return prediction.strip().rstrip(".").lower() == answer
+    return normalize_answer(prediction) == answer
 
 
 def run_demo(
