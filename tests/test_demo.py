@@ -8,10 +8,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText
 
 from visualrwkv_hf import demo
 from visualrwkv_hf.cli import main
+from visualrwkv_hf.data import VisualRWKVDataCollator
 
 
 def read_scene(image) -> dict[str, tuple[str, str]]:
@@ -48,8 +50,9 @@ def answer_from_pixels(image, question: str) -> str:
     if match := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
         (position,) = [p for p, (s, c) in scene.items() if (s, c) == (match[2], match[1])]
         return position
-    if match := re.fullmatch(r"How many (\w+)s are there\?", question):
-        return demo.COUNT_WORDS[sum(s == match[1] for s, _ in scene.values()) - 1]
+    if match := re.fullmatch(r"How many (\w+) are there\?", question):
+        shape = {plural: shape for shape, plural in demo.PLURALS.items()}[match[1]]
+        return demo.COUNT_WORDS[sum(s == shape for s, _ in scene.values()) - 1]
     if match := re.fullmatch(r"What is at the (\w+)\?", question):
         return " ".join(reversed(scene[match[1]]))
     raise AssertionError(f"unexpected question {question!r}")
@@ -70,6 +73,23 @@ def test_held_out_split_shares_no_scene_question_pair():
     train, test = demo.make_splits(300, 100, seed=0)
     assert not {sample.key for sample in train} & {sample.key for sample in test}
     assert len({sample.key for sample in test}) > 90
+
+
+def test_answer_window_loss_matches_the_full_loss():
+    """The left-padded batch with two kept logits per row gives the model's own loss over the right-padded batch."""
+    model, processor = demo.build_model(seed=0)
+    samples = demo.make_samples(6, seed=1, question_types=(*demo.QUESTION_TYPES, demo.DESCRIBE))
+    records = [sample.to_llava() for sample in samples]
+    collator = VisualRWKVDataCollator(processor)
+    full = collator(records)
+    window = demo.AnswerWindowCollator(collator)(records)
+    assert (window["attention_mask"][:, -1] == 1).all()  # every row ends at the same position
+    assert len(window["logits_to_keep"]) == 3  # a two-word answer and its turn end
+    labels = window.pop("labels")
+    with torch.no_grad():
+        expected = model(**full).loss
+        loss = demo.answer_window_loss(model(**window), labels)
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.fixture(scope="module")

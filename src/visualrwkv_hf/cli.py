@@ -144,15 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visualrwkv", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from .demo import DEFAULT_OUTPUT
+    from .demo import DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE, DEFAULT_OUTPUT, DEFAULT_STEPS
 
     visual = commands.add_parser(
         "demo", help="train a tiny VisualRWKV on synthetic shapes on the CPU, then answer held-out questions"
     )
     visual.add_argument("--output", default=DEFAULT_OUTPUT, help="folder the trained model is saved in")
-    visual.add_argument("--steps", type=int, default=1000, help="training steps (one fresh batch each)")
-    visual.add_argument("--batch-size", type=int, default=32)
-    visual.add_argument("--learning-rate", type=float, default=3e-3)
+    visual.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (one fresh batch each)")
+    visual.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    visual.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
     visual.add_argument("--num-test", type=int, default=200, help="held-out questions")
     visual.add_argument("--seed", type=int, default=0)
     visual.add_argument("--no-progress", action="store_true", help="no progress bar")
