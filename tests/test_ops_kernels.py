@@ -230,9 +230,10 @@ def tiny_model():
     return model
 
 
-def test_model_kernel_equals_torch_path(ops):
-    model = tiny_model()
-    ids = torch.randint(0, 64, (2, 19))
+def assert_model_kernel_equals_torch_path(device, length):
+    """Logits and every parameter gradient of a model on `device` with the kernel equal those with the torch op."""
+    model = tiny_model().to(device)
+    ids = torch.randint(0, 64, (2, length), device=device)
     out = model(ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -249,20 +250,28 @@ def test_model_kernel_equals_torch_path(ops):
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mode_name", ["INFERENCE", "TRAINING"])
-def test_kernelize_maps_wkv6_to_the_local_build(ops, mode_name):
+def test_model_kernel_equals_torch_path(ops):
+    assert_model_kernel_equals_torch_path("cpu", 19)
+
+
+def assert_kernelize_maps_wkv6_to_the_local_build(device, mode_name):
     from kernels import Mode, kernelize, use_kernel_mapping
 
     from visualrwkv_hf.ops.kernels import wkv6_kernel_mapping
 
-    model = tiny_model()
-    ids = torch.randint(0, 64, (1, 11))
+    model = tiny_model().to(device)
+    ids = torch.randint(0, 64, (1, 11), device=device)
     expected = model(ids).logits
     with use_kernel_mapping(wkv6_kernel_mapping(), inherit_mapping=False):
-        kernelize(model, mode=getattr(Mode, mode_name), device="cpu")
+        kernelize(model, mode=getattr(Mode, mode_name), device=device)
     layer = model.model.blocks[0].attention.wkv
     assert layer.forward.__func__.__module__.endswith(".layers")  # the repository's layer, not WKV6.forward
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode_name", ["INFERENCE", "TRAINING"])
+def test_kernelize_maps_wkv6_to_the_local_build(ops, mode_name):
+    assert_kernelize_maps_wkv6_to_the_local_build("cpu", mode_name)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -339,22 +348,7 @@ def test_cuda_dispatch_and_torch_fallback(cuda_ops):
 
 @needs_cuda
 def test_cuda_model_kernel_equals_torch_path(cuda_ops):
-    model = tiny_model().cuda()
-    ids = torch.randint(0, 64, (2, 37), device="cuda")
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    set_wkv6_backend("torch")
-    try:
-        out_torch = model(ids, labels=ids)
-        out_torch.loss.backward()
-    finally:
-        set_wkv6_backend(None)
-    torch.testing.assert_close(out.logits, out_torch.logits, rtol=1e-4, atol=1e-4)
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_model_kernel_equals_torch_path("cuda", 37)
 
 
 @needs_cuda
@@ -388,15 +382,4 @@ def test_cuda_bf16_training_step_lowers_loss(cuda_ops):
 @needs_cuda
 @pytest.mark.parametrize("mode_name", ["INFERENCE", "TRAINING"])
 def test_cuda_kernelize_maps_wkv6_to_the_local_build(cuda_ops, mode_name):
-    from kernels import Mode, kernelize, use_kernel_mapping
-
-    from visualrwkv_hf.ops.kernels import wkv6_kernel_mapping
-
-    model = tiny_model().cuda()
-    ids = torch.randint(0, 64, (1, 11), device="cuda")
-    expected = model(ids).logits
-    with use_kernel_mapping(wkv6_kernel_mapping(), inherit_mapping=False):
-        kernelize(model, mode=getattr(Mode, mode_name), device="cuda")
-    layer = model.model.blocks[0].attention.wkv
-    assert layer.forward.__func__.__module__.endswith(".layers")
-    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_kernelize_maps_wkv6_to_the_local_build("cuda", mode_name)

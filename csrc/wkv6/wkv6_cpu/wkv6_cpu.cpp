@@ -164,9 +164,9 @@ void forward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, cons
 }
 
 // kR consecutive rows M_q of an N x N matrix: dots_q = M_q . x (before the update), then M_q <- decay_q M_q + a_q b;
-// with `c` given, also acc += sum_q c_q M_q (before the update). kR independent reductions keep the FMA pipes busy
+// with kAccumulate, also acc += sum_q c_q M_q (before the update). kR independent reductions keep the FMA pipes busy
 // where one running sum would wait on its own latency every column block.
-template <int kR, typename acc_t>
+template <int kR, bool kAccumulate, typename acc_t>
 inline void rows_dot_then_decay(acc_t* __restrict__ M, int64_t N, const acc_t* __restrict__ decay,
                                 const acc_t* __restrict__ a, const acc_t* __restrict__ b,
                                 const acc_t* __restrict__ x, acc_t* __restrict__ dots,
@@ -176,40 +176,22 @@ inline void rows_dot_then_decay(acc_t* __restrict__ M, int64_t N, const acc_t* _
   acc_t* __restrict__ M2 = M + (kR > 2 ? 2 * N : 0);
   acc_t* __restrict__ M3 = M + (kR > 3 ? 3 * N : 0);
   acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  if (c != nullptr) {
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t m0 = M0[j];
-      s0 += m0 * x[j];
-      acc_t sum = c[0] * m0;
-      M0[j] = decay[0] * m0 + a[0] * b[j];
-      if constexpr (kR == 4) {
-        const acc_t m1 = M1[j], m2 = M2[j], m3 = M3[j];
-        s1 += m1 * x[j];
-        s2 += m2 * x[j];
-        s3 += m3 * x[j];
-        sum += c[1] * m1 + c[2] * m2 + c[3] * m3;
-        M1[j] = decay[1] * m1 + a[1] * b[j];
-        M2[j] = decay[2] * m2 + a[2] * b[j];
-        M3[j] = decay[3] * m3 + a[3] * b[j];
-      }
-      acc[j] += sum;
-    }
-  } else {
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t m0 = M0[j];
-      s0 += m0 * x[j];
-      M0[j] = decay[0] * m0 + a[0] * b[j];
-      if constexpr (kR == 4) {
-        const acc_t m1 = M1[j], m2 = M2[j], m3 = M3[j];
-        s1 += m1 * x[j];
-        s2 += m2 * x[j];
-        s3 += m3 * x[j];
-        M1[j] = decay[1] * m1 + a[1] * b[j];
-        M2[j] = decay[2] * m2 + a[2] * b[j];
-        M3[j] = decay[3] * m3 + a[3] * b[j];
-      }
+  for (int64_t j = 0; j < N; ++j) {
+    const acc_t m0 = M0[j];
+    s0 += m0 * x[j];
+    M0[j] = decay[0] * m0 + a[0] * b[j];
+    if constexpr (kR == 4) {
+      const acc_t m1 = M1[j], m2 = M2[j], m3 = M3[j];
+      s1 += m1 * x[j];
+      s2 += m2 * x[j];
+      s3 += m3 * x[j];
+      M1[j] = decay[1] * m1 + a[1] * b[j];
+      M2[j] = decay[2] * m2 + a[2] * b[j];
+      M3[j] = decay[3] * m3 + a[3] * b[j];
+      if constexpr (kAccumulate) acc[j] += c[0] * m0 + c[1] * m1 + c[2] * m2 + c[3] * m3;
+    } else if constexpr (kAccumulate) {
+      acc[j] += c[0] * m0;
     }
   }
   dots[0] = s0;
@@ -227,7 +209,7 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
                     int64_t bh_end) {
   const int64_t N = kN > 0 ? kN : dims.N;
   Step<acc_t> in(N);
-  std::vector<acc_t> dv_acc(N), dots(N);
+  std::vector<acc_t> dots(N);
   std::vector<double> decay_grad_carry(N);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
     const acc_t* __restrict__ uh = u + (bh % dims.H) * N;
@@ -244,8 +226,8 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
       for (int64_t j = 0; j < N; ++j) v_dy += in.v[j] * dyt[j];
       acc_t* __restrict__ s_dy = dots.data();  // (S_{t-1} dy_t)_i
       int64_t i = 0;
-      for (; i + 3 < N; i += 4) rows_dot_then_decay<4>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
-      for (; i < N; ++i) rows_dot_then_decay<1>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
+      for (; i + 3 < N; i += 4) rows_dot_then_decay<4, false>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
+      for (; i < N; ++i) rows_dot_then_decay<1, false>(S + i * N, N, in.d + i, in.k + i, in.v, dyt, s_dy + i);
       // per key channel, vectorised: dr, A_t (parked in dw) and the u-gradient
       for (int64_t c = 0; c < N; ++c) {
         dr[off + c] = s_dy[c] + uh[c] * in.k[c] * v_dy;
@@ -271,7 +253,7 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
       const int64_t off = dims.offset(bh, t);
       in.load(r + off, k + off, v + off, w + off, N);
       const acc_t* __restrict__ dyt = dy + off;
-      acc_t* __restrict__ dvt = dv_acc.data();
+      acc_t* __restrict__ dvt = dv + off;  // accumulated in place over the key rows
       acc_t v_dy = 0, ruk = 0;
       for (int64_t j = 0; j < N; ++j) v_dy += in.v[j] * dyt[j];
       for (int64_t i = 0; i < N; ++i) ruk += in.r[i] * uh[i] * in.k[i];
@@ -279,8 +261,9 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
       acc_t* __restrict__ g_v = dots.data();  // (G_t v_t)_i
       int64_t i = 0;
       for (; i + 3 < N; i += 4)
-        rows_dot_then_decay<4>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
-      for (; i < N; ++i) rows_dot_then_decay<1>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
+        rows_dot_then_decay<4, true>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
+      for (; i < N; ++i)
+        rows_dot_then_decay<1, true>(G + i * N, N, in.d + i, in.r + i, dyt, in.v, g_v + i, in.k + i, dvt);
       // per key channel, vectorised: dk, and dw from the running log-decay gradient (A_t read from dw); its
       // derivative d(log-decay)/dw = -exp(w) is lw below the clamp and 0 above it (as torch's clamp)
       double* __restrict__ carry = decay_grad_carry.data();
@@ -290,7 +273,6 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
         carry[c] = log_decay_grad + dw[off + c];
         dw[off + c] = in.w[c] > static_cast<acc_t>(kMaxW) ? acc_t(0) : static_cast<acc_t>(log_decay_grad) * in.lw[c];
       }
-      for (int64_t j = 0; j < N; ++j) dv[off + j] = dvt[j];
     }
   }
 }

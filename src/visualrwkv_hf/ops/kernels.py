@@ -202,10 +202,10 @@ def wkv6_compiled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV6 through the compiled kernel for r's device where there is one, else the torch op; same contract as
     `ops.wkv6`."""
-    _check_inputs(r, k, v, w, u, initial_state)
     ops = _kernel_ops_for(r.device, r.shape[-1])
     if ops is None:
         return wkv6(r, k, v, w, u, initial_state=initial_state, chunk_size=chunk_size)
+    _check_inputs(r, k, v, w, u, initial_state)
     return WKV6KernelFunction.apply(ops, r, k, v, w, u, initial_state)
 
 
