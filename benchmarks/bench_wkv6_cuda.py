@@ -41,7 +41,7 @@ def op_inputs(B: int, T: int, H: int = 32, N: int = 64):
     return [x.to(torch.bfloat16) for x in (r, k, v, w, u)]
 
 
-def op_forms() -> dict:
+def op_forms(use_fla: bool) -> dict:
     ops = cuda_kernel_ops()
     if ops is None:
         raise SystemExit("the CUDA WKV6 kernel could not be built (see the warning above)")
@@ -49,6 +49,8 @@ def op_forms() -> dict:
         "ours": lambda r, k, v, w, u: WKV6KernelFunction.apply(ops, r, k, v, w, u, None),
         "chunked torch": lambda r, k, v, w, u: wkv6_chunked(r, k, v, w, u),
     }
+    if not use_fla:
+        return forms
     try:
         from fla.ops.rwkv6 import chunk_rwkv6
     except ImportError as error:
@@ -65,9 +67,7 @@ def op_forms() -> dict:
 
 
 def bench_ops(batches, T, repeats, use_fla):
-    forms = op_forms()
-    if not use_fla:
-        forms.pop("fla chunk_rwkv6", None)
+    forms = op_forms(use_fla)
     print(f"op level, H=32 N=64 T={T} bf16 inputs; ms, min of {repeats}; error = max |y - y_ours| / max |y_ours|")
     for B in batches:
         inputs = op_inputs(B, T)
