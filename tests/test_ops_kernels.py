@@ -54,6 +54,13 @@ def make_inputs(B, T, H, N, decay="per_channel", dtype=torch.float32, seed=0):
     return [x.to(dtype) for x in (r, k, v, w, u)], state
 
 
+def output_grads(B, T, H, N, seed=1):
+    """Seeded gradients of y and of the final state: at T = 1 the exact dw is a cancellation of O(|log-decay| * N)
+    terms, which fp32 meets within 1e-4 for typical draws (median 3e-5) but not for every draw."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, H, N, generator=gen), torch.randn(B, H, N, N, generator=gen)
+
+
 def kernel_run(ops, inputs, state, grad_y, grad_state):
     leaves = [x.detach().requires_grad_() for x in inputs]
     s0 = None if state is None else state.detach().requires_grad_()
@@ -96,8 +103,7 @@ CASES = [
 def test_kernel_matches_float64_reference(ops, B, T, H, N, decay, with_state):
     inputs, state = make_inputs(B, T, H, N, decay)
     state = state if with_state else None
-    grad_y = torch.randn(B, T, H, N)
-    grad_state = torch.randn(B, H, N, N)
+    grad_y, grad_state = output_grads(B, T, H, N)
     y, s, grads = kernel_run(ops, inputs, state, grad_y, grad_state)
     y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
     assert y.dtype == s.dtype == torch.float32
@@ -212,7 +218,11 @@ def test_import_builds_nothing():
 def test_extension_name_carries_the_flags():
     base = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL"])
     avx2 = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"])
-    assert base != avx2 and "_base_" in base and "_avx2_" in avx2
+    avx512 = kernels_mod.cpu_extension_name(
+        ["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"] + [f"-m{f}" for f in kernels_mod.AVX512_FEATURES]
+    )
+    assert len({base, avx2, avx512}) == 3
+    assert "_base_" in base and "_avx2_" in avx2 and "_avx512_" in avx512
 
 
 def tiny_model():
@@ -301,8 +311,7 @@ CUDA_CASES = CASES + [
 def test_cuda_kernel_matches_float64_reference(cuda_ops, B, T, H, N, decay, with_state):
     inputs, state = make_inputs(B, T, H, N, decay)
     state = state if with_state else None
-    grad_y = torch.randn(B, T, H, N)
-    grad_state = torch.randn(B, H, N, N)
+    grad_y, grad_state = output_grads(B, T, H, N)
     on_gpu = [x.cuda() for x in inputs]
     y, s, grads = kernel_run(cuda_ops, on_gpu, None if state is None else state.cuda(), grad_y.cuda(),
                              grad_state.cuda())
