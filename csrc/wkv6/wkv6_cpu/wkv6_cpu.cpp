@@ -161,79 +161,143 @@ struct Dims {
   int64_t offset(int64_t bh, int64_t t) const { return head_offset(bh) + t * H * N; }
 };
 
-// One chunk of one head's steps in processing order (row s = step first + s, or first - s when reversed), as
-// acc_t arrays of kChunk x Np: the inputs, the log-decay lw = -exp(min(w, ln 60)), the decay d, and two outputs.
-template <typename acc_t>
-struct ChunkBuffers {
-  int64_t Np;
-  std::vector<acc_t> storage;
-  acc_t *r, *k, *v, *w, *lw, *d, *dy, *out0, *out1;
-  explicit ChunkBuffers(int64_t padded) : Np(padded), storage(9 * kChunk * padded, acc_t(0)) {
-    acc_t* next = storage.data();
-    for (acc_t** field : {&r, &k, &v, &w, &lw, &d, &dy, &out0, &out1}) {
-      *field = next;
-      next += kChunk * Np;
-    }
-  }
-  template <typename scalar_t>
-  void load(const scalar_t* r_in, const scalar_t* k_in, const scalar_t* v_in, const scalar_t* w_in,
-            const acc_t* dy_in, const Dims& dims, int64_t bh, int64_t first, int64_t n, bool reversed) {
-    const int64_t N = dims.N, step = (reversed ? -1 : 1) * dims.H * N;
-    for (int64_t s = 0, off = dims.offset(bh, first); s < n; ++s, off += step) {
-      const int64_t row = s * Np;
-      for (int64_t i = 0; i < N; ++i) {
-        r[row + i] = static_cast<acc_t>(r_in[off + i]);
-        k[row + i] = static_cast<acc_t>(k_in[off + i]);
-        v[row + i] = static_cast<acc_t>(v_in[off + i]);
-        w[row + i] = static_cast<acc_t>(w_in[off + i]);
-      }
-      if (dy_in != nullptr) std::copy(dy_in + off, dy_in + off + N, dy + row);
-      // separate loops so each vectorises (needs -fno-trapping-math for the clamps)
-      for (int64_t i = 0; i < N; ++i) lw[row + i] = -exp_vectorisable(std::min(w[row + i], static_cast<acc_t>(kMaxW)));
-      for (int64_t i = 0; i < N; ++i) d[row + i] = exp_vectorisable(lw[row + i]);
-    }
-  }
-  // Starts the memory reads of a later `load` with the same arguments: a head's steps lie H * N elements apart,
-  // too far for the hardware prefetcher, and a chunk's scan is long enough to hide the next chunk's reads.
-  template <typename scalar_t>
-  static void prefetch(const scalar_t* r_in, const scalar_t* k_in, const scalar_t* v_in, const scalar_t* w_in,
-                       const acc_t* dy_in, const Dims& dims, int64_t bh, int64_t first, int64_t n, bool reversed) {
-    const int64_t step = (reversed ? -1 : 1) * dims.H * dims.N;
-    for (int64_t s = 0, off = dims.offset(bh, first); s < n; ++s, off += step) {
-      for (const void* tensor : {static_cast<const void*>(r_in), static_cast<const void*>(k_in),
-                                 static_cast<const void*>(v_in), static_cast<const void*>(w_in)})
-        for (int64_t byte = 0; byte < dims.N * int64_t(sizeof(scalar_t)); byte += 64)
-          __builtin_prefetch(static_cast<const char*>(tensor) + off * sizeof(scalar_t) + byte);
-      if (dy_in != nullptr)
-        for (int64_t byte = 0; byte < dims.N * int64_t(sizeof(acc_t)); byte += 64)
-          __builtin_prefetch(reinterpret_cast<const char*>(dy_in + off) + byte);
-    }
-  }
-};
-
-// Calls body(bh, first, n) for each chunk of each head in [group, group_end), chunk by chunk (all heads of the group
-// advance together, so each step's rows of (B, T, H, N) are read as one run), forward or backward in time, after
-// calling prefetch(...) with the chunk that comes next.
-template <typename Prefetch, typename Body>
-void for_each_chunk(const Dims& dims, int64_t group, int64_t group_end, bool reversed, Prefetch&& prefetch,
-                    Body&& body) {
-  const int64_t T = dims.T, stride = reversed ? -kChunk : kChunk;
-  auto length = [&](int64_t first) { return reversed ? std::min(kChunk, first + 1) : std::min(kChunk, T - first); };
-  for (int64_t first = reversed ? T - 1 : 0; first >= 0 && first < T; first += stride) {
-    for (int64_t bh = group; bh < group_end; ++bh) {
-      const int64_t next_bh = bh + 1 < group_end ? bh + 1 : group;
-      const int64_t next_first = bh + 1 < group_end ? first : first + stride;
-      if (next_first >= 0 && next_first < T) prefetch(next_bh, next_first, length(next_first));
-      body(bh, first, length(first));
-    }
-  }
+// Elementwise work on one step's rows, as functions whose __restrict__ parameters let each loop vectorise.
+template <typename scalar_t, typename acc_t>
+inline void convert_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
-
+// lw = -exp(min(w, ln 60)) and d = exp(lw), in separate loops (the clamp vectorises with -fno-trapping-math)
+template <typename acc_t>
+inline void decay_row(const acc_t* __restrict__ w, acc_t* __restrict__ lw, acc_t* __restrict__ d, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) lw[i] = -exp_vectorisable(std::min(w[i], static_cast<acc_t>(kMaxW)));
+  for (int64_t i = 0; i < N; ++i) d[i] = exp_vectorisable(lw[i]);
+}
+// r . (u k): the coefficient of the current step's own v in y (and of dy in dv)
+template <typename acc_t>
+inline acc_t bonus_row(const acc_t* __restrict__ r, const acc_t* __restrict__ u, const acc_t* __restrict__ k,
+                       int64_t N) {
+  acc_t sum = 0;
+  for (int64_t i = 0; i < N; ++i) sum += r[i] * u[i] * k[i];
+  return sum;
+}
+// x += a z
+template <typename acc_t>
+inline void add_scaled_row(acc_t* __restrict__ x, acc_t a, const acc_t* __restrict__ z, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) x[i] += a * z[i];
+}
 template <typename acc_t>
 acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t N) {
   acc_t sum = 0;
   for (int64_t i = 0; i < N; ++i) sum += a[i] * b[i];
   return sum;
+}
+// Backward pass 1, one step: dr, A_t = r * (S_{t-1} dy) (parked in dw) and the u-gradient.
+template <typename acc_t>
+inline void pass1_row(acc_t* __restrict__ dr, acc_t* __restrict__ a_park, acc_t* __restrict__ du,
+                      const acc_t* __restrict__ s_dy, const acc_t* __restrict__ r, const acc_t* __restrict__ k,
+                      const acc_t* __restrict__ u, acc_t v_dy, int64_t N) {
+  for (int64_t c = 0; c < N; ++c) {
+    dr[c] = s_dy[c] + u[c] * k[c] * v_dy;
+    a_park[c] = r[c] * s_dy[c];
+    du[c] += r[c] * k[c] * v_dy;
+  }
+}
+// Backward pass 2, one step: dk, and dw from the running log-decay gradient (a_then_dw holds A_t on entry, dw on
+// return); d(log-decay)/dw = -exp(w) is lw below the clamp and 0 above it (as torch's clamp).
+template <typename acc_t>
+inline void pass2_row(acc_t* __restrict__ dk, acc_t* __restrict__ a_then_dw, double* __restrict__ carry,
+                      const acc_t* __restrict__ g_v, const acc_t* __restrict__ r, const acc_t* __restrict__ k,
+                      const acc_t* __restrict__ u, const acc_t* __restrict__ w, const acc_t* __restrict__ lw,
+                      acc_t v_dy, int64_t N) {
+  for (int64_t c = 0; c < N; ++c) {
+    dk[c] = g_v[c] + u[c] * r[c] * v_dy;
+    const double log_decay_grad = carry[c] - static_cast<double>(k[c]) * g_v[c];
+    carry[c] = log_decay_grad + a_then_dw[c];
+    a_then_dw[c] = w[c] > static_cast<acc_t>(kMaxW) ? acc_t(0) : static_cast<acc_t>(log_decay_grad) * lw[c];
+  }
+}
+
+// Heads per group: a group's states stay in L2 while its heads advance chunk by chunk together, so each step's
+// rows of (B, T, H, N) are read as one contiguous run instead of one 4 KB page per head and step.
+constexpr int64_t kHeadGroup = 16;
+
+// The (B, T, H, N) arrays a pass reads: r, k, v, w; dy in the backward; A_t (parked in dw) in backward pass 2.
+template <typename scalar_t, typename acc_t>
+struct Inputs {
+  const scalar_t *r, *k, *v, *w;
+  const acc_t *dy, *a;
+  Dims dims;
+};
+
+// One chunk of one head's steps in processing order, as acc_t arrays of kChunk x Np: the inputs, the log-decay
+// lw = -exp(min(w, ln 60)), the decay d, and three outputs.
+template <typename acc_t>
+struct ChunkBuffers {
+  int64_t Np;
+  std::vector<acc_t> storage;
+  acc_t *r, *k, *v, *w, *lw, *d, *dy, *a, *out0, *out1, *out2;
+  explicit ChunkBuffers(int64_t padded) : Np(padded), storage(11 * kChunk * padded, acc_t(0)) {
+    acc_t* next = storage.data();
+    for (acc_t** field : {&r, &k, &v, &w, &lw, &d, &dy, &a, &out0, &out1, &out2}) {
+      *field = next;
+      next += kChunk * Np;
+    }
+  }
+  // the fields point into storage: a copy would point into the original, a move keeps them valid
+  ChunkBuffers(const ChunkBuffers&) = delete;
+  ChunkBuffers(ChunkBuffers&&) = default;
+  static std::vector<ChunkBuffers> for_group(int64_t padded) {
+    std::vector<ChunkBuffers> group;
+    group.reserve(kHeadGroup);
+    for (int64_t h = 0; h < kHeadGroup; ++h) group.emplace_back(padded);
+    return group;
+  }
+  // row s from the inputs' elements at `off`
+  template <typename scalar_t>
+  void load_step(const Inputs<scalar_t, acc_t>& in, int64_t off, int64_t s) {
+    const int64_t N = in.dims.N, row = s * Np;
+    convert_row(in.r + off, r + row, N);
+    convert_row(in.k + off, k + row, N);
+    convert_row(in.v + off, v + row, N);
+    convert_row(in.w + off, w + row, N);
+    if (in.dy != nullptr) convert_row(in.dy + off, dy + row, N);
+    if (in.a != nullptr) convert_row(in.a + off, a + row, N);
+    decay_row(w + row, lw + row, d + row, N);
+  }
+};
+
+// Where a pass writes: a (B, T, H, N) array and the buffer field that holds its rows.
+template <typename acc_t>
+struct Store {
+  acc_t* dst;
+  acc_t* ChunkBuffers<acc_t>::*field;
+};
+
+// Calls body(bh, n, buffers) for each chunk of each head in [group, group_end), forward or backward in time (row s
+// of a chunk is step first + s, or first - s), then writes the fields named in `stores`. The group's heads advance
+// chunk by chunk together, and a chunk is read and written step by step across the group, so memory moves in runs
+// of group * N elements: one head's steps lie H * N elements apart, and moving them head by head left the loads
+// and stores waiting on memory.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_chunk(const Inputs<scalar_t, acc_t>& in, std::vector<ChunkBuffers<acc_t>>& buffers, int64_t group,
+                    int64_t group_end, bool reversed, std::initializer_list<Store<acc_t>> stores, Body&& body) {
+  const Dims& dims = in.dims;
+  const int64_t T = dims.T, N = dims.N, direction = reversed ? -1 : 1;
+  for (int64_t first = reversed ? T - 1 : 0; first >= 0 && first < T; first += direction * kChunk) {
+    const int64_t n = reversed ? std::min(kChunk, first + 1) : std::min(kChunk, T - first);
+    for (int64_t s = 0; s < n; ++s)
+      for (int64_t bh = group; bh < group_end; ++bh)
+        buffers[bh - group].load_step(in, dims.offset(bh, first + direction * s), s);
+    for (int64_t bh = group; bh < group_end; ++bh) body(bh, n, buffers[bh - group]);
+    for (int64_t s = 0; s < n; ++s)
+      for (int64_t bh = group; bh < group_end; ++bh) {
+        const int64_t off = dims.offset(bh, first + direction * s);
+        for (const Store<acc_t>& store : stores) {
+          const acc_t* row = buffers[bh - group].*store.field + s * buffers[bh - group].Np;
+          std::copy(row, row + N, store.dst + off);
+        }
+      }
+  }
 }
 
 // N x N matrix (or zeros when src is null) into the zero-padded Np x Np X, transposed or not, and back.
@@ -249,83 +313,60 @@ void matrix_out(const acc_t* X, int64_t Np, acc_t* dst, int64_t N) {
   for (int64_t i = 0; i < N; ++i) std::copy(X + i * Np, X + i * Np + N, dst + i * N);
 }
 
-// Heads per group: a group's states stay in L2 while its heads advance chunk by chunk together, so each step's
-// rows of (B, T, H, N) are read as one contiguous run instead of one 4 KB page per head and step.
-constexpr int64_t kHeadGroup = 16;
 
 template <typename scalar_t, typename acc_t>
-void forward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, const scalar_t* w, const acc_t* u,
-                   acc_t* y, acc_t* state, Dims dims, int64_t bh_begin, int64_t bh_end) {
-  const int64_t N = dims.N, Np = padded_size<acc_t>(N);
-  ChunkBuffers<acc_t> in(Np);
-  std::vector<acc_t> states(kHeadGroup * Np * Np);
+void forward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* u, acc_t* y, acc_t* state, int64_t bh_begin,
+                   int64_t bh_end) {
+  const Dims& dims = in.dims;
+  const int64_t N = dims.N, Np = padded_size<acc_t>(N), NN = Np * Np;
+  auto buffers = ChunkBuffers<acc_t>::for_group(Np);
+  std::vector<acc_t> states(kHeadGroup * NN);
   for (int64_t group = bh_begin; group < bh_end; group += kHeadGroup) {
     const int64_t group_end = std::min(group + kHeadGroup, bh_end);
     for (int64_t bh = group; bh < group_end; ++bh)
-      matrix_in(&states[(bh - group) * Np * Np], Np, state + bh * N * N, N, /*transpose=*/false);
-    auto prefetch = [&](int64_t bh, int64_t first, int64_t n) {
-      ChunkBuffers<acc_t>::prefetch(r, k, v, w, nullptr, dims, bh, first, n, /*reversed=*/false);
-    };
-    for_each_chunk(dims, group, group_end, /*reversed=*/false, prefetch, [&](int64_t bh, int64_t first, int64_t n) {
-      const acc_t* uh = u + (bh % dims.H) * N;
-      in.load(r, k, v, w, nullptr, dims, bh, first, n, /*reversed=*/false);
-      scan_chunk</*kDecayOnColumns=*/false>(&states[(bh - group) * Np * Np], Np, n, in.r, in.d, in.k, in.v, in.out0);
-      for (int64_t s = 0; s < n; ++s) {
-        const int64_t row = s * Np, off = dims.offset(bh, first + s);
-        acc_t bonus = 0;  // r_t . (u k_t)
-        for (int64_t i = 0; i < N; ++i) bonus += in.r[row + i] * uh[i] * in.k[row + i];
-        for (int64_t j = 0; j < N; ++j) y[off + j] = in.out0[row + j] + bonus * in.v[row + j];
-      }
-    });
-    for (int64_t bh = group; bh < group_end; ++bh)
-      matrix_out(&states[(bh - group) * Np * Np], Np, state + bh * N * N, N);
+      matrix_in(&states[(bh - group) * NN], Np, state + bh * N * N, N, /*transpose=*/false);
+    for_each_chunk(in, buffers, group, group_end, /*reversed=*/false, {{y, &ChunkBuffers<acc_t>::out0}},
+                   [&](int64_t bh, int64_t n, ChunkBuffers<acc_t>& c) {
+                     const acc_t* uh = u + (bh % dims.H) * N;
+                     scan_chunk</*kDecayOnColumns=*/false>(&states[(bh - group) * NN], Np, n, c.r, c.d, c.k, c.v,
+                                                           c.out0);
+                     for (int64_t row = 0; row < n * Np; row += Np)
+                       add_scaled_row(c.out0 + row, bonus_row(c.r + row, uh, c.k + row, N), c.v + row, N);
+                   });
+    for (int64_t bh = group; bh < group_end; ++bh) matrix_out(&states[(bh - group) * NN], Np, state + bh * N * N, N);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, const scalar_t* w, const acc_t* u,
-                    const acc_t* dy, const acc_t* grad_final_state, const acc_t* initial_state, acc_t* grad_state,
-                    acc_t* dr, acc_t* dk, acc_t* dv, acc_t* dw, acc_t* du_per_head, Dims dims, int64_t bh_begin,
-                    int64_t bh_end) {
+void backward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* u, const acc_t* grad_final_state,
+                    const acc_t* initial_state, acc_t* grad_state, acc_t* dr, acc_t* dk, acc_t* dv, acc_t* dw,
+                    acc_t* du_per_head, int64_t bh_begin, int64_t bh_end) {
+  const Dims& dims = in.dims;
   const int64_t N = dims.N, Np = padded_size<acc_t>(N), NN = Np * Np;
-  ChunkBuffers<acc_t> in(Np);
+  auto buffers = ChunkBuffers<acc_t>::for_group(Np);
   // per head of the group: G (or S^T in pass 1) and G^T
   std::vector<acc_t> X(kHeadGroup * NN), XT(kHeadGroup * NN);
   std::vector<double> decay_grad_carry(kHeadGroup * N);
   for (int64_t group = bh_begin; group < bh_end; group += kHeadGroup) {
     const int64_t group_end = std::min(group + kHeadGroup, bh_end);
-    auto final_grad = [&](int64_t bh) { return grad_final_state == nullptr ? nullptr : grad_final_state + bh * N * N; };
     // Pass 1, forward in t over S^T: dr, the u-gradient, and A_t = r_t * (S_{t-1} dy_t), parked in dw until
     // pass 2 consumes it.
     for (int64_t bh = group; bh < group_end; ++bh)
       matrix_in(&XT[(bh - group) * NN], Np, initial_state == nullptr ? nullptr : initial_state + bh * N * N, N,
                 /*transpose=*/true);
-    auto prefetch = [&](bool reversed) {
-      return [&, reversed](int64_t bh, int64_t first, int64_t n) {
-        ChunkBuffers<acc_t>::prefetch(r, k, v, w, dy, dims, bh, first, n, reversed);
-      };
-    };
-    for_each_chunk(dims, group, group_end, /*reversed=*/false, prefetch(false), [&](int64_t bh, int64_t first,
-                                                                                    int64_t n) {
-      const acc_t* uh = u + (bh % dims.H) * N;
-      acc_t* du = du_per_head + bh * N;
-      in.load(r, k, v, w, dy, dims, bh, first, n, /*reversed=*/false);
-      scan_chunk</*kDecayOnColumns=*/true>(&XT[(bh - group) * NN], Np, n, in.dy, in.d, in.v, in.k, in.out0);
-      for (int64_t s = 0; s < n; ++s) {
-        const int64_t row = s * Np, off = dims.offset(bh, first + s);
-        const acc_t v_dy = dot(in.v + row, in.dy + row, N);
-        const acc_t *rt = in.r + row, *kt = in.k + row, *s_dy = in.out0 + row;
-        for (int64_t c = 0; c < N; ++c) {
-          dr[off + c] = s_dy[c] + uh[c] * kt[c] * v_dy;
-          dw[off + c] = rt[c] * s_dy[c];
-          du[c] += rt[c] * kt[c] * v_dy;
-        }
-      }
-    });
+    const Inputs<scalar_t, acc_t> pass1_in{in.r, in.k, in.v, in.w, in.dy, nullptr, dims};
+    for_each_chunk(pass1_in, buffers, group, group_end, /*reversed=*/false,
+                   {{dr, &ChunkBuffers<acc_t>::out1}, {dw, &ChunkBuffers<acc_t>::a}},
+                   [&](int64_t bh, int64_t n, ChunkBuffers<acc_t>& c) {
+                     scan_chunk</*kDecayOnColumns=*/true>(&XT[(bh - group) * NN], Np, n, c.dy, c.d, c.v, c.k, c.out0);
+                     for (int64_t row = 0; row < n * Np; row += Np)
+                       pass1_row(c.out1 + row, c.a + row, du_per_head + bh * N, c.out0 + row, c.r + row, c.k + row,
+                                 u + (bh % dims.H) * N, dot(c.v + row, c.dy + row, N), N);
+                   });
     // XT holds S_T^T: the final-state gradient's share of the log-decay gradient, as the query tau = T + 1; then
     // G and G^T start from the final-state gradient.
     for (int64_t bh = group; bh < group_end; ++bh) {
-      const acc_t* dS = final_grad(bh);
+      const acc_t* dS = grad_final_state == nullptr ? nullptr : grad_final_state + bh * N * N;
       const acc_t* ST = &XT[(bh - group) * NN];
       for (int64_t i = 0; i < N; ++i) {
         double a = 0;
@@ -337,32 +378,20 @@ void backward_heads(const scalar_t* r, const scalar_t* k, const scalar_t* v, con
       matrix_in(&XT[(bh - group) * NN], Np, dS, N, /*transpose=*/true);
     }
     // Pass 2, backward in t over G and G^T: dv, dk, and dw = (log-decay gradient) * d(log-decay)/dw.
-    for_each_chunk(dims, group, group_end, /*reversed=*/true, prefetch(true), [&](int64_t bh, int64_t last,
-                                                                                  int64_t n) {
-      const acc_t* uh = u + (bh % dims.H) * N;
-      in.load(r, k, v, w, dy, dims, bh, last, n, /*reversed=*/true);
-      scan_chunk</*kDecayOnColumns=*/false>(&X[(bh - group) * NN], Np, n, in.k, in.d, in.r, in.dy, in.out0);
-      scan_chunk</*kDecayOnColumns=*/true>(&XT[(bh - group) * NN], Np, n, in.v, in.d, in.dy, in.r, in.out1);
-      double* __restrict__ carry = &decay_grad_carry[(bh - group) * N];
-      for (int64_t s = 0; s < n; ++s) {
-        const int64_t row = s * Np, off = dims.offset(bh, last - s);
-        const acc_t *rt = in.r + row, *kt = in.k + row, *dyt = in.dy + row, *g_v = in.out1 + row;
-        const acc_t v_dy = dot(in.v + row, dyt, N);
-        acc_t bonus = 0;  // r_t . (u k_t)
-        for (int64_t i = 0; i < N; ++i) bonus += rt[i] * uh[i] * kt[i];
-        for (int64_t j = 0; j < N; ++j) dv[off + j] = in.out0[row + j] + bonus * dyt[j];
-        // d(log-decay)/dw = -exp(w) is lw below the clamp and 0 above it (as torch's clamp)
-        for (int64_t c = 0; c < N; ++c) {
-          dk[off + c] = g_v[c] + uh[c] * rt[c] * v_dy;
-          const double log_decay_grad = carry[c] - static_cast<double>(kt[c]) * g_v[c];
-          carry[c] = log_decay_grad + dw[off + c];
-          dw[off + c] = in.w[row + c] > static_cast<acc_t>(kMaxW) ? acc_t(0)
-                                                                   : static_cast<acc_t>(log_decay_grad) * in.lw[row + c];
-        }
-      }
-    });
-    for (int64_t bh = group; bh < group_end; ++bh)
-      matrix_out(&X[(bh - group) * NN], Np, grad_state + bh * N * N, N);
+    const Inputs<scalar_t, acc_t> pass2_in{in.r, in.k, in.v, in.w, in.dy, dw, dims};
+    for_each_chunk(pass2_in, buffers, group, group_end, /*reversed=*/true,
+                   {{dv, &ChunkBuffers<acc_t>::out0}, {dk, &ChunkBuffers<acc_t>::out2}, {dw, &ChunkBuffers<acc_t>::a}},
+                   [&](int64_t bh, int64_t n, ChunkBuffers<acc_t>& c) {
+                     const acc_t* uh = u + (bh % dims.H) * N;
+                     scan_chunk</*kDecayOnColumns=*/false>(&X[(bh - group) * NN], Np, n, c.k, c.d, c.r, c.dy, c.out0);
+                     scan_chunk</*kDecayOnColumns=*/true>(&XT[(bh - group) * NN], Np, n, c.v, c.d, c.dy, c.r, c.out1);
+                     for (int64_t row = 0; row < n * Np; row += Np) {
+                       add_scaled_row(c.out0 + row, bonus_row(c.r + row, uh, c.k + row, N), c.dy + row, N);
+                       pass2_row(c.out2 + row, c.a + row, &decay_grad_carry[(bh - group) * N], c.out1 + row,
+                                 c.r + row, c.k + row, uh, c.w + row, c.lw + row, dot(c.v + row, c.dy + row, N), N);
+                     }
+                   });
+    for (int64_t bh = group; bh < group_end; ++bh) matrix_out(&X[(bh - group) * NN], Np, grad_state + bh * N * N, N);
   }
 }
 
@@ -407,9 +436,9 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_forward_cpu(const torch::Tensor& r
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
-      forward_heads<scalar_t, acc_t>(rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                                     wc.data_ptr<scalar_t>(), uc.data_ptr<acc_t>(), y.data_ptr<acc_t>(),
-                                     state.data_ptr<acc_t>(), dims, begin, end);
+      const Inputs<scalar_t, acc_t> in{rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                                       wc.data_ptr<scalar_t>(), nullptr, nullptr, dims};
+      forward_heads(in, uc.data_ptr<acc_t>(), y.data_ptr<acc_t>(), state.data_ptr<acc_t>(), begin, end);
     });
   });
   return {y, state};
@@ -435,12 +464,12 @@ WKV6Grads wkv6_backward_cpu(const torch::Tensor& r, const torch::Tensor& k, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
-      backward_heads<scalar_t, acc_t>(
-          rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
-          uc.data_ptr<acc_t>(), dy.data_ptr<acc_t>(), dsT.has_value() ? dsT->data_ptr<acc_t>() : nullptr,
-          s0.has_value() ? s0->data_ptr<acc_t>() : nullptr, grad_state.data_ptr<acc_t>(), dr.data_ptr<acc_t>(),
-          dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dw.data_ptr<acc_t>(), du_per_head.data_ptr<acc_t>(), dims,
-          begin, end);
+      const Inputs<scalar_t, acc_t> in{rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                                       wc.data_ptr<scalar_t>(), dy.data_ptr<acc_t>(), nullptr, dims};
+      backward_heads(in, uc.data_ptr<acc_t>(), dsT.has_value() ? dsT->data_ptr<acc_t>() : nullptr,
+                     s0.has_value() ? s0->data_ptr<acc_t>() : nullptr, grad_state.data_ptr<acc_t>(),
+                     dr.data_ptr<acc_t>(), dk.data_ptr<acc_t>(), dv.data_ptr<acc_t>(), dw.data_ptr<acc_t>(),
+                     du_per_head.data_ptr<acc_t>(), begin, end);
     });
   });
   const auto dtype = r.scalar_type();
