@@ -20,7 +20,8 @@ from visualrwkv_hf.ops.kernels import cpu_kernel_ops
 
 
 def min_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator and thread pool
+    for _ in range(2):  # warm-up: allocator (large blocks come back from the heap after a first free), thread pool
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

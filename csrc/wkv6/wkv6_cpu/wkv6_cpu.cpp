@@ -172,11 +172,13 @@ inline void decay_row(const acc_t* __restrict__ w, acc_t* __restrict__ lw, acc_t
   for (int64_t i = 0; i < N; ++i) lw[i] = -exp_vectorisable(std::min(w[i], static_cast<acc_t>(kMaxW)));
   for (int64_t i = 0; i < N; ++i) d[i] = exp_vectorisable(lw[i]);
 }
+// Reductions as `omp simd` loops: without it the compiler keeps a float sum's order and adds one lane at a time.
 // r . (u k): the coefficient of the current step's own v in y (and of dy in dv)
 template <typename acc_t>
 inline acc_t bonus_row(const acc_t* __restrict__ r, const acc_t* __restrict__ u, const acc_t* __restrict__ k,
                        int64_t N) {
   acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < N; ++i) sum += r[i] * u[i] * k[i];
   return sum;
 }
@@ -188,6 +190,7 @@ inline void add_scaled_row(acc_t* __restrict__ x, acc_t a, const acc_t* __restri
 template <typename acc_t>
 acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t N) {
   acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < N; ++i) sum += a[i] * b[i];
   return sum;
 }
