@@ -3,8 +3,9 @@
 Usage: python benchmarks/bench_wkv6_kernels.py [--lengths 512 2048 4096] [--repeats 5] [--model-length 2048]
 Op level (B=1, H=32, N=64): forward and forward+backward of the kernel, the chunked torch form and the step torch
 form; model level (d_model 256, 4 layers): prefill and one training step (forward+backward), tokens/s with and
-without the kernel. Every number is the minimum over --repeats runs (the machine may be shared), and ratios are
-"torch time / kernel time". The first run builds the kernel (~60 s) unless it is cached.
+without the kernel. Every number is the minimum over --repeats rounds in which the contenders take turns (the
+machine may be shared), and ratios are "torch time / kernel time". The first run builds the kernel (~60 s) unless
+it is cached.
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked, wkv6_compiled, wkv
 from visualrwkv_hf.ops.kernels import cpu_kernel_ops
 
 
-def min_seconds(fn, repeats: int) -> float:
-    for _ in range(2):  # warm-up: allocator (large blocks come back from the heap after a first free), thread pool
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+def min_seconds(fns: dict, repeats: int, rounds_of: dict | None = None) -> dict:
+    """Minimum time of each callable over `repeats` rounds (fewer for a name in `rounds_of`), the callables taking
+    turns within each round, so that a burst of load on a shared machine hits every contender alike."""
+    rounds_of = rounds_of or {}
+    for fn in fns.values():
+        for _ in range(2):  # warm-up: allocator (large blocks come back from the heap after a first free), threads
+            fn()
+    best = {name: float("inf") for name in fns}
+    for round_index in range(repeats):
+        for name, fn in fns.items():
+            if round_index >= rounds_of.get(name, repeats):
+                continue
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -56,11 +64,12 @@ def bench_ops(lengths, repeats):
     for T in lengths:
         inputs = op_inputs(T)
         for label, run in (("forward", forward_only), ("fwd+bwd", forward_backward)):
-            # the step form's backward at long T costs seconds per run: fewer repeats there
-            times = {
-                name: min_seconds(lambda f=form: run(f, inputs), repeats if name != "step" else max(1, repeats // 2))
-                for name, form in forms.items()
-            }
+            # the step form's backward at long T costs seconds per run: fewer rounds there
+            times = min_seconds(
+                {name: (lambda f=form: run(f, inputs)) for name, form in forms.items()},
+                repeats,
+                rounds_of={"step": max(1, repeats // 2)},
+            )
             best_torch = min(times["chunked"], times["step"])
             print(
                 f"{T:>6} {label:>9} " + " ".join(f"{times[n] * 1e3:>9.1f}" for n in forms)
@@ -85,16 +94,23 @@ def bench_model(T, repeats):
         model.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()
 
+    def with_backend(backend, fn):
+        def run():
+            set_wkv6_backend(backend)
+            try:
+                fn()
+            finally:
+                set_wkv6_backend(None)
+
+        return run
+
     print(f"\nmodel level, d_model 256, 4 layers, T={T}, fp32: tokens/s (min time of runs)")
-    results = {}
-    for backend in ("auto", "torch"):
-        set_wkv6_backend(backend)
-        try:
-            results[backend] = (min_seconds(prefill, repeats), min_seconds(train_step, repeats))
-        finally:
-            set_wkv6_backend(None)
-    for i, label in enumerate(("prefill", "train step")):
-        kernel, torch_time = results["auto"][i], results["torch"][i]
+    results = {
+        label: min_seconds({backend: with_backend(backend, fn) for backend in ("auto", "torch")}, repeats)
+        for label, fn in (("prefill", prefill), ("train step", train_step))
+    }
+    for label, times in results.items():
+        kernel, torch_time = times["auto"], times["torch"]
         print(
             f"{label:>11}: kernel {T / kernel:9.0f} tok/s   torch {T / torch_time:9.0f} tok/s   "
             f"ratio {torch_time / kernel:.1f}x"
