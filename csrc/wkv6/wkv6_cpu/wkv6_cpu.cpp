@@ -232,27 +232,29 @@ struct Inputs {
   Dims dims;
 };
 
-// One chunk of one head's steps in processing order, as acc_t arrays of kChunk x Np: the inputs, the log-decay
-// lw = -exp(min(w, ln 60)), the decay d, and three outputs.
+// One chunk of one head's steps in processing order, as acc_t arrays of `rows` (kChunk, or T if shorter) x Np: the
+// inputs, the log-decay lw = -exp(min(w, ln 60)), the decay d, and three outputs.
 template <typename acc_t>
 struct ChunkBuffers {
   int64_t Np;
   std::vector<acc_t> storage;
   acc_t *r, *k, *v, *w, *lw, *d, *dy, *a, *out0, *out1, *out2;
-  explicit ChunkBuffers(int64_t padded) : Np(padded), storage(11 * kChunk * padded, acc_t(0)) {
+  ChunkBuffers(int64_t padded, int64_t rows) : Np(padded), storage(11 * rows * padded, acc_t(0)) {
     acc_t* next = storage.data();
     for (acc_t** field : {&r, &k, &v, &w, &lw, &d, &dy, &a, &out0, &out1, &out2}) {
       *field = next;
-      next += kChunk * Np;
+      next += rows * Np;
     }
   }
   // the fields point into storage: a copy would point into the original, a move keeps them valid
   ChunkBuffers(const ChunkBuffers&) = delete;
   ChunkBuffers(ChunkBuffers&&) = default;
-  static std::vector<ChunkBuffers> for_group(int64_t padded) {
+  // buffers for the largest group of heads in [bh_begin, bh_end) (sized to the call: decode runs T = 1)
+  static std::vector<ChunkBuffers> for_group(int64_t padded, const Dims& dims, int64_t bh_begin, int64_t bh_end) {
     std::vector<ChunkBuffers> group;
-    group.reserve(kHeadGroup);
-    for (int64_t h = 0; h < kHeadGroup; ++h) group.emplace_back(padded);
+    const int64_t heads = std::min(kHeadGroup, bh_end - bh_begin);
+    group.reserve(heads);
+    for (int64_t h = 0; h < heads; ++h) group.emplace_back(padded, std::min(kChunk, dims.T));
     return group;
   }
   // row s from the inputs' elements at `off`
@@ -322,21 +324,24 @@ void forward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* u, acc_t* y, 
                    int64_t bh_end) {
   const Dims& dims = in.dims;
   const int64_t N = dims.N, Np = padded_size<acc_t>(N), NN = Np * Np;
-  auto buffers = ChunkBuffers<acc_t>::for_group(Np);
-  std::vector<acc_t> states(kHeadGroup * NN);
+  auto buffers = ChunkBuffers<acc_t>::for_group(Np, dims, bh_begin, bh_end);
+  // the scans update `state` (a copy of the initial state) in place, unless N needs padding to whole tiles
+  const bool padded = Np != N;
+  std::vector<acc_t> padded_states(padded ? buffers.size() * NN : 0);
   for (int64_t group = bh_begin; group < bh_end; group += kHeadGroup) {
     const int64_t group_end = std::min(group + kHeadGroup, bh_end);
-    for (int64_t bh = group; bh < group_end; ++bh)
-      matrix_in(&states[(bh - group) * NN], Np, state + bh * N * N, N, /*transpose=*/false);
+    auto S = [&](int64_t bh) { return padded ? &padded_states[(bh - group) * NN] : state + bh * NN; };
+    if (padded)
+      for (int64_t bh = group; bh < group_end; ++bh) matrix_in(S(bh), Np, state + bh * N * N, N, /*transpose=*/false);
     for_each_chunk(in, buffers, group, group_end, /*reversed=*/false, {{y, &ChunkBuffers<acc_t>::out0}},
                    [&](int64_t bh, int64_t n, ChunkBuffers<acc_t>& c) {
                      const acc_t* uh = u + (bh % dims.H) * N;
-                     scan_chunk</*kDecayOnColumns=*/false>(&states[(bh - group) * NN], Np, n, c.r, c.d, c.k, c.v,
-                                                           c.out0);
+                     scan_chunk</*kDecayOnColumns=*/false>(S(bh), Np, n, c.r, c.d, c.k, c.v, c.out0);
                      for (int64_t row = 0; row < n * Np; row += Np)
                        add_scaled_row(c.out0 + row, bonus_row(c.r + row, uh, c.k + row, N), c.v + row, N);
                    });
-    for (int64_t bh = group; bh < group_end; ++bh) matrix_out(&states[(bh - group) * NN], Np, state + bh * N * N, N);
+    if (padded)
+      for (int64_t bh = group; bh < group_end; ++bh) matrix_out(S(bh), Np, state + bh * N * N, N);
   }
 }
 
@@ -346,10 +351,10 @@ void backward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* u, const acc
                     acc_t* du_per_head, int64_t bh_begin, int64_t bh_end) {
   const Dims& dims = in.dims;
   const int64_t N = dims.N, Np = padded_size<acc_t>(N), NN = Np * Np;
-  auto buffers = ChunkBuffers<acc_t>::for_group(Np);
+  auto buffers = ChunkBuffers<acc_t>::for_group(Np, dims, bh_begin, bh_end);
   // per head of the group: G (or S^T in pass 1) and G^T
-  std::vector<acc_t> X(kHeadGroup * NN), XT(kHeadGroup * NN);
-  std::vector<double> decay_grad_carry(kHeadGroup * N);
+  std::vector<acc_t> X(buffers.size() * NN), XT(buffers.size() * NN);
+  std::vector<double> decay_grad_carry(buffers.size() * N);
   for (int64_t group = bh_begin; group < bh_end; group += kHeadGroup) {
     const int64_t group_end = std::min(group + kHeadGroup, bh_end);
     // Pass 1, forward in t over S^T: dr, the u-gradient, and A_t = r_t * (S_{t-1} dy_t), parked in dw until
@@ -419,6 +424,10 @@ torch::ScalarType acc_dtype(const torch::Tensor& r) {
   return r.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
 
+// Heads per parallel task: enough state updates per task (~T N^2 each) that a short call (a decode step) is not
+// spread over threads whose start-up costs more than its work.
+int64_t heads_per_task(const Dims& dims) { return std::max<int64_t>(1, (int64_t(1) << 18) / (dims.T * dims.N * dims.N)); }
+
 Dims dims_of(const torch::Tensor& r) { return Dims{r.size(0), r.size(1), r.size(2), r.size(3)}; }
 
 }  // namespace
@@ -438,7 +447,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_forward_cpu(const torch::Tensor& r
                                          : torch::zeros({dims.B, dims.H, dims.N, dims.N}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_forward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, dims.B * dims.H, heads_per_task(dims), [&](int64_t begin, int64_t end) {
       const Inputs<scalar_t, acc_t> in{rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
                                        wc.data_ptr<scalar_t>(), nullptr, nullptr, dims};
       forward_heads(in, uc.data_ptr<acc_t>(), y.data_ptr<acc_t>(), state.data_ptr<acc_t>(), begin, end);
@@ -466,7 +475,7 @@ WKV6Grads wkv6_backward_cpu(const torch::Tensor& r, const torch::Tensor& k, cons
   auto du_per_head = torch::zeros({dims.B, dims.H, dims.N}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    at::parallel_for(0, dims.B * dims.H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, dims.B * dims.H, heads_per_task(dims), [&](int64_t begin, int64_t end) {
       const Inputs<scalar_t, acc_t> in{rc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
                                        wc.data_ptr<scalar_t>(), dy.data_ptr<acc_t>(), nullptr, dims};
       backward_heads(in, uc.data_ptr<acc_t>(), dsT.has_value() ? dsT->data_ptr<acc_t>() : nullptr,
