@@ -21,9 +21,10 @@
 // sum_{tau > t} r_tau (S_{tau-1} dy_tau) - sum_{s >= t} k_s (G_s v_s) (the final-state gradient acting as the query
 // tau = T + 1); that running difference is carried in float64 so the cancellation costs nothing measurable.
 //
-// Inputs are read (converted, turned into decays) one chunk of steps at a time into head-major buffers padded to
-// a multiple of the tile width, and outputs are written straight into (B, T, H, N): separate torch passes for the
-// decay, the transposes and dw cost more than the recurrence itself at N = 64.
+// Inputs are read (converted, turned into decays) one chunk of steps at a time into per-head buffers padded to a
+// multiple of the tile width, for a group of heads at once, and outputs go back from such buffers into
+// (B, T, H, N): no separate torch passes for the decay, the transposes or dw, which cost more than the recurrence
+// itself at N = 64.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 
@@ -76,7 +77,7 @@ inline void store_vec(T* p, Vec<T> v) {
 // Register tile of X: kRows rows x kCols vectors (8 x 2 fills 20 of AVX-512's 32 registers; AVX2 has 16).
 constexpr int kRows = kVectorBytes == 64 ? 8 : 4;
 constexpr int kCols = 2;
-// Steps per chunk: the chunk's buffers (~9 arrays of kChunk x N) stay within L1/L2.
+// Steps per chunk: a head's chunk buffers (11 arrays of kChunk x N) stay within L2 for the group.
 constexpr int64_t kChunk = 32;
 
 template <typename T>
@@ -182,17 +183,17 @@ inline acc_t bonus_row(const acc_t* __restrict__ r, const acc_t* __restrict__ u,
   for (int64_t i = 0; i < N; ++i) sum += r[i] * u[i] * k[i];
   return sum;
 }
-// x += a z
-template <typename acc_t>
-inline void add_scaled_row(acc_t* __restrict__ x, acc_t a, const acc_t* __restrict__ z, int64_t N) {
-  for (int64_t i = 0; i < N; ++i) x[i] += a * z[i];
-}
 template <typename acc_t>
 acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t N) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < N; ++i) sum += a[i] * b[i];
   return sum;
+}
+// x += a z
+template <typename acc_t>
+inline void add_scaled_row(acc_t* __restrict__ x, acc_t a, const acc_t* __restrict__ z, int64_t N) {
+  for (int64_t i = 0; i < N; ++i) x[i] += a * z[i];
 }
 // Backward pass 1, one step: dr, A_t = r * (S_{t-1} dy) (parked in dw) and the u-gradient.
 template <typename acc_t>
