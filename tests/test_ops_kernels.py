@@ -101,6 +101,28 @@ CASES = [
 
 @pytest.mark.parametrize("B,T,H,N,decay,with_state", CASES)
 def test_kernel_matches_float64_reference(ops, B, T, H, N, decay, with_state):
+    assert_matches_float64_reference(ops, B, T, H, N, decay, with_state)
+
+
+ISA_TIERS = {"base": [], "avx2": ["-mavx2", "-mfma"]}
+
+
+@pytest.mark.parametrize("tier", sorted(ISA_TIERS))
+def test_lower_isa_tiers_match_float64_reference(ops, tier):
+    # this machine builds its highest tier; the others (SSE / NEON-width vectors, AVX2) are what other CPUs and a
+    # baseline Hub build get, from the same source
+    if tier == "avx2" and not kernels_mod._cpu_has("avx2", "fma"):
+        pytest.skip("this CPU cannot run an AVX2 build")
+    tier_ops = kernels_mod._build_cpu_ops(["-O3", "-fno-trapping-math", "-fopenmp", "-DCPU_KERNEL"] + ISA_TIERS[tier])
+    for case in [CASES[1], CASES[3], CASES[4], (2, 40, 3, 5, "per_channel", True)]:
+        assert_matches_float64_reference(tier_ops, *case)
+    inputs, state = make_inputs(2, 4, 1, 7, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in inputs] + [state.double().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda *xs: WKV6KernelFunction.apply(tier_ops, *xs), leaves, fast_mode=True)
+
+
+def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state):
+    """Output, final state and every input gradient of the kernel against the float64 step-by-step reference."""
     inputs, state = make_inputs(B, T, H, N, decay)
     state = state if with_state else None
     grad_y, grad_state = output_grads(B, T, H, N)

@@ -109,10 +109,11 @@ def cpu_extension_name(flags: list[str]) -> str:
     return f"visualrwkv_wkv6_cpu_{isa}_{digest.hexdigest()[:12]}"
 
 
-def _build_cpu_ops() -> SimpleNamespace:
+def _build_cpu_ops(flags: list[str] | None = None) -> SimpleNamespace:
+    """Build (cached) and load the CPU kernel with `flags` (default: `cpu_build_flags()`, this CPU's tier)."""
     from torch.utils.cpp_extension import load
 
-    flags = cpu_build_flags()
+    flags = cpu_build_flags() if flags is None else flags
     name = cpu_extension_name(flags)
     # is_python_module=False: the library registers torch.ops.<name>.forward / backward, as in a Hub build
     load(
