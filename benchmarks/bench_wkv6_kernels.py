@@ -51,8 +51,9 @@ def forward_only(form, inputs):
         form(*inputs)
 
 
-def forward_backward(form, inputs):
-    leaves = [x.clone().requires_grad_() for x in inputs]
+def forward_backward(form, leaves):
+    for leaf in leaves:  # fresh gradients each run, without timing copies of the inputs
+        leaf.grad = None
     y, state = form(*leaves)
     (y.sum() + state.sum()).backward()
 
@@ -63,10 +64,11 @@ def bench_ops(lengths, repeats):
     print(f"{'T':>6} {'pass':>9} " + " ".join(f"{name:>9}" for name in forms) + f" {'ratio':>7}")
     for T in lengths:
         inputs = op_inputs(T)
-        for label, run in (("forward", forward_only), ("fwd+bwd", forward_backward)):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        for label, run, args in (("forward", forward_only, inputs), ("fwd+bwd", forward_backward, leaves)):
             # the step form's backward at long T costs seconds per run: fewer rounds there
             times = min_seconds(
-                {name: (lambda f=form: run(f, inputs)) for name, form in forms.items()},
+                {name: (lambda f=form: run(f, args)) for name, form in forms.items()},
                 repeats,
                 rounds_of={"step": max(1, repeats // 2)},
             )
