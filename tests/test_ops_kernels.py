@@ -136,6 +136,18 @@ def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state):
         assert_close_relative(g, g_ref, 1e-4, f"d{name}")
 
 
+def test_empty_sequence_passes_the_state_through(ops):
+    inputs, state = make_inputs(2, 0, 3, 64)
+    leaves = [x.requires_grad_() for x in inputs] + [state.requires_grad_()]
+    y, s = WKV6KernelFunction.apply(ops, *leaves)
+    assert y.shape == (2, 0, 3, 64)
+    torch.testing.assert_close(s, state, rtol=0, atol=0)
+    grad_state = torch.randn_like(state)
+    (s * grad_state).sum().backward()
+    torch.testing.assert_close(leaves[-1].grad, grad_state, rtol=0, atol=0)
+    assert all(x.grad.shape == x.shape for x in leaves[:4])
+
+
 def test_kernel_matches_torch_op(ops):
     inputs, state = make_inputs(2, 50, 2, 64)
     y, s = wkv6_compiled(*inputs, state)

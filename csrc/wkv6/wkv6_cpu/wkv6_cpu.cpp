@@ -428,7 +428,9 @@ torch::ScalarType acc_dtype(const torch::Tensor& r) {
 
 // Heads per parallel task: enough state updates per task (~T N^2 each) that a short call (a decode step) is not
 // spread over threads whose start-up costs more than its work.
-int64_t heads_per_task(const Dims& dims) { return std::max<int64_t>(1, (int64_t(1) << 18) / (dims.T * dims.N * dims.N)); }
+int64_t heads_per_task(const Dims& dims) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, dims.T * dims.N * dims.N));
+}
 
 Dims dims_of(const torch::Tensor& r) { return Dims{r.size(0), r.size(1), r.size(2), r.size(3)}; }
 
