@@ -267,10 +267,10 @@ def main() -> None:
 
     # b. prefill throughput against the rwkv package's sequence forward (a loop over time inside TorchScript).
     prompt = random_tokens(T, args.vocab, seed=13)
-    ours_s = theirs_s = float("inf")
-    for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits both sides
-        ours_s = min(ours_s, best_of(1, lambda: prefill_ours(model, prompt)))
-        theirs_s = min(theirs_s, best_of(1, lambda: reference.forward(prompt, None)))
+    times = best_of_taking_turns(
+        args.repeats, {"ours": lambda: prefill_ours(model, prompt), "rwkv": lambda: reference.forward(prompt, None)}
+    )
+    ours_s, theirs_s = times["ours"], times["rwkv"]
     ratio = theirs_s / ours_s
     rows.append((f"b. prefill tok/s, T={T}, ours vs rwkv", T / ours_s, T / theirs_s, ratio, f">= 2: {bar(ratio >= 2)}"))
 

@@ -121,19 +121,23 @@ def test_lower_isa_tiers_match_float64_reference(ops, tier):
     assert torch.autograd.gradcheck(lambda *xs: WKV6KernelFunction.apply(tier_ops, *xs), leaves, fast_mode=True)
 
 
-def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state):
-    """Output, final state and every input gradient of the kernel against the float64 step-by-step reference."""
+def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state, device="cpu"):
+    """Output, final state and every input gradient of the kernel (run on `device`) against the float64
+    step-by-step reference (on the CPU)."""
     inputs, state = make_inputs(B, T, H, N, decay)
     state = state if with_state else None
     grad_y, grad_state = output_grads(B, T, H, N)
-    y, s, grads = kernel_run(ops, inputs, state, grad_y, grad_state)
+    y, s, grads = kernel_run(
+        ops, [x.to(device) for x in inputs], None if state is None else state.to(device), grad_y.to(device),
+        grad_state.to(device),
+    )
     y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
-    assert y.dtype == s.dtype == torch.float32
-    assert_close_relative(y, y_ref, 1e-5, "y")
-    assert_close_relative(s, s_ref, 1e-5, "final state")
+    assert y.dtype == s.dtype == torch.float32 and y.device.type == device
+    assert_close_relative(y.cpu(), y_ref, 1e-5, "y")
+    assert_close_relative(s.cpu(), s_ref, 1e-5, "final state")
     for name, g, g_ref in zip(["r", "k", "v", "w", "u", "initial state"], grads, grads_ref):
         assert torch.isfinite(g).all(), name
-        assert_close_relative(g, g_ref, 1e-4, f"d{name}")
+        assert_close_relative(g.cpu(), g_ref, 1e-4, f"d{name}")
 
 
 def test_empty_sequence_passes_the_state_through(ops):
@@ -343,19 +347,7 @@ CUDA_CASES = CASES + [
 @needs_cuda
 @pytest.mark.parametrize("B,T,H,N,decay,with_state", CUDA_CASES)
 def test_cuda_kernel_matches_float64_reference(cuda_ops, B, T, H, N, decay, with_state):
-    inputs, state = make_inputs(B, T, H, N, decay)
-    state = state if with_state else None
-    grad_y, grad_state = output_grads(B, T, H, N)
-    on_gpu = [x.cuda() for x in inputs]
-    y, s, grads = kernel_run(cuda_ops, on_gpu, None if state is None else state.cuda(), grad_y.cuda(),
-                             grad_state.cuda())
-    y_ref, s_ref, grads_ref = reference_run(inputs, state, grad_y, grad_state)
-    assert y.dtype == s.dtype == torch.float32 and y.is_cuda
-    assert_close_relative(y.cpu(), y_ref, 1e-5, "y")
-    assert_close_relative(s.cpu(), s_ref, 1e-5, "final state")
-    for name, g, g_ref in zip(["r", "k", "v", "w", "u", "initial state"], grads, grads_ref):
-        assert torch.isfinite(g).all(), name
-        assert_close_relative(g.cpu(), g_ref, 1e-4, f"d{name}")
+    assert_matches_float64_reference(cuda_ops, B, T, H, N, decay, with_state, device="cuda")
 
 
 @needs_cuda

@@ -158,9 +158,8 @@ inline double exp_vectorisable(double x) { return std::exp(x); }
 // Sizes of one call; every (batch, time, head, channel) array is (B, T, H, N).
 struct Dims {
   int64_t B, T, H, N;
-  // offset of (b, 0, h, 0) for the flat head index bh = b * H + h; step t adds t * H * N
-  int64_t head_offset(int64_t bh) const { return (bh / H * T * H + bh % H) * N; }
-  int64_t offset(int64_t bh, int64_t t) const { return head_offset(bh) + t * H * N; }
+  // offset of (b, t, h, 0) for the flat head index bh = b * H + h
+  int64_t offset(int64_t bh, int64_t t) const { return ((bh / H * T + t) * H + bh % H) * N; }
 };
 
 // Elementwise work on one step's rows, as functions whose __restrict__ parameters let each loop vectorise.
