@@ -26,6 +26,26 @@ __device__ __forceinline__ float log_decay(float w) { return -__expf(fminf(w, kM
 // Each kernel walks its head's steps in order; a thread loads the next step's inputs into registers before the
 // current step's math, so global-memory latency overlaps the arithmetic instead of stalling every step, and the
 // length-N dot products run as four interleaved partial sums (N is a multiple of 4) rather than one FMA chain.
+
+// One step's inputs for one thread's channel, in fp32; a kernel passes null for the arrays it does not read.
+struct StepInputs {
+  float r = 0.f, k = 0.f, v = 0.f, w = 0.f, dy = 0.f, a = 0.f;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ StepInputs load_step(const scalar_t* __restrict__ r, const scalar_t* __restrict__ k,
+                                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ w,
+                                                const float* __restrict__ dy, const float* __restrict__ a,
+                                                int64_t idx) {
+  StepInputs in;
+  in.r = static_cast<float>(r[idx]);
+  in.k = static_cast<float>(k[idx]);
+  if (v != nullptr) in.v = static_cast<float>(v[idx]);
+  in.w = static_cast<float>(w[idx]);
+  if (dy != nullptr) in.dy = dy[idx];
+  if (a != nullptr) in.a = a[idx];
+  return in;
+}
 template <typename scalar_t, int N>
 __global__ void forward_kernel(int T, int H, const scalar_t* __restrict__ r, const scalar_t* __restrict__ k,
                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ w,
@@ -39,26 +59,16 @@ __global__ void forward_kernel(int T, int H, const scalar_t* __restrict__ r, con
   u_s[j] = u[h * N + j];
   const int64_t stride = static_cast<int64_t>(H) * N;
   int64_t idx = (static_cast<int64_t>(bh / H) * T * H + h) * N + j;
-  float r_next = 0.f, k_next = 0.f, v_next = 0.f, w_next = 0.f;
-  if (T > 0) {
-    r_next = static_cast<float>(r[idx]);
-    k_next = static_cast<float>(k[idx]);
-    v_next = static_cast<float>(v[idx]);
-    w_next = static_cast<float>(w[idx]);
-  }
+  StepInputs next;
+  if (T > 0) next = load_step(r, k, v, w, nullptr, nullptr, idx);
   for (int t = 0; t < T; ++t, idx += stride) {
     __syncthreads();
-    r_s[j] = r_next;
-    k_s[j] = k_next;
-    d_s[j] = __expf(log_decay(w_next));
-    const float v_j = v_next;
+    r_s[j] = next.r;
+    k_s[j] = next.k;
+    d_s[j] = __expf(log_decay(next.w));
+    const float v_j = next.v;
     __syncthreads();
-    if (t + 1 < T) {
-      r_next = static_cast<float>(r[idx + stride]);
-      k_next = static_cast<float>(k[idx + stride]);
-      v_next = static_cast<float>(v[idx + stride]);
-      w_next = static_cast<float>(w[idx + stride]);
-    }
+    if (t + 1 < T) next = load_step(r, k, v, w, nullptr, nullptr, idx + stride);
     float y_part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -90,27 +100,15 @@ __global__ void backward_state_rows_kernel(int T, int H, const scalar_t* __restr
   float du_i = 0.f;
   const int64_t stride = static_cast<int64_t>(H) * N;
   int64_t idx = (static_cast<int64_t>(bh / H) * T * H + h) * N + i;
-  float r_next = 0.f, k_next = 0.f, v_next = 0.f, w_next = 0.f, dy_next = 0.f;
-  if (T > 0) {
-    r_next = static_cast<float>(r[idx]);
-    k_next = static_cast<float>(k[idx]);
-    v_next = static_cast<float>(v[idx]);
-    w_next = static_cast<float>(w[idx]);
-    dy_next = dy[idx];
-  }
+  StepInputs next;
+  if (T > 0) next = load_step(r, k, v, w, dy, nullptr, idx);
   for (int t = 0; t < T; ++t, idx += stride) {
     __syncthreads();
-    v_s[i] = v_next;
-    dy_s[i] = dy_next;
-    const float r_i = r_next, k_i = k_next, d_i = __expf(log_decay(w_next));
+    v_s[i] = next.v;
+    dy_s[i] = next.dy;
+    const float r_i = next.r, k_i = next.k, d_i = __expf(log_decay(next.w));
     __syncthreads();
-    if (t + 1 < T) {
-      r_next = static_cast<float>(r[idx + stride]);
-      k_next = static_cast<float>(k[idx + stride]);
-      v_next = static_cast<float>(v[idx + stride]);
-      w_next = static_cast<float>(w[idx + stride]);
-      dy_next = dy[idx + stride];
-    }
+    if (t + 1 < T) next = load_step(r, k, v, w, dy, nullptr, idx + stride);
     float s_dy[4] = {0.f, 0.f, 0.f, 0.f}, v_dy[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -151,29 +149,15 @@ __global__ void backward_grad_rows_kernel(int T, int H, const scalar_t* __restri
   double carry = carry_init[static_cast<int64_t>(bh) * N + i];
   const int64_t stride = static_cast<int64_t>(H) * N;
   int64_t idx = (static_cast<int64_t>(bh / H) * T * H + h) * N + i + static_cast<int64_t>(T - 1) * stride;
-  float r_next = 0.f, k_next = 0.f, v_next = 0.f, w_next = 0.f, dy_next = 0.f, a_next = 0.f;
-  if (T > 0) {
-    r_next = static_cast<float>(r[idx]);
-    k_next = static_cast<float>(k[idx]);
-    v_next = static_cast<float>(v[idx]);
-    w_next = static_cast<float>(w[idx]);
-    dy_next = dy[idx];
-    a_next = dlw[idx];
-  }
+  StepInputs next;
+  if (T > 0) next = load_step(r, k, v, w, dy, dlw, idx);
   for (int t = T - 1; t >= 0; --t, idx -= stride) {
     __syncthreads();
-    v_s[i] = v_next;
-    dy_s[i] = dy_next;
-    const float r_i = r_next, k_i = k_next, d_i = __expf(log_decay(w_next)), a_t = a_next;
+    v_s[i] = next.v;
+    dy_s[i] = next.dy;
+    const float r_i = next.r, k_i = next.k, d_i = __expf(log_decay(next.w)), a_t = next.a;
     __syncthreads();
-    if (t > 0) {
-      r_next = static_cast<float>(r[idx - stride]);
-      k_next = static_cast<float>(k[idx - stride]);
-      v_next = static_cast<float>(v[idx - stride]);
-      w_next = static_cast<float>(w[idx - stride]);
-      dy_next = dy[idx - stride];
-      a_next = dlw[idx - stride];
-    }
+    if (t > 0) next = load_step(r, k, v, w, dy, dlw, idx - stride);
     float g_v[4] = {0.f, 0.f, 0.f, 0.f}, v_dy[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < N; ++j) {
@@ -206,27 +190,17 @@ __global__ void backward_grad_columns_kernel(int T, int H, const scalar_t* __res
   const float u_j = u[h * N + j];
   const int64_t stride = static_cast<int64_t>(H) * N;
   int64_t idx = (static_cast<int64_t>(bh / H) * T * H + h) * N + j + static_cast<int64_t>(T - 1) * stride;
-  float r_next = 0.f, k_next = 0.f, w_next = 0.f, dy_next = 0.f;
-  if (T > 0) {
-    r_next = static_cast<float>(r[idx]);
-    k_next = static_cast<float>(k[idx]);
-    w_next = static_cast<float>(w[idx]);
-    dy_next = dy[idx];
-  }
+  StepInputs next;
+  if (T > 0) next = load_step<scalar_t>(r, k, nullptr, w, dy, nullptr, idx);
   for (int t = T - 1; t >= 0; --t, idx -= stride) {
     __syncthreads();
-    r_s[j] = r_next;
-    k_s[j] = k_next;
-    uk_s[j] = u_j * k_next;
-    d_s[j] = __expf(log_decay(w_next));
-    const float dy_j = dy_next;
+    r_s[j] = next.r;
+    k_s[j] = next.k;
+    uk_s[j] = u_j * next.k;
+    d_s[j] = __expf(log_decay(next.w));
+    const float dy_j = next.dy;
     __syncthreads();
-    if (t > 0) {
-      r_next = static_cast<float>(r[idx - stride]);
-      k_next = static_cast<float>(k[idx - stride]);
-      w_next = static_cast<float>(w[idx - stride]);
-      dy_next = dy[idx - stride];
-    }
+    if (t > 0) next = load_step<scalar_t>(r, k, nullptr, w, dy, nullptr, idx - stride);
     float g_k[4] = {0.f, 0.f, 0.f, 0.f}, ruk[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < N; ++i) {
