@@ -172,11 +172,16 @@ def _run_states(state, decay, updates, reverse=False):
     return updates
 
 
+def _chunk_states(state, decay, k_state, v):
+    """The states at each chunk's start and end, (B, H, C, N, N) each, from `state` before the first chunk."""
+    ends = _run_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
+    return torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2), ends
+
+
 def _segment_forward(r, k, v, lw, u, state):
     """One segment of chunks, all (B, H, C, L, N); returns (y, state after the segment)."""
     level_factors, q_decay, k_decay, decay = _factors(lw)
-    ends = _run_states(state, decay, torch.matmul((k * k_decay).transpose(-1, -2), v))  # (B, H, C, N, N)
-    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
+    starts, ends = _chunk_states(state, decay, k * k_decay, v)
     scores, _, _ = _intra_scores(r, k, u, level_factors)
     y = torch.matmul(r * q_decay, starts)
     y += torch.matmul(scores, v)
@@ -193,8 +198,7 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state):
     """
     level_factors, q_decay, k_decay, decay = _factors(lw)
     q_state, k_state = r * q_decay, k * k_decay
-    ends = _run_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
-    starts = torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2)
+    starts, ends = _chunk_states(state, decay, k_state, v)
     # the state gradient runs backwards through the same recurrence: dS_start = decay * dS_end + q_state^T dy
     d_starts = _run_states(d_state, decay, torch.matmul(q_state.transpose(-1, -2), dy), reverse=True)
     d_ends = torch.cat([d_starts[:, :, 1:], d_state.unsqueeze(2)], 2)
