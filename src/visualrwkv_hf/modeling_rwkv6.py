@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
 from .ops import WKV6
+from .ops.mixing import relu_squared, slot_lerp
 
 # Slot order of the data-dependent token-shift LoRA (time_maa_w1 columns / time_maa_w2 rows), as in the original.
 TIME_MIX_SLOTS = ("w", "k", "v", "r", "g")
@@ -104,7 +105,7 @@ class VisualRWKVTimeMix(nn.Module):
         # one batched matmul gives m_s for every slot s, one addcmul gives x_s = x + dx * (maa_s + m_s).
         mix = torch.bmm(lora.view(B * T, slots, -1).transpose(0, 1), self.time_maa_w2).view(slots, B, T, C)
         maa = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
-        x_w, x_k, x_v, x_r, x_g = torch.addcmul(x, dx, mix + maa.view(slots, 1, 1, C)).unbind(0)
+        x_w, x_k, x_v, x_r, x_g = slot_lerp(x, dx, mix, maa)
 
         r = self.att_receptance(x_r)
         k = self.att_key(x_k)
@@ -147,7 +148,7 @@ class VisualRWKVChannelMix(nn.Module):
     ) -> torch.Tensor:
         x = mask_padding(hidden_states, padding_mask)
         dx = token_shift(x, cache, self.layer_idx, 1) - x
-        k = torch.square(torch.relu(self.ffn_key(torch.addcmul(x, dx, self.time_maa_k))))
+        k = relu_squared(self.ffn_key(torch.addcmul(x, dx, self.time_maa_k)))
         return torch.sigmoid(self.ffn_receptance(torch.addcmul(x, dx, self.time_maa_r))) * self.ffn_value(k)
 
 
