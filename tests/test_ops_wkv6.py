@@ -206,8 +206,8 @@ def test_chunked_function_gradcheck_float64(L, segment):
     with a ragged last one, log-decays from ~0 (decay ~1) to the clamp (decay e^-60)."""
     B, H, C, N = 1, 2, 5, 3
     g = torch.Generator().manual_seed(L)
-    r, k, v = (torch.randn(B, H, C, L, N, generator=g, dtype=torch.float64) for _ in range(3))
-    lw = -torch.exp(torch.rand(B, H, C, L, N, generator=g, dtype=torch.float64) * 8 - 6)
+    r, k, v = (torch.randn(C, B, H, L, N, generator=g, dtype=torch.float64) for _ in range(3))
+    lw = -torch.exp(torch.rand(C, B, H, L, N, generator=g, dtype=torch.float64) * 8 - 6)
     lw[..., 0] = LOG_DECAY_MIN
     lw[..., 1] = -1e-9
     u = torch.randn(H, N, generator=g, dtype=torch.float64)

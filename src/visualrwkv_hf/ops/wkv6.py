@@ -140,22 +140,32 @@ def _factors(lw: torch.Tensor):
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _level_queries(L: int, device: torch.device) -> torch.Tensor:
+    """(levels, L, 1): True where position t is a query at the level of half-length h (the second half of its
+    2h-block), False where it is a key."""
+    t, h = torch.arange(L).view(1, L, 1), torch.tensor(_levels(L)).view(-1, 1, 1)
+    return (t // h % 2 == 1).to(device)
+
+
 def _intra_scores(r, k, u, level_factors):
     """Score matrix of each chunk (..., L, L): A[t, s] = r_t.(decay over s+1..t-1 * k_s) for s < t, and the
-    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path). Also returns the scaled queries and keys.
+    u-bonus r_t.(u * k_t) on the diagonal, so y = A v + (state path). Also returns the scaled queries and keys z.
 
     Dyadic levels: at each level every key of a block's first half reaches every query of its second half through
     the halves' boundary, so the decay factorises into (query back to the boundary) x (key forward to the boundary),
-    both <= 1 (never a growth exp(+x) that could overflow). All levels go through one batched matmul of full
-    (L, L) products, masked to each level's blocks: wasteful in flops, but a few large ops beat many tiny ones.
-    The first level (a key right before its query, no decay) and the bonus are two diagonals.
+    both <= 1 (never a growth exp(+x) that could overflow). At each level a position is either a query or a key,
+    so one tensor z holds both (r_t * factor at queries, k_t * factor at keys). All levels go through one batched
+    matmul of full (L, L) products z z^T, masked to each level's (query, key) pairs: wasteful in flops, but a few
+    large ops beat many tiny ones. The first level (a key right before its query, no decay) and the bonus are two
+    diagonals.
     """
-    q, key = r.unsqueeze(-3) * level_factors, k.unsqueeze(-3) * level_factors
+    z = torch.where(_level_queries(r.shape[-2], r.device), r.unsqueeze(-3), k.unsqueeze(-3)).mul_(level_factors)
     masks = _level_masks(r.shape[-2], r.dtype, r.device)
-    scores = (torch.matmul(q, key.transpose(-1, -2)) * masks).sum(-3)
+    scores = (torch.matmul(z, z.transpose(-1, -2)) * masks).sum(-3)
     scores.diagonal(dim1=-2, dim2=-1).copy_((r * u * k).sum(-1))
     _adjacent(scores).copy_((r[..., 1::2, :] * k[..., :-1:2, :]).sum(-1))
-    return scores, q, key
+    return scores, z
 
 
 def _adjacent(scores):
@@ -163,113 +173,131 @@ def _adjacent(scores):
     return scores.diagonal(offset=-1, dim1=-2, dim2=-1)[..., ::2]
 
 
-def _run_states(state, decay, updates, reverse=False):
-    """The chunk recurrence S_c = decay_c * S_(c-1) + update_c over dim 2 (backwards when `reverse`), from `state`
-    before the first step: returns the states after each step, written into `updates` (updated in place)."""
-    steps = range(updates.shape[2])
+def _run_states(states, decay, reverse=False):
+    """The chunk recurrence over dim 0 of `states` (C + 1, ...), in place: forwards, states[0] is the state before
+    the first chunk and states[c + 1] holds chunk c's update on entry, its state after that chunk on return
+    (S_c+1 = decay_c * S_c + update_c); `reverse` runs the same recurrence from states[C] back to states[0]."""
+    steps = range(decay.shape[0])
     for c in reversed(steps) if reverse else steps:
-        state = updates[:, :, c].addcmul_(decay[:, :, c].unsqueeze(-1), state)
-    return updates
+        target, source = (c, c + 1) if reverse else (c + 1, c)
+        states[target].addcmul_(decay[c].unsqueeze(-1), states[source])
+    return states
+
+
+def _flat(x):
+    """A contiguous (C, B, H, rows, cols) tensor as the (C * B * H, rows, cols) batch of `bmm`."""
+    return x.view(-1, *x.shape[-2:])
 
 
 def _chunk_states(state, decay, k_state, v):
-    """The states at each chunk's start and end, (B, H, C, N, N) each, from `state` before the first chunk."""
-    ends = _run_states(state, decay, torch.matmul(k_state.transpose(-1, -2), v))
-    return torch.cat([state.unsqueeze(2), ends[:, :, :-1]], 2), ends
+    """The states at every chunk boundary, (C + 1, B, H, N, N), from `state` before the first chunk: chunk c starts
+    from [c] and ends at [c + 1] (contiguous views, so nothing is concatenated)."""
+    states = state.new_empty(k_state.shape[0] + 1, *state.shape)
+    states[0] = state
+    torch.bmm(_flat(k_state).transpose(1, 2), _flat(v), out=_flat(states[1:]))
+    return _run_states(states, decay)
 
 
-def _segment_forward(r, k, v, lw, u, state):
-    """One segment of chunks, all (B, H, C, L, N); returns (y, state after the segment)."""
+def _segment_forward(r, k, v, lw, u, state, y):
+    """One segment of chunks, all (C, B, H, L, N): writes the output into `y` and returns the state after it."""
     level_factors, q_decay, k_decay, decay = _factors(lw)
-    starts, ends = _chunk_states(state, decay, k * k_decay, v)
-    scores, _, _ = _intra_scores(r, k, u, level_factors)
-    y = torch.matmul(r * q_decay, starts)
-    y += torch.matmul(scores, v)
-    return y, ends[:, :, -1]
+    states = _chunk_states(state, decay, k * k_decay, v)
+    scores, _ = _intra_scores(r, k, u, level_factors)
+    torch.bmm(_flat(r * q_decay), _flat(states[:-1]), out=_flat(y))
+    _flat(y).baddbmm_(_flat(scores), _flat(v))
+    return states[-1]
 
 
-def _segment_backward(r, k, v, lw, u, state, dy, d_state):
-    """Gradients of `_segment_forward` from its saved inputs (chunk states recomputed): (dr, dk, dv, dlw, du,
-    gradient of the segment's initial state).
+def _segment_backward(r, k, v, lw, u, state, dy, d_state, grads):
+    """Gradients of `_segment_forward` from its saved inputs (chunk states recomputed): writes dr, dk, dv and dlw
+    into `grads` and returns (du, gradient of the segment's initial state).
 
     Each decay factor is exp(e) with e a sum of log-decays (`_decay_exponents`); for a factor scaling x, the
     gradient of e is grad(x * exp(e)) * x * exp(e), and the exponents' matrix transposed sums those onto lw: no
     cancellation between large terms, unlike deriving the decay gradient from dr.r - dk.k.
     """
+    dr, dk, dv, dlw = grads
     level_factors, q_decay, k_decay, decay = _factors(lw)
     q_state, k_state = r * q_decay, k * k_decay
-    starts, ends = _chunk_states(state, decay, k_state, v)
+    states = _chunk_states(state, decay, k_state, v)
     # the state gradient runs backwards through the same recurrence: dS_start = decay * dS_end + q_state^T dy
-    d_starts = _run_states(d_state, decay, torch.matmul(q_state.transpose(-1, -2), dy), reverse=True)
-    d_ends = torch.cat([d_starts[:, :, 1:], d_state.unsqueeze(2)], 2)
-    dq_state = torch.matmul(dy, starts.transpose(-1, -2))
+    d_states = torch.empty_like(states)
+    d_states[-1] = d_state
+    torch.bmm(_flat(q_state).transpose(1, 2), _flat(dy), out=_flat(d_states[:-1]))
+    _run_states(d_states, decay, reverse=True)
+    d_ends = d_states[1:]
+    dq_state = torch.matmul(dy, states[:-1].transpose(-1, -2))
     dk_state = torch.matmul(v, d_ends.transpose(-1, -2))
     # within the chunks: y = scores v
-    scores, q, key = _intra_scores(r, k, u, level_factors)
+    scores, z = _intra_scores(r, k, u, level_factors)
     d_scores = torch.matmul(dy, v.transpose(-1, -2))
-    dv = torch.matmul(k_state, d_ends)
-    dv += torch.matmul(scores.transpose(-1, -2), dy)
+    torch.bmm(_flat(k_state), _flat(d_ends), out=_flat(dv))
+    _flat(dv).baddbmm_(_flat(scores).transpose(1, 2), _flat(dy))
+    # scores = sum over levels of masked z z^T: a query row and a key column meet only in (query, key) entries,
+    # so the symmetrised masked gradient gives both z gradients in one product
     d_levels = d_scores.unsqueeze(-3) * _level_masks(lw.shape[-2], lw.dtype, lw.device)
-    d_q, d_key = torch.matmul(d_levels, key), torch.matmul(d_levels.transpose(-1, -2), q)
+    d_z = torch.matmul(d_levels + d_levels.transpose(-1, -2), z)
+    d_scaled = d_z * level_factors
+    d_queries = (d_scaled * _level_queries(lw.shape[-2], lw.device)).sum(-3)
     d_bonus = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    dr = torch.addcmul(dq_state * q_decay, d_bonus * u, k)
-    dr += (d_q * level_factors).sum(-3)
-    dk = torch.addcmul(dk_state * k_decay, d_bonus * u, r)
-    dk += (d_key * level_factors).sum(-3)
-    du = (d_bonus * r * k).sum((0, 2, 3))
+    torch.addcmul(dq_state * q_decay, d_bonus * u, k, out=dr)
+    dr += d_queries
+    torch.addcmul(dk_state * k_decay, d_bonus * u, r, out=dk)
+    dk += d_scaled.sum(-3)
+    dk -= d_queries
+    du = (d_bonus * r * k).sum((0, 1, 3))
     d_adjacent = _adjacent(d_scores).unsqueeze(-1)
     dr[..., 1::2, :].addcmul_(d_adjacent, k[..., :-1:2, :])
     dk[..., :-1:2, :].addcmul_(d_adjacent, r[..., 1::2, :])
-    # exponent gradients, in `_decay_exponents`' row order (a position is a query or a key at each level, never
-    # both, so one row per level serves both)
+    # exponent gradients, in `_decay_exponents`' row order (one row per level serves queries and keys, as z does)
     *lead, L, N = lw.shape
     exponents = _decay_exponents(L, lw.dtype, lw.device)
     d_exponents = lw.new_empty(*lead, exponents.shape[0], N)
     levels = d_levels.shape[-3]
-    torch.addcmul(d_q * q, d_key, key, out=d_exponents[..., : levels * L, :].view(*lead, levels, L, N))
+    torch.mul(d_z, z, out=d_exponents[..., : levels * L, :].view(*lead, levels, L, N))
     torch.mul(dq_state, q_state, out=d_exponents[..., levels * L : (levels + 1) * L, :])
     torch.mul(dk_state, k_state, out=d_exponents[..., (levels + 1) * L : (levels + 2) * L, :])
-    torch.mul(decay, (d_ends * starts).sum(-1), out=d_exponents[..., -1, :])
-    dlw = torch.matmul(exponents.transpose(0, 1), d_exponents)
-    return dr, dk, dv, dlw, du, d_starts[:, :, 0]
+    torch.mul(decay, (d_ends * states[:-1]).sum(-1), out=d_exponents[..., -1, :])
+    torch.matmul(exponents.transpose(0, 1), d_exponents, out=dlw)
+    return du, d_states[0]
 
 
 class _ChunkedWKV6(torch.autograd.Function):
-    """The chunked form on (B, H, C, L, N) chunks with a hand-written backward.
+    """The chunked form on (C, B, H, L, N) chunks (chunk-major, so a segment of chunks is one contiguous block)
+    with a hand-written backward.
 
     Autograd through the chunked ops would keep every temporary of every segment and run hundreds of small
     backward nodes; this saves only the inputs and the state at each segment start (O(T / segment) states) and
-    recomputes each segment's chunk states in the backward, one segment at a time, latest first.
+    recomputes each segment's chunk states in the backward, one segment at a time, latest first. Outputs and
+    gradients are written segment by segment into tensors allocated once.
     Inputs: r, k, v and the log-decay lw (<= 0) in the chunk layout, u as (H, N), the initial state, and the
     segment length in chunks. Any floating dtype (float64 for gradcheck); the public function passes float32.
     """
 
     @staticmethod
     def forward(ctx, r, k, v, lw, u, state, segment):
-        r, k, v, lw = (x.contiguous() for x in (r, k, v, lw))  # one copy here rather than strided access in every op
-        u_chunks = u.view(1, u.shape[0], 1, 1, u.shape[1])
-        ys, starts = [], []
-        for parts in zip(*(x.split(segment, dim=2) for x in (r, k, v, lw))):
+        r, k, v, lw = (x.contiguous() for x in (r, k, v, lw))
+        u_chunks = u.view(u.shape[0], 1, u.shape[1])
+        y, starts = torch.empty_like(v), []
+        for parts in zip(*(x.split(segment) for x in (r, k, v, lw, y))):
             starts.append(state)
-            y, state = _segment_forward(*parts, u_chunks, state)
-            ys.append(y)
+            state = _segment_forward(*parts[:4], u_chunks, state, parts[4])
         ctx.save_for_backward(r, k, v, lw, u, torch.stack(starts))
         ctx.segment = segment
-        return torch.cat(ys, 2), state
+        return y, state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, d_state):
         r, k, v, lw, u, starts = ctx.saved_tensors
-        segments = list(zip(*(x.split(ctx.segment, dim=2) for x in (r, k, v, lw, dy.contiguous()))))
-        u_chunks = u.view(1, u.shape[0], 1, 1, u.shape[1])
-        grads, du = [], torch.zeros_like(u)
-        for (r_s, k_s, v_s, lw_s, dy_s), state in zip(segments[::-1], starts.unbind(0)[::-1]):
-            *g, du_s, d_state = _segment_backward(r_s, k_s, v_s, lw_s, u_chunks, state, dy_s, d_state)
-            grads.append(g)
+        grads = [torch.empty_like(x) for x in (r, k, v, lw)]
+        segments = list(zip(*(x.split(ctx.segment) for x in (r, k, v, lw, dy.contiguous(), *grads))))
+        u_chunks = u.view(u.shape[0], 1, u.shape[1])
+        du = torch.zeros_like(u)
+        for (r_s, k_s, v_s, lw_s, dy_s, *grads_s), state in zip(segments[::-1], starts.unbind(0)[::-1]):
+            du_s, d_state = _segment_backward(r_s, k_s, v_s, lw_s, u_chunks, state, dy_s, d_state, grads_s)
             du += du_s
-        dr, dk, dv, dlw = (torch.cat(g[::-1], 2) for g in zip(*grads))
-        return dr, dk, dv, dlw, du, d_state, None
+        return *grads, du, d_state, None
 
 
 def wkv6_chunked(
@@ -298,13 +326,14 @@ def wkv6_chunked(
     chunk = min(chunk_size, 1 << (T - 1).bit_length())
     padded = -(-T // chunk) * chunk
     # zero-padding at the end is inert: k = 0 adds nothing to the state and log-decay 0 leaves it as it is
+    # (B, T, H, N) -> chunk-major (C, B, H, L, N), one copy each
     r, k, v, lw = (
-        F.pad(x.transpose(1, 2), (0, 0, 0, padded - T)).reshape(B, H, padded // chunk, chunk, N)
+        F.pad(x, (0, 0, 0, 0, 0, padded - T)).view(B, padded // chunk, chunk, H, N).permute(1, 0, 3, 2, 4).contiguous()
         for x in (r.float(), k.float(), v.float(), _log_decay(w))
     )
     segment = 1 << max(0, (SEGMENT_ELEMENTS // (B * H * N)).bit_length() - 1)  # tokens
     y, state = _ChunkedWKV6.apply(r, k, v, lw, u.float(), state, max(1, segment // chunk))
-    return y.reshape(B, H, padded, N)[:, :, :T].transpose(1, 2), state
+    return y.permute(1, 0, 3, 2, 4).reshape(B, padded, H, N)[:, :T], state
 
 
 def wkv6(
