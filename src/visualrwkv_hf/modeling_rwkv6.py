@@ -102,10 +102,12 @@ class VisualRWKVTimeMix(nn.Module):
         slots = len(TIME_MIX_SLOTS)
         lora = torch.tanh(torch.addcmul(x, dx, self.time_maa_x) @ self.time_maa_w1)
         # All five slots at once (few large ops rather than many small ones: the decode step is overhead-bound):
-        # one batched matmul gives m_s for every slot s, one addcmul gives x_s = x + dx * (maa_s + m_s).
-        mix = torch.bmm(lora.view(B * T, slots, -1).transpose(0, 1), self.time_maa_w2).view(slots, B, T, C)
+        # one batched matmul gives every slot's weight maa_s + m_s (the add fused into the product), one
+        # elementwise pass x_s = x + dx * (maa_s + m_s).
         maa = torch.stack([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g])
-        x_w, x_k, x_v, x_r, x_g = slot_lerp(x, dx, mix, maa)
+        lora = lora.view(B * T, slots, -1).transpose(0, 1)
+        weights = torch.baddbmm(maa.unsqueeze(1), lora, self.time_maa_w2).view(slots, B, T, C)
+        x_w, x_k, x_v, x_r, x_g = slot_lerp(x, dx, weights, overwrite_weights=True)
 
         r = self.att_receptance(x_r)
         k = self.att_key(x_k)

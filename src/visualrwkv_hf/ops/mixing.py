@@ -14,11 +14,11 @@ from torch.autograd.function import once_differentiable
 
 class _SlotLerp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dx, mix, maa):
-        weights = mix + maa.view(maa.shape[0], *(1,) * (mix.dim() - 2), maa.shape[-1])
+    def forward(ctx, x, dx, weights, overwrite_weights):
         ctx.save_for_backward(dx, weights)
         ctx.set_materialize_grads(False)  # an unused slot's gradient arrives as None, not as a tensor of zeros
-        return tuple(torch.addcmul(x, dx, weights).unbind(0))
+        out = weights if overwrite_weights and not any(ctx.needs_input_grad) else None
+        return tuple(torch.addcmul(x, dx, weights, out=out).unbind(0))
 
     @staticmethod
     @once_differentiable
@@ -28,30 +28,33 @@ class _SlotLerp(torch.autograd.Function):
         used = [(slot, g) for slot, g in enumerate(grads) if g is not None]
         if not used:
             return None, None, None, None
-        d_mix = torch.zeros_like(weights) if len(used) < len(grads) else torch.empty_like(weights)
+        d_weights = torch.zeros_like(weights) if len(used) < len(grads) else torch.empty_like(weights)
         (first, g), *rest = used
-        torch.mul(g, dx, out=d_mix[first])
+        torch.mul(g, dx, out=d_weights[first])
         d_x, d_dx = g.clone(), g * weights[first]
         for slot, g in rest:
-            torch.mul(g, dx, out=d_mix[slot])
+            torch.mul(g, dx, out=d_weights[slot])
             d_x += g
             d_dx.addcmul_(g, weights[slot])
-        d_maa = d_mix.sum(tuple(range(1, d_mix.dim() - 1)))
-        return d_x, d_dx, d_mix, d_maa
+        return d_x, d_dx, d_weights, None
 
 
-def slot_lerp(x: torch.Tensor, dx: torch.Tensor, mix: torch.Tensor, maa: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """RWKV-6's data-dependent token shift for every slot at once: x + dx * (maa[s] + mix[s]) for each slot s.
+def slot_lerp(
+    x: torch.Tensor, dx: torch.Tensor, weights: torch.Tensor, overwrite_weights: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """RWKV-6's data-dependent token shift for every slot at once: x + dx * weights[s] for each slot s.
 
-    x, dx: (..., C), the input and its shift difference x_{t-1} - x_t; mix: (S, ..., C), the per-token LoRA term of
-    each slot; maa: (S, C), each slot's static mix. Returns S tensors shaped like x.
+    x, dx: (..., C), the input and its shift difference x_{t-1} - x_t; weights: (S, ..., C), each slot's mix
+    (its static maa plus its per-token LoRA term). Returns S tensors shaped like x. With `overwrite_weights`, a call
+    that needs no gradient writes the outputs into `weights` (a temporary the caller is done with) instead of new
+    memory: in prefill that halves the cost of this step.
     """
-    if mix.shape[1:] != x.shape or dx.shape != x.shape or maa.shape != (mix.shape[0], x.shape[-1]):
+    if weights.shape[1:] != x.shape or dx.shape != x.shape:
         raise ValueError(
-            f"slot_lerp expects x and dx of one shape (..., C), mix (S, ..., C) and maa (S, C); got x "
-            f"{tuple(x.shape)}, dx {tuple(dx.shape)}, mix {tuple(mix.shape)}, maa {tuple(maa.shape)}."
+            "slot_lerp expects x and dx of one shape (..., C) and weights (S, ..., C); got x "
+            f"{tuple(x.shape)}, dx {tuple(dx.shape)}, weights {tuple(weights.shape)}."
         )
-    return _SlotLerp.apply(x, dx, mix, maa)
+    return _SlotLerp.apply(x, dx, weights, overwrite_weights)
 
 
 class _ReluSquared(torch.autograd.Function):
