@@ -238,6 +238,7 @@ def _segment_backward(r, k, v, lw, u, state, dy, d_state, grads):
     d_levels = d_scores.unsqueeze(-3) * _level_masks(lw.shape[-2], lw.dtype, lw.device)
     d_z = torch.matmul(d_levels + d_levels.transpose(-1, -2), z)
     d_scaled = d_z * level_factors
+    # each level's share goes to r where the position is that level's query, to k where it is its key
     d_queries = (d_scaled * _level_queries(lw.shape[-2], lw.device)).sum(-3)
     d_bonus = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     torch.addcmul(dq_state * q_decay, d_bonus * u, k, out=dr)
