@@ -71,3 +71,12 @@ def test_relu_squared_matches_the_plain_form():
     plain = torch.autograd.grad(torch.relu(x) ** 2, x, grad)[0]
     torch.testing.assert_close(relu_squared(x), torch.relu(x) ** 2)
     torch.testing.assert_close(ours, plain)
+
+
+def test_relu_squared_without_gradients_leaves_its_input():
+    x = torch.randn(3, 40)
+    before = x.clone()
+    with torch.inference_mode():
+        out = relu_squared(x)
+    torch.testing.assert_close(out, torch.relu(before) ** 2)
+    assert torch.equal(x, before)

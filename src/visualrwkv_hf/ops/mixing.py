@@ -3,7 +3,7 @@
 Autograd through the plain torch forms makes extra full-size passes over memory: the five slot gradients stacked
 into one tensor before anything uses them, a broadcast operand's gradient multiplied by the scalar 1, the square's
 gradient as pow(x, 1) * 2 * grad. These give the same values and gradients in fewer passes (training steps of a
-4 x 256 model: 4-5 ms per layer less). Forward-only calls cost what the plain forms cost.
+4 x 256 model: 4-5 ms per layer less). Calls that need no gradient run the plain forms directly.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from torch.autograd.function import once_differentiable
 
 class _SlotLerp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dx, weights, overwrite_weights):
+    def forward(ctx, x, dx, weights):
         ctx.save_for_backward(dx, weights)
         ctx.set_materialize_grads(False)  # an unused slot's gradient arrives as None, not as a tensor of zeros
-        out = weights if overwrite_weights and not any(ctx.needs_input_grad) else None
-        return tuple(torch.addcmul(x, dx, weights, out=out).unbind(0))
+        return tuple(torch.addcmul(x, dx, weights).unbind(0))
 
     @staticmethod
     @once_differentiable
@@ -27,7 +26,7 @@ class _SlotLerp(torch.autograd.Function):
         # an unused slot contributes nothing; the first used one starts the sums (rather than a pass of zeros)
         used = [(slot, g) for slot, g in enumerate(grads) if g is not None]
         if not used:
-            return None, None, None, None
+            return None, None, None
         d_weights = torch.zeros_like(weights) if len(used) < len(grads) else torch.empty_like(weights)
         (first, g), *rest = used
         torch.mul(g, dx, out=d_weights[first])
@@ -36,7 +35,7 @@ class _SlotLerp(torch.autograd.Function):
             torch.mul(g, dx, out=d_weights[slot])
             d_x += g
             d_dx.addcmul_(g, weights[slot])
-        return d_x, d_dx, d_weights, None
+        return d_x, d_dx, d_weights
 
 
 def slot_lerp(
@@ -54,7 +53,9 @@ def slot_lerp(
             "slot_lerp expects x and dx of one shape (..., C) and weights (S, ..., C); got x "
             f"{tuple(x.shape)}, dx {tuple(dx.shape)}, weights {tuple(weights.shape)}."
         )
-    return _SlotLerp.apply(x, dx, weights, overwrite_weights)
+    if _needs_grad(x, dx, weights):
+        return _SlotLerp.apply(x, dx, weights)
+    return torch.addcmul(x, dx, weights, out=weights if overwrite_weights else None).unbind(0)
 
 
 class _ReluSquared(torch.autograd.Function):
@@ -73,4 +74,10 @@ class _ReluSquared(torch.autograd.Function):
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2, the channel-mix activation."""
-    return _ReluSquared.apply(x)
+    return _ReluSquared.apply(x) if _needs_grad(x) else torch.relu(x).square_()
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want gradients here: only then go through the autograd functions (a Function call costs
+    ~10 us, a visible share of a small model's decode step)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
