@@ -1,6 +1,7 @@
 """Compiled WKV6 CPU kernel vs the torch forms, at the op and at the model level (fp32, CPU).
 
 Usage: python benchmarks/bench_wkv6_kernels.py [--lengths 512 2048 4096] [--repeats 5] [--model-length 2048]
+       [--plot docs/images/wkv6_op_cpu.png]   (--plot needs matplotlib: pip install -e ".[bench]")
 Op level (B=1, H=32, N=64): forward and forward+backward of the kernel, the chunked torch form and the step torch
 form; model level (d_model 256, 4 layers): prefill and one training step (forward+backward), tokens/s with and
 without the kernel. Every number is the minimum over --repeats rounds in which the contenders take turns (the
@@ -58,8 +59,13 @@ def forward_backward(form, leaves):
     (y.sum() + state.sum()).backward()
 
 
-def bench_ops(lengths, repeats):
-    forms = {"kernel": wkv6_compiled, "chunked": wkv6_chunked, "step": wkv6_recurrent}
+FORMS = {"kernel": wkv6_compiled, "chunked": wkv6_chunked, "step": wkv6_recurrent}
+
+
+def bench_ops(lengths, repeats) -> dict:
+    """Prints the op table; returns {pass label: {T: {form: seconds}}}."""
+    forms = FORMS
+    results = {"forward": {}, "fwd+bwd": {}}
     print("op level, B=1 H=32 N=64 fp32, ms (min of runs); ratio = best torch / kernel")
     print(f"{'T':>6} {'pass':>9} " + " ".join(f"{name:>9}" for name in forms) + f" {'ratio':>7}")
     for T in lengths:
@@ -72,11 +78,39 @@ def bench_ops(lengths, repeats):
                 repeats,
                 rounds_of={"step": max(1, repeats // 2)},
             )
+            results[label][T] = times
             best_torch = min(times["chunked"], times["step"])
             print(
                 f"{T:>6} {label:>9} " + " ".join(f"{times[n] * 1e3:>9.1f}" for n in forms)
                 + f" {best_torch / times['kernel']:>6.1f}x"
             )
+    return results
+
+
+def write_plot(path: str, results: dict) -> None:
+    """ms against T for each form, forward and forward+backward side by side (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"kernel": "compiled CPU kernel", "chunked": "torch chunked form", "step": "torch step form"}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (label, by_length) in zip(axes, results.items()):
+        lengths = sorted(by_length)
+        for form, marker in zip(FORMS, "os^"):
+            axis.plot(lengths, [by_length[T][form] * 1e3 for T in lengths], marker=marker, label=labels[form])
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(lengths, [str(T) for T in lengths])
+        axis.set_xlabel("sequence length T")
+        axis.set_ylabel("ms (min of runs)")
+        axis.set_title(f"WKV6 {label}, B=1 H=32 N=64 fp32, {torch.get_num_threads()} CPU threads")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 def bench_model(T, repeats):
@@ -124,13 +158,16 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model-length", type=int, default=2048)
+    parser.add_argument("--plot", help="also draw the op timings to this PNG (needs matplotlib)")
     args = parser.parse_args()
     set_wkv6_backend("auto")
     if cpu_kernel_ops() is None:
         raise SystemExit("the WKV6 CPU kernel could not be built here: nothing to compare")
     set_wkv6_backend(None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_ops(args.lengths, args.repeats)
+    results = bench_ops(args.lengths, args.repeats)
+    if args.plot:
+        write_plot(args.plot, results)
     bench_model(args.model_length, args.repeats)
 
 
