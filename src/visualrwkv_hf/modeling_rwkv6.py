@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
 from .ops import WKV6
+from .ops.loss import causal_lm_loss
 from .ops.mixing import relu_squared, slot_lerp
 
 # Slot order of the data-dependent token-shift LoRA (time_maa_w1 columns / time_maa_w2 rows), as in the original.
@@ -237,6 +238,9 @@ class VisualRWKVCausalLMOutput(ModelOutput):
 class VisualRWKVTextPreTrainedModel(PreTrainedModel):
     config: VisualRWKVTextConfig
     base_model_prefix = "model"
+    # `loss_function` (transformers' property) returns this unless set otherwise: transformers' causal-LM loss
+    # without a full log-softmax kept for the backward (ops/loss.py)
+    _loss_function = staticmethod(causal_lm_loss)
     _no_split_modules = ["VisualRWKVBlock"]
     supports_gradient_checkpointing = True
     # Recurrent: no cache cropping, so assisted / speculative decoding refuses cleanly.

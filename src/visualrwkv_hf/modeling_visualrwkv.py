@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import VisualRWKVTextModel, positions_to_keep
+from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
 
 
@@ -59,6 +60,9 @@ class VisualRWKVConditionalGenerationOutput(ModelOutput):
 class VisualRWKVPreTrainedModel(PreTrainedModel):
     config: VisualRWKVConfig
     base_model_prefix = "model"
+    # `loss_function` (transformers' property) returns this unless set otherwise: transformers' causal-LM loss
+    # without a full log-softmax kept for the backward (ops/loss.py)
+    _loss_function = staticmethod(causal_lm_loss)
     input_modalities = ("image", "text")
     _no_split_modules = ["VisualRWKVBlock"]
     supports_gradient_checkpointing = True
@@ -248,9 +252,7 @@ def weighted_causal_lm_loss(
     target_labels = labels[:, 1:]
     valid = target_labels != -100
     weights = loss_weights.to(logits.device, torch.float32)[:, 1:] * valid
-    token_losses = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), target_labels.masked_fill(~valid, 0).flatten(), reduction="none"
-    ).view_as(weights)
+    token_losses = token_cross_entropy(logits[:, :-1].flatten(0, 1).float(), target_labels.flatten()).view_as(weights)
     loss = (weights * token_losses).sum() / weights.sum()
     if num_items_in_batch is not None:
         loss = loss * valid.sum() / num_items_in_batch

@@ -1,4 +1,6 @@
-"""Pure tensor functions: the WKV6 recurrence in its forms (torch and compiled). Nothing here knows about models."""
+"""Pure tensor functions: the WKV6 recurrence in its forms (torch and compiled); in `mixing` and `loss`, the mixing
+layers' elementwise parts and the training loss as autograd functions with lean backwards. Nothing here knows about
+models."""
 
 from .kernels import (
     WKV6,

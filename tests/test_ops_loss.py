@@ -1,0 +1,89 @@
+"""The fused cross-entropy against torch's and transformers' own losses (the oracles): values and gradients."""
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from visualrwkv_hf.ops.loss import causal_lm_loss, token_cross_entropy
+
+loss_module = sys.modules["visualrwkv_hf.ops.loss"]
+
+
+@pytest.fixture(autouse=True)
+def small_row_blocks(monkeypatch):
+    """Blocks of 4 rows, so the tests' few tokens span several blocks and a ragged last one."""
+    monkeypatch.setattr(loss_module, "ROW_BLOCK", 4)
+
+
+def batch(dtype=torch.float32, B=2, T=9, V=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = -100  # e.g. a prompt
+    labels[1, -2] = -100
+    return logits, labels
+
+
+def value_and_grad(loss_fn, logits, *args, **kwargs):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = loss_fn(leaf, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def test_token_cross_entropy_matches_torch():
+    logits, labels = batch()
+    logits, targets = logits.flatten(0, 1), labels.flatten()
+    weights = torch.rand(targets.shape[0])
+    ours = value_and_grad(lambda x: (token_cross_entropy(x, targets) * weights).sum(), logits)
+    torch_ = value_and_grad(lambda x: (F.cross_entropy(x, targets, reduction="none") * weights).sum(), logits)
+    for a, b in zip(ours, torch_):
+        torch.testing.assert_close(a, b)
+    assert (token_cross_entropy(logits, targets)[targets == -100] == 0).all()
+
+
+def test_token_cross_entropy_gradcheck():
+    logits = torch.randn(11, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (11,))
+    targets[3] = -100
+    assert torch.autograd.gradcheck(lambda x: token_cross_entropy(x, targets), (logits,))
+
+
+@pytest.mark.parametrize("num_items", [None, 11, torch.tensor(11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_lm_loss_equals_transformers(num_items, dtype):
+    logits, labels = batch(dtype)
+    kwargs = dict(vocab_size=logits.shape[-1], num_items_in_batch=num_items)
+    ours = value_and_grad(causal_lm_loss, logits, labels, **kwargs)
+    theirs = value_and_grad(ForCausalLMLoss, logits, labels, **kwargs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_causal_lm_loss_with_given_shift_labels_and_ignore_index():
+    logits, labels = batch()
+    shift_labels = labels.masked_fill(labels == -100, 5)
+    kwargs = dict(vocab_size=logits.shape[-1], shift_labels=shift_labels, ignore_index=5)
+    ours = value_and_grad(causal_lm_loss, logits, None, **kwargs)
+    theirs = value_and_grad(ForCausalLMLoss, logits, None, **kwargs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_all_labels_ignored_gives_nan_as_transformers_does():
+    logits, labels = batch()
+    labels[:] = -100
+    ours = causal_lm_loss(logits, labels, vocab_size=logits.shape[-1])
+    theirs = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1])
+    assert math.isnan(ours.item()) and math.isnan(theirs.item())
+
+
+def test_bad_shapes_fail_clearly():
+    with pytest.raises(ValueError, match=r"logits \(tokens, vocab\)"):
+        token_cross_entropy(torch.randn(2, 3, 5), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="floating point"):
+        token_cross_entropy(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long))
