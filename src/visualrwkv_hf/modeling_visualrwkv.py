@@ -248,11 +248,11 @@ def weighted_causal_lm_loss(
     losses (exactly the sample-level mean for one call per step; otherwise each call's sample-level mean weighted by
     its share of the valid labels).
     """
-    labels = labels.to(logits.device)
-    target_labels = labels[:, 1:]
+    # position t predicts label t + 1; the last position predicts nothing (-100), so the logits need no slicing copy
+    target_labels = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
     valid = target_labels != -100
-    weights = loss_weights.to(logits.device, torch.float32)[:, 1:] * valid
-    token_losses = token_cross_entropy(logits[:, :-1].flatten(0, 1).float(), target_labels.flatten()).view_as(weights)
+    weights = F.pad(loss_weights.to(logits.device, torch.float32), (0, 1))[:, 1:] * valid
+    token_losses = token_cross_entropy(logits.float().flatten(0, 1), target_labels.flatten()).view_as(weights)
     loss = (weights * token_losses).sum() / weights.sum()
     if num_items_in_batch is not None:
         loss = loss * valid.sum() / num_items_in_batch
