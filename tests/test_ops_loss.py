@@ -53,25 +53,23 @@ def test_token_cross_entropy_gradcheck():
     assert torch.autograd.gradcheck(lambda x: token_cross_entropy(x, targets), (logits,))
 
 
+def assert_same_as_transformers(logits, labels, **kwargs):
+    ours = value_and_grad(causal_lm_loss, logits, labels, vocab_size=logits.shape[-1], **kwargs)
+    theirs = value_and_grad(ForCausalLMLoss, logits, labels, vocab_size=logits.shape[-1], **kwargs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("num_items", [None, 11, torch.tensor(11)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_causal_lm_loss_equals_transformers(num_items, dtype):
-    logits, labels = batch(dtype)
-    kwargs = dict(vocab_size=logits.shape[-1], num_items_in_batch=num_items)
-    ours = value_and_grad(causal_lm_loss, logits, labels, **kwargs)
-    theirs = value_and_grad(ForCausalLMLoss, logits, labels, **kwargs)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b)
+    assert_same_as_transformers(*batch(dtype), num_items_in_batch=num_items)
 
 
 def test_causal_lm_loss_with_given_shift_labels_and_ignore_index():
     logits, labels = batch()
     shift_labels = labels.masked_fill(labels == -100, 5)
-    kwargs = dict(vocab_size=logits.shape[-1], shift_labels=shift_labels, ignore_index=5)
-    ours = value_and_grad(causal_lm_loss, logits, None, **kwargs)
-    theirs = value_and_grad(ForCausalLMLoss, logits, None, **kwargs)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b)
+    assert_same_as_transformers(logits, None, shift_labels=shift_labels, ignore_index=5)
 
 
 def test_all_labels_ignored_gives_nan_as_transformers_does():
