@@ -327,7 +327,7 @@ def wkv6_chunked(
     chunk = min(chunk_size, 1 << (T - 1).bit_length())
     padded = -(-T // chunk) * chunk
     # zero-padding at the end is inert: k = 0 adds nothing to the state and log-decay 0 leaves it as it is
-    # (B, T, H, N) -> chunk-major (C, B, H, L, N), one copy each
+    # (B, T, H, N) -> chunk-major (C, B, H, L, N): one copy each (two when T is padded to whole chunks)
     r, k, v, lw = (
         F.pad(x, (0, 0, 0, 0, 0, padded - T)).view(B, padded // chunk, chunk, H, N).permute(1, 0, 3, 2, 4).contiguous()
         for x in (r.float(), k.float(), v.float(), _log_decay(w))
