@@ -55,7 +55,7 @@ def step_memory(tokens: int, vocab: int, rounds: int = 2) -> dict:
             before = _status_kib("VmRSS")
             model(ids, labels=ids, use_cache=False).loss.backward()
             if round_index:
-                added[name] = min(added[name], (_status_kib("VmHWM") - before) / 1024)
+                added[name] = min(added[name], max(0, _status_kib("VmHWM") - before) / 1024)
     return added
 
 
