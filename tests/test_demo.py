@@ -103,6 +103,16 @@ def demo_folder(tmp_path_factory):
     return output
 
 
+def test_demo_gives_back_the_callers_thread_count(tmp_path):
+    # The demo trains on one thread; a caller's later results (other tests here) must not depend on having run it.
+    torch.set_num_threads(2)
+    demo.run_demo(
+        tmp_path / "out", num_train=8, num_test=4, steps=1, batch_size=4, learning_rate=1e-3, seed=0, num_examples=0,
+        progress=False,
+    )
+    assert torch.get_num_threads() == 2
+
+
 def test_demo_saves_a_folder_that_loads_and_answers(demo_folder, capsys):
     model = AutoModelForImageTextToText.from_pretrained(demo_folder)
     assert model.generation_config.eos_token_id == 261  # "\n\n" still ends the answer

@@ -356,38 +356,44 @@ def run_demo(
     import torch
 
     start = time.perf_counter()
-    # These ops are too small to gain from a second thread, and on a busy machine one thread per process is faster.
+    # These ops are too small to gain from a second thread, and on a busy machine one thread per process is faster;
+    # the caller's thread count comes back afterwards (a library call must not change the process's numerics).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train, test = make_splits(num_train, num_test, seed)
-    print(
-        f"Drew {len(train)} training and {len(test)} held-out questions ({', '.join(QUESTION_TYPES)}) about "
-        f"{IMAGE_SIZE} x {IMAGE_SIZE} images of 2-4 shapes; no held-out (scene, question) pair is in training."
-    )
-    model, processor = build_model(seed=seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"Training a random VisualRWKV ({n_params / 1e6:.1f}M parameters, most in the 65536-token embedding and head; "
-        f"vision tower trained from scratch, NOT frozen) for {steps} steps of {batch_size} with transformers.Trainer:"
-    )
-    train_seconds = train_model(
-        model, processor, train, output, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-        progress=progress,
-    )
-    sample_image = output / "sample.png"
-    test[0].image.save(sample_image)
-    predictions = answer_questions(output, test)
-    correct = [is_correct(prediction, sample.answer) for prediction, sample in zip(predictions, test)]
-    print(f"\nHeld-out answers through pipeline('image-text-to-text', model={str(output)!r}):")
-    for sample, prediction, right in list(zip(test, predictions, correct))[:num_examples]:
-        print(f"  {sample.question:<36} -> {prediction!r:<12} ({'right' if right else 'wrong: ' + sample.answer})")
-    for question_type in QUESTION_TYPES:
-        scores = [right for sample, right in zip(test, correct) if sample.question_type == question_type]
-        print(f"  {question_type:<9} {sum(scores) / len(scores):6.1%} of {len(scores)} (chance 25%)")
-    accuracy = sum(correct) / len(correct)
-    print(
-        f"Held-out accuracy {accuracy:.1%} ({sum(correct)}/{len(correct)}); training {train_seconds:.0f} s, "
-        f"all {time.perf_counter() - start:.0f} s.\nSaved to {output}/. Try: visualrwkv chat --model {output} "
-        f"--image {sample_image} {test[0].question!r}   (answer: {test[0].answer})"
-    )
-    return accuracy
+    try:
+        train, test = make_splits(num_train, num_test, seed)
+        print(
+            f"Drew {len(train)} training and {len(test)} held-out questions ({', '.join(QUESTION_TYPES)}) about "
+            f"{IMAGE_SIZE} x {IMAGE_SIZE} images of 2-4 shapes; no held-out (scene, question) pair is in training."
+        )
+        model, processor = build_model(seed=seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"Training a random VisualRWKV ({n_params / 1e6:.1f}M parameters, most in the 65536-token embedding and "
+            f"head; vision tower trained from scratch, NOT frozen) for {steps} steps of {batch_size} with "
+            "transformers.Trainer:"
+        )
+        train_seconds = train_model(
+            model, processor, train, output, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+            progress=progress,
+        )
+        sample_image = output / "sample.png"
+        test[0].image.save(sample_image)
+        predictions = answer_questions(output, test)
+        correct = [is_correct(prediction, sample.answer) for prediction, sample in zip(predictions, test)]
+        print(f"\nHeld-out answers through pipeline('image-text-to-text', model={str(output)!r}):")
+        for sample, prediction, right in list(zip(test, predictions, correct))[:num_examples]:
+            print(f"  {sample.question:<36} -> {prediction!r:<12} ({'right' if right else 'wrong: ' + sample.answer})")
+        for question_type in QUESTION_TYPES:
+            scores = [right for sample, right in zip(test, correct) if sample.question_type == question_type]
+            print(f"  {question_type:<9} {sum(scores) / len(scores):6.1%} of {len(scores)} (chance 25%)")
+        accuracy = sum(correct) / len(correct)
+        print(
+            f"Held-out accuracy {accuracy:.1%} ({sum(correct)}/{len(correct)}); training {train_seconds:.0f} s, "
+            f"all {time.perf_counter() - start:.0f} s.\nSaved to {output}/. Try: visualrwkv chat --model {output} "
+            f"--image {sample_image} {test[0].question!r}   (answer: {test[0].answer})"
+        )
+        return accuracy
+    finally:
+        torch.set_num_threads(threads)
 
