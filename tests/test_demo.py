@@ -4,6 +4,7 @@ through the pipeline and `visualrwkv chat`."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -122,6 +123,17 @@ def test_demo_saves_a_folder_that_loads_and_answers(demo_folder, capsys):
     assert (demo_folder / "sample.png").is_file()
     assert main(["chat", "--model", str(demo_folder), "--image", str(demo_folder / "sample.png"),
                  "--max-new-tokens", "3", test[0].question]) == 0
+
+
+def test_pipeline_answers_without_a_warning(demo_folder, caplog, capfd):
+    # A load and a pipeline call as the demo makes them: nothing is wrong, so the user sees no warning.
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        demo.answer_questions(demo_folder, demo.make_splits(0, 4, seed=0)[1])
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    # transformers' own logger writes to stderr directly; its progress bars are all that may show there
+    printed = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert [line for line in printed if "Loading weights" not in line] == []
 
 
 def test_cli_demo_runs(tmp_path, capsys):

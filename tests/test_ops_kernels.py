@@ -4,6 +4,7 @@ The first test that needs the CPU kernel builds it (~60 s once per machine, cach
 where it cannot be built; the fallback and switch tests run everywhere.
 """
 
+import logging
 import math
 import subprocess
 import sys
@@ -300,6 +301,22 @@ def assert_model_kernel_equals_torch_path(device, length):
 
 def test_model_kernel_equals_torch_path(ops):
     assert_model_kernel_equals_torch_path("cpu", 19)
+
+
+def test_loading_and_switching_modes_logs_no_warning(tmp_path, caplog):
+    # transformers kernelizes at from_pretrained and at every train() / eval() with a mapping that has no WKV6: the
+    # layer's own forward is already the kernel path, so nothing is wrong and nothing should be said.
+    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+
+    # a vocabulary that holds the default end of turn (261), whose absence would rightly be warned about
+    config = VisualRWKVTextConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, head_size=8)
+    VisualRWKVForCausalLM(config).save_pretrained(tmp_path)
+
+    with caplog.at_level(logging.WARNING):
+        model = VisualRWKVForCausalLM.from_pretrained(tmp_path)
+        model.train()
+        model.eval()
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 def assert_kernelize_maps_wkv6_to_the_local_build(device, mode_name):

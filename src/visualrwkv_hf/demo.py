@@ -329,15 +329,17 @@ def answer_questions(folder: Path, samples: list[Sample], batch_size: int = 64) 
     from transformers import pipeline
 
     pipe = pipeline("image-text-to-text", model=str(folder))
+    chats = [
+        [{"role": "user", "content": [{"type": "image", "image": sample.image},
+                                      {"type": "text", "text": sample.question}]}]
+        for sample in samples
+    ]
+    # Generation options go in generate_kwargs: the pipeline hands any other keyword to the processor.
     outputs = pipe(
-        images=[sample.image for sample in samples],
-        text=[sample.question for sample in samples],
-        max_new_tokens=4,
-        do_sample=False,
-        batch_size=batch_size,
+        text=chats, max_new_tokens=4, generate_kwargs={"do_sample": False}, batch_size=batch_size,
         return_full_text=False,
     )
-    return [output["generated_text"] for output in outputs]
+    return [output["generated_text"] for (output,) in outputs]  # one answer per chat
 
 
 def normalize_answer(prediction: str) -> str:

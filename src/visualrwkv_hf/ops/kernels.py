@@ -23,6 +23,7 @@ kernel where there is one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import warnings
@@ -231,6 +232,21 @@ class WKV6(nn.Module):
         chunk_size: int = 16,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return wkv6_compiled(r, k, v, w, u, initial_state, chunk_size)
+
+
+class _WKV6FallbackIsTheKernel(logging.Filter):
+    """
+    Drops kernels' "No kernel mapping found for layer `WKV6`" warning. transformers kernelizes every model it loads
+    and again at each train() / eval(), with its own mapping, which has no WKV6 entry; the "original forward" kernels
+    then falls back to is `wkv6_compiled`, the fastest path there is, so the warning would report a problem that does
+    not exist. (transformers filters the same record for layers of its own that dispatch themselves.)
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().lstrip().startswith("No kernel mapping found for layer `WKV6`.")
+
+
+logging.getLogger("kernels._internals.layer.layer").addFilter(_WKV6FallbackIsTheKernel())
 
 
 def wkv6_kernel_mapping(cuda_repository=None) -> dict:
