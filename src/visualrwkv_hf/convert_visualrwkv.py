@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +31,7 @@ from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.utils import logging as hf_logging
 
 from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import (
@@ -388,6 +390,20 @@ def save_visualrwkv_folder(
     (directory / "README.md").write_text(model_card(config, sources), encoding="utf-8")
 
 
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Turns transformers' progress bars (save_pretrained's "Writing model shards") off for the block if not
+    `enabled`."""
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
     """Uploads a converted folder to a Hub model repository (created if needed); returns the repository's URL.
 
@@ -453,7 +469,7 @@ def convert_visualrwkv_checkpoint(
         original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite
     )
     size = sum(t.nbytes for t in state_dict.values())
-    with atomic_output_dir(output_dir, overwrite, inputs, size) as staging:
+    with atomic_output_dir(output_dir, overwrite, inputs, size) as staging, _progress_bars(progress):
         save_visualrwkv_folder(staging, config, state_dict, sources)
         if remote_code:
             add_remote_code(staging)
