@@ -120,7 +120,7 @@ def test_convert_allow_nonfinite(tmp_path, capsys):
                  str(tmp_path / "hf"), "--vision-config", str(files.vision_config), "--no-progress"]
     assert main(arguments) == 1
     assert capsys.readouterr().err == (
-        f"error: {files.visual} holds NaN or infinite weights in 1 tensors: 'proj.weight' (1 NaN, 0 inf of 2048 "
+        f"error: {files.visual} holds NaN or infinite weights in 1 tensor: 'proj.weight' (1 NaN, 0 inf of 2048 "
         "values); a model with them computes NaN (is the file damaged, or from a diverged training run?). Pass "
         "allow_nonfinite=True (--allow-nonfinite on the command line) to convert it anyway.\n"
     )

@@ -471,7 +471,7 @@ def test_nan_and_inf_weights_are_named_and_refused_unless_allowed(tmp_path):
 def test_overflow_in_the_cast_is_refused_unless_allowed(tmp_path):
     checkpoint = save_checkpoint(with_changes(add={"ln_out.weight": torch.full((32,), 1e5)}), tmp_path / "model.pth")
     with pytest.raises(ValueError, match=re.escape(
-        f"converting {checkpoint} to float16 overflows (beyond +-65504) in 1 tensors: 'ln_out.weight' (32 of 32 "
+        f"converting {checkpoint} to float16 overflows (beyond +-65504) in 1 tensor: 'ln_out.weight' (32 of 32 "
         "values); keep the checkpoint's dtype (dtype 'auto') or use a wider one."
     )):
         convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", dtype="float16", progress=False)
@@ -486,7 +486,7 @@ def test_cli_allow_nonfinite(tmp_path, capsys):
     arguments = ["convert-rwkv6", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--no-progress"]
     assert main(arguments) == 1
     error = capsys.readouterr().err
-    assert error.startswith(f"error: {checkpoint} holds NaN or infinite weights in 1 tensors: 'emb.weight' (9600 "
+    assert error.startswith(f"error: {checkpoint} holds NaN or infinite weights in 1 tensor: 'emb.weight' (9600 "
                             "NaN, 0 inf of 9600 values)")
     assert main([*arguments, "--allow-nonfinite"]) == 0
     assert load_file(tmp_path / "hf" / "model.safetensors")["model.embeddings.weight"].isnan().all()

@@ -524,7 +524,7 @@ def test_nan_and_inf_weights_are_named_per_file_and_refused_unless_allowed():
     pair = OriginalCheckpoint.from_pair(rwkv, visual, "A_rwkv.pth", "A_visual.pth")
     vision_config = CLIPVisionConfig(**TINY_CLIP)
     with pytest.raises(ValueError, match=re.escape(
-        "A_rwkv.pth holds NaN or infinite weights in 1 tensors: 'blocks.2.att.output.weight' (1 NaN, 0 inf of 4096 "
+        "A_rwkv.pth holds NaN or infinite weights in 1 tensor: 'blocks.2.att.output.weight' (1 NaN, 0 inf of 4096 "
         "values)"
     )):
         convert_original_to_hf(pair, vision_config)
@@ -540,7 +540,7 @@ def test_nan_and_inf_weights_are_named_per_file_and_refused_unless_allowed():
     # A full checkpoint names its keys as in the file.
     state_dict = original_state_dict()
     state_dict["rwkv.emb.weight"][7, 0] = float("-inf")
-    with pytest.raises(ValueError, match=re.escape("full.pth holds NaN or infinite weights in 1 tensors: "
+    with pytest.raises(ValueError, match=re.escape("full.pth holds NaN or infinite weights in 1 tensor: "
                                                    "'rwkv.emb.weight' (0 NaN, 1 inf of ")):
         convert_original_to_hf(OriginalCheckpoint.from_full(state_dict, "full.pth"), vision_config)
 

@@ -126,6 +126,10 @@ def _list(items: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def _sizes(config: VisualRWKVTextConfig) -> str:
     return (
         f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
@@ -364,14 +368,14 @@ def check_finite(
     problems = []
     if in_file:
         problems.append(
-            f"{source} holds NaN or infinite weights in {len(in_file)} tensors: {_list(in_file)}; a model with them "
-            "computes NaN (is the file damaged, or from a diverged training run?)"
+            f"{source} holds NaN or infinite weights in {_count(in_file, 'tensor')}: {_list(in_file)}; a model with "
+            "them computes NaN (is the file damaged, or from a diverged training run?)"
         )
     if overflowed:
         limit = torch.finfo(dtype).max
         problems.append(
             f"converting {source} to {str(dtype).removeprefix('torch.')} overflows (beyond +-{limit:.6g}) in "
-            f"{len(overflowed)} tensors: {_list(overflowed)}; keep the checkpoint's dtype (dtype 'auto') or use a "
+            f"{_count(overflowed, 'tensor')}: {_list(overflowed)}; keep the checkpoint's dtype (dtype 'auto') or use a "
             "wider one"
         )
     if problems:
@@ -399,9 +403,7 @@ def _place_in(path: Path, folder_stat: os.stat_result) -> str | None:
     return None
 
 
-def check_output_dir(
-    output_dir: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()
-) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
     """Refuses an output path that would destroy an input or that is in the way; writes nothing.
 
     An output folder that is, or holds, one of `inputs` is refused whatever `overwrite` says: replacing it would
@@ -447,8 +449,7 @@ def _staging_prefix(output_dir: Path, kind: str) -> str:
 
 
 def _process_is_running(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would terminate it: never call a process gone there
-        return True
+    """Whether process `pid` of this machine exists (POSIX only: on Windows `os.kill` terminates it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -474,9 +475,10 @@ def remove_stale_staging(output_dir: Path) -> None:
             if match is None or path.is_symlink() or not path.is_dir():
                 continue
             pid = int(match["pid"]) if match["pid"] else None
-            if pid is not None and match["host"] == _HOST and _process_is_running(pid):
+            knowable = pid is not None and match["host"] == _HOST and os.name == "posix"
+            if knowable and _process_is_running(pid):
                 continue  # a conversion into the same folder is running now
-            if pid is None or match["host"] != _HOST:
+            if not knowable:
                 logger.warning(
                     f"{path} looks like the staging folder of an interrupted conversion into {output_dir} (from "
                     f"another machine or an older version); it may hold a copy of the weights. If no conversion "
