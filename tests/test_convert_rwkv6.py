@@ -434,6 +434,15 @@ def test_cli_refuses_output_dot_run_from_the_checkpoints_folder(tmp_path, monkey
     assert os.listdir(tmp_path) == ["model.pth"] and checkpoint.read_bytes() == content
 
 
+def test_an_output_under_a_file_is_refused_before_reading(tmp_path):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    with pytest.raises(FileExistsError, match=re.escape(
+        f"Output path {checkpoint / 'models' / 'hf'} lies under {checkpoint}, which is a file, not a folder."
+    )):
+        convert_rwkv6_checkpoint(checkpoint, checkpoint / "models" / "hf", progress=False)
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
 def test_symlinked_output_folder_is_replaced_through_the_link(tmp_path):
     checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
     (tmp_path / "real").mkdir()
@@ -608,3 +617,18 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path):
         r"another output folder\.\n",
         result.stderr,
     ), result.stderr
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare --mount` and tmpfs (root in a namespace)")
+def test_a_read_only_output_names_the_folder_asked_for(tmp_path):
+    """A real EROFS: a read-only tmpfs in a private mount namespace. The message names the output, not the hidden
+    staging folder the converter tried to create."""
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    convert = shlex.join([sys.executable, str(CLI), "--checkpoint", str(checkpoint), "--output", str(disk / "hf"),
+                          "--no-progress"])
+    script = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(disk))} && {convert}"
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: Cannot create the output folder {disk / 'hf'}: Read-only file system in {disk}.\n"

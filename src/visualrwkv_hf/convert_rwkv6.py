@@ -408,7 +408,8 @@ def check_output_dir(output_dir: Path, overwrite: bool, inputs: Iterable[str | o
 
     An output folder that is, or holds, one of `inputs` is refused whatever `overwrite` says: replacing it would
     delete the input. Symbolic links and relative paths are resolved (the input's own path and the file it links to
-    are both protected). Otherwise an output path that is a file is refused, and a non-empty folder unless `overwrite`.
+    are both protected). Otherwise an output path that is a file or lies under one is refused, and a non-empty folder
+    unless `overwrite`.
     """
     if output_dir.exists():
         folder_stat = output_dir.stat()
@@ -426,6 +427,9 @@ def check_output_dir(output_dir: Path, overwrite: bool, inputs: Iterable[str | o
                     f"The input {source}{link} {what} the output {output_dir}: writing there would delete it. Choose "
                     f"an output folder that does not hold the input, for example {instead}."
                 )
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists() or path.is_symlink())
+    if existing != output_dir and not existing.is_dir():
+        raise FileExistsError(f"Output path {output_dir} lies under {existing}, which is a file, not a folder.")
     if output_dir.exists() or output_dir.is_symlink():
         if not output_dir.is_dir():
             raise FileExistsError(f"Output path {output_dir} exists and is not a folder.")
@@ -468,6 +472,8 @@ def remove_stale_staging(output_dir: Path) -> None:
     folders of another host or in the older unnamed form may be in use: these are reported with the command that
     moves or removes them. Folders of a live process are left alone.
     """
+    if not output_dir.parent.is_dir():
+        return
     for kind in STAGING_KINDS:
         prefix = f".{output_dir.name}.{kind}-"
         for path in sorted(p for p in output_dir.parent.iterdir() if p.name.startswith(prefix)):
@@ -532,9 +538,14 @@ def atomic_output_dir(
     output_dir = Path(output_dir).resolve()  # a symlinked output folder: its target is replaced, the link kept
     inputs = list(inputs)
     check_output_dir(output_dir, overwrite, inputs)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(output_dir)
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir, "partial"), dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir, "partial"), dir=output_dir.parent))
+    except OSError as error:  # read-only, no permission: name the folder the user asked for, not the hidden one
+        where = f" in {Path(error.filename).parent}" if error.filename else ""
+        message = f"Cannot create the output folder {output_dir}: {error.strerror or error}{where}."
+        raise _os_error(type(error), error.errno, message) from error
     try:
         try:
             yield staging
