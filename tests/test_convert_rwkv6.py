@@ -527,9 +527,16 @@ def test_staging_folders_of_killed_conversions_are_cleaned_and_live_ones_kept(tm
         staging = Path(writer.stdout.readline().strip())
         assert staging.parent == tmp_path and staging.name.startswith(".hf.partial-")
         assert (staging / "model.safetensors").is_file()
-        # While its process runs, another conversion into the same folder leaves it alone.
-        convert_rwkv6_checkpoint(checkpoint, output, progress=False)
+        # While its process runs, another conversion into the same folder leaves it alone (and says so, in case the
+        # process id was reused).
+        with caplog.at_level("WARNING"):
+            convert_rwkv6_checkpoint(checkpoint, output, progress=False)
         assert (staging / "model.safetensors").is_file()
+        assert caplog.messages == [
+            f"{staging} is the staging folder of process {writer.pid}, which is running: another conversion into "
+            f"{output}? If that process is not a conversion, remove the folder: rm -r '{staging}'"
+        ]
+        caplog.clear()
     finally:
         writer.kill()
         writer.wait()

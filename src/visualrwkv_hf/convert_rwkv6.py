@@ -469,8 +469,8 @@ def remove_stale_staging(output_dir: Path) -> None:
     Only folders named as `atomic_output_dir` names them, made by a process of this host that no longer runs, are
     deleted: a `partial` one, and a `previous` one (the folder being replaced) when `output_dir` exists again. A
     `previous` one without `output_dir` (killed between the two renames) is the only copy of the old folder, and
-    folders of another host or in the older unnamed form may be in use: these are reported with the command that
-    moves or removes them. Folders of a live process are left alone.
+    folders of a running process (a concurrent conversion, or a reused process id), of another host or in the older
+    unnamed form may be in use: these are reported with the command that moves or removes them, never deleted.
     """
     if not output_dir.parent.is_dir():
         return
@@ -483,8 +483,12 @@ def remove_stale_staging(output_dir: Path) -> None:
             pid = int(match["pid"]) if match["pid"] else None
             knowable = pid is not None and match["host"] == _HOST and os.name == "posix"
             if knowable and _process_is_running(pid):
-                continue  # a conversion into the same folder is running now
-            if not knowable:
+                # Most likely a conversion into the same folder running now; said, in case the id was reused.
+                logger.warning(
+                    f"{path} is the staging folder of process {pid}, which is running: another conversion into "
+                    f"{output_dir}? If that process is not a conversion, remove the folder: rm -r '{path}'"
+                )
+            elif not knowable:
                 logger.warning(
                     f"{path} looks like the staging folder of an interrupted conversion into {output_dir} (from "
                     f"another machine or an older version); it may hold a copy of the weights. If no conversion "
