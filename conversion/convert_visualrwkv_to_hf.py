@@ -5,7 +5,7 @@
     python conversion/convert_visualrwkv_to_hf.py \
         --rwkv A_rwkv.pth --visual A_visual.pth --output visualrwkv6-1b6
     options: [--vision-config JSON_OR_DIR] [--scan-mode ...] [--image-position ...] [--grid-size ...]
-             [--dtype auto|float32|bfloat16|float16] [--overwrite] [--push-to-hub REPO]
+             [--dtype auto|float32|bfloat16|float16] [--overwrite] [--allow-nonfinite] [--push-to-hub REPO]
 
 Same as `visualrwkv convert ...`. The folder holds the model (config.json, model.safetensors,
 generation_config.json), the processor (image processor, RWKV World tokenizer with "<image>", chat template) and a

@@ -1,10 +1,17 @@
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visualrwkv_hf.cli import main
@@ -88,6 +95,57 @@ def test_convert_script_reports_user_errors_without_traceback(tmp_path):
     result = subprocess.run([*run, "--rwkv", str(files.rwkv)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_convert_refuses_an_output_holding_the_checkpoint(tmp_path, monkeypatch, capsys):
+    files = write_original_files(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    arguments = ["convert", "--checkpoint", "full.pth", "--vision-config", "clip", "--output", ".", "--overwrite",
+                 "--no-progress"]
+    assert main(arguments) == 1
+    assert capsys.readouterr().err == (
+        f"error: The input full.pth lies inside the output {tmp_path}: writing there would delete it. Choose an "
+        f"output folder that does not hold the input, for example {tmp_path / 'full-hf'}.\n"
+    )
+    assert sorted(tmp_path.rglob("*")) == before and files.full.is_file()
+
+
+def test_convert_allow_nonfinite(tmp_path, capsys):
+    files = write_original_files(tmp_path)
+    visual = torch.load(files.visual)
+    visual["proj.weight"][0, 0] = float("nan")
+    torch.save(visual, files.visual)
+    arguments = ["convert", "--rwkv", str(files.rwkv), "--visual", str(files.visual), "--output",
+                 str(tmp_path / "hf"), "--vision-config", str(files.vision_config), "--no-progress"]
+    assert main(arguments) == 1
+    assert capsys.readouterr().err == (
+        f"error: {files.visual} holds NaN or infinite weights in 1 tensor: 'proj.weight' (1 NaN, 0 inf of 2048 "
+        "values); a model with them computes NaN (is the file damaged, or from a diverged training run?). Pass "
+        "allow_nonfinite=True (--allow-nonfinite on the command line) to convert it anyway.\n"
+    )
+    assert main([*arguments, "--allow-nonfinite"]) == 0
+
+
+@pytest.mark.skipif(resource is None, reason="needs POSIX resource limits")
+def test_convert_out_of_space_gives_one_line_and_leaves_nothing(tmp_path):
+    files = write_original_files(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+
+    def limit_file_size():  # writing beyond 64 KiB fails with EFBIG, as on a drive whose file-size limit is reached
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    run = [sys.executable, str(CONVERT_SCRIPT), "--rwkv", str(files.rwkv), "--visual", str(files.visual),
+           "--vision-config", str(files.vision_config), "--output", str(tmp_path / "hf"), "--no-progress"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(
+        rf"error: Could not write {re.escape(str(tmp_path / 'hf'))}: File too large \(about 1\d\.\d MiB are needed, "
+        r".*\)\. Nothing was written; free some space or choose another output folder\.\n",
+        result.stderr,
+    ), result.stderr
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_convert_pushes_to_the_hub(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,8 @@
 import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -7,11 +11,17 @@ from typing import NamedTuple
 
 import pytest
 import torch
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import visualrwkv_hf
 from visualrwkv_hf import VisualRWKVForCausalLM
+from visualrwkv_hf.cli import main
 from visualrwkv_hf.convert_rwkv6 import (
     convert_blinkdl_to_hf,
     convert_hf_to_blinkdl,
@@ -290,6 +300,26 @@ def test_unreadable_files_are_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.pth", "unsafe.pth"]
 
 
+def test_a_folder_given_as_the_checkpoint_is_refused_naming_its_weights(tmp_path):
+    downloaded = tmp_path / "download"
+    downloaded.mkdir()
+    save_checkpoint(tiny_checkpoint(), downloaded / "RWKV-x060.pth")
+    with pytest.raises(IsADirectoryError, match=r"download is a folder: give the .pth file \(this folder holds "
+                                                r"RWKV-x060.pth\)\.$"):
+        convert_rwkv6_checkpoint(downloaded, tmp_path / "hf", progress=False)
+    converted = convert_rwkv6_checkpoint(downloaded / "RWKV-x060.pth", tmp_path / "hf", progress=False)
+    with pytest.raises(IsADirectoryError, match="already converted: load it with from_pretrained"):
+        convert_rwkv6_checkpoint(converted, tmp_path / "again", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["download", "hf"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc/self/mem")
+def test_a_file_that_cannot_be_read_is_named():
+    # /proc/self/mem is a regular file that fails to read at offset 0 (EIO), whatever the user's permissions.
+    with pytest.raises(OSError, match=r"^Cannot read the checkpoint /proc/self/mem: Input/output error\.$"):
+        convert_rwkv6_checkpoint("/proc/self/mem", "/nonexistent/hf", progress=False)
+
+
 def test_non_empty_output_needs_overwrite(tmp_path):
     checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
     output = tmp_path / "hf"
@@ -301,8 +331,53 @@ def test_non_empty_output_needs_overwrite(tmp_path):
     convert_rwkv6_checkpoint(checkpoint, output, overwrite=True, progress=False)
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["hf", "model.pth"]
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not a folder"):
-        convert_rwkv6_checkpoint(checkpoint, checkpoint, overwrite=True, progress=False)
+        convert_rwkv6_checkpoint(checkpoint, tmp_path / "notes.txt", overwrite=True, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def output_forms(directory: Path, checkpoint: Path) -> dict[str, tuple[Path, Path]]:
+    """(checkpoint as given, output) pairs where the output folder is, or holds, the checkpoint."""
+    (directory / "link-to-folder").symlink_to(directory)
+    (directory / "sub").mkdir()
+    outside = directory.parent / f"{directory.name}-elsewhere"
+    outside.mkdir()
+    (outside / "link.pth").symlink_to(checkpoint)
+    return {
+        "its folder": (checkpoint, directory),
+        "its folder's parent": (checkpoint, directory.parent),
+        "the file itself": (checkpoint, checkpoint),
+        "its folder through a symlink": (checkpoint, directory / "link-to-folder"),
+        "its folder through ..": (checkpoint, directory / "sub" / ".."),
+        "the folder a symlinked checkpoint points into": (outside / "link.pth", directory),
+        "the folder of the symlink": (outside / "link.pth", outside),
+    }
+
+
+OUTPUT_FORMS = [
+    "its folder", "its folder's parent", "the file itself", "its folder through a symlink", "its folder through ..",
+    "the folder a symlinked checkpoint points into", "the folder of the symlink",
+]
+
+
+@pytest.mark.parametrize("form", OUTPUT_FORMS)
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
+def test_an_output_holding_the_checkpoint_is_refused(form, overwrite, tmp_path):
+    """Replacing such a folder would delete the input: refused with or without --overwrite, and nothing moves."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    checkpoint = save_checkpoint(tiny_checkpoint(), directory / "model.pth")
+    content = checkpoint.read_bytes()
+    given, output = output_forms(directory, checkpoint)[form]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    link = f" (a link to {checkpoint})" if given.is_symlink() else ""
+    with pytest.raises(ValueError, match=rf"The input {re.escape(f'{given}{link}')} (is|lies inside) the output .*: "
+                                         r"writing there would delete it\. Choose an output folder that does not hold "
+                                         rf"the input, for example {re.escape(str(given.parent / given.stem))}-hf\.$"):
+        convert_rwkv6_checkpoint(given, output, overwrite=overwrite, progress=False)
+    assert checkpoint.read_bytes() == content
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 def test_empty_output_folder_is_used(tmp_path):
@@ -324,8 +399,9 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["model.pth"]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          **kwargs)
 
 
 def test_cli_converts_end_to_end(tmp_path):
@@ -344,3 +420,222 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and "not an RWKV-6 (x060) checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_cli_refuses_output_dot_run_from_the_checkpoints_folder(tmp_path, monkeypatch, capsys):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    content = checkpoint.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert-rwkv6", "--checkpoint", "model.pth", "--output", ".", "--overwrite", "--no-progress"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: The input model.pth lies inside the output {tmp_path}: writing there would delete it. Choose an "
+        f"output folder that does not hold the input, for example {tmp_path / 'model-hf'}.\n"
+    )
+    assert os.listdir(tmp_path) == ["model.pth"] and checkpoint.read_bytes() == content
+
+
+def test_an_output_under_a_file_is_refused_before_reading(tmp_path):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    with pytest.raises(FileExistsError, match=re.escape(
+        f"Output path {checkpoint / 'models' / 'hf'} lies under {checkpoint}, which is a file, not a folder."
+    )):
+        convert_rwkv6_checkpoint(checkpoint, checkpoint / "models" / "hf", progress=False)
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
+def test_symlinked_output_folder_is_replaced_through_the_link(tmp_path):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    convert_rwkv6_checkpoint(checkpoint, tmp_path / "link", overwrite=True, progress=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == tmp_path / "real"
+    assert not (tmp_path / "real" / "old.txt").exists() and (tmp_path / "real" / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["link", "model.pth", "real"]
+
+
+# ------------------------------------------------------------------------------------------------ non-finite weights
+
+
+def test_nan_and_inf_weights_are_named_and_refused_unless_allowed(tmp_path):
+    state_dict = tiny_checkpoint()
+    state_dict["blocks.1.att.key.weight"][0, :3] = float("nan")
+    state_dict["blocks.1.att.key.weight"][1, 0] = float("-inf")
+    state_dict["head.weight"][5, 5] = float("inf")
+    checkpoint = save_checkpoint(state_dict, tmp_path / "model.pth")
+    with pytest.raises(ValueError, match=re.escape(
+        f"{checkpoint} holds NaN or infinite weights in 2 tensors: 'blocks.1.att.key.weight' (3 NaN, 1 inf of 1024 "
+        "values), 'head.weight' (0 NaN, 1 inf of 9600 values); a model with them computes NaN (is the file damaged, "
+        "or from a diverged training run?). Pass allow_nonfinite=True (--allow-nonfinite on the command line) to "
+        "convert it anyway."
+    )):
+        convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", progress=False)
+    assert os.listdir(tmp_path) == ["model.pth"]
+    output = convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", progress=False, allow_nonfinite=True)
+    written = load_file(output / "model.safetensors")
+    assert torch.equal(written["model.blocks.1.attention.att_key.weight"].isnan(),
+                       state_dict["blocks.1.att.key.weight"].isnan())
+    assert written["lm_head.weight"][5, 5] == float("inf")
+
+
+def test_overflow_in_the_cast_is_refused_unless_allowed(tmp_path):
+    checkpoint = save_checkpoint(with_changes(add={"ln_out.weight": torch.full((32,), 1e5)}), tmp_path / "model.pth")
+    with pytest.raises(ValueError, match=re.escape(
+        f"converting {checkpoint} to float16 overflows (beyond +-65504) in 1 tensor: 'ln_out.weight' (32 of 32 "
+        "values); keep the checkpoint's dtype (dtype 'auto') or use a wider one."
+    )):
+        convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", dtype="float16", progress=False)
+    assert os.listdir(tmp_path) == ["model.pth"]
+    convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", dtype="bfloat16", progress=False)  # bf16 holds 1e5
+    convert_rwkv6_checkpoint(checkpoint, tmp_path / "f16", dtype="float16", progress=False, allow_nonfinite=True)
+
+
+def test_cli_allow_nonfinite(tmp_path, capsys):
+    checkpoint = save_checkpoint(with_changes(add={"emb.weight": torch.full((300, 32), float("nan"))}),
+                                 tmp_path / "model.pth")
+    arguments = ["convert-rwkv6", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--no-progress"]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {checkpoint} holds NaN or infinite weights in 1 tensor: 'emb.weight' (9600 "
+                            "NaN, 0 inf of 9600 values)")
+    assert main([*arguments, "--allow-nonfinite"]) == 0
+    assert load_file(tmp_path / "hf" / "model.safetensors")["model.embeddings.weight"].isnan().all()
+
+
+# ------------------------------------------------------------------------------------------- interrupted conversions
+
+# Enters the converter's atomic output folder, writes the model into the staging folder, says where, and waits to be
+# killed: a conversion interrupted while writing.
+WRITE_AND_WAIT = """
+import sys, time
+from visualrwkv_hf.convert_rwkv6 import atomic_output_dir, convert_blinkdl_to_hf, load_checkpoint, save_hf_text_model
+config, state_dict = convert_blinkdl_to_hf(load_checkpoint(sys.argv[1]))
+with atomic_output_dir(sys.argv[2]) as staging:
+    save_hf_text_model(staging, config, state_dict)
+    print(staging, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_staging_folders_of_killed_conversions_are_cleaned_and_live_ones_kept(tmp_path, caplog):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    output = tmp_path / "hf"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE_AND_WAIT, str(checkpoint), str(output)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        staging = Path(writer.stdout.readline().strip())
+        assert staging.parent == tmp_path and staging.name.startswith(".hf.partial-")
+        assert (staging / "model.safetensors").is_file()
+        # While its process runs, another conversion into the same folder leaves it alone (and says so, in case the
+        # process id was reused).
+        with caplog.at_level("WARNING"):
+            convert_rwkv6_checkpoint(checkpoint, output, progress=False)
+        assert (staging / "model.safetensors").is_file()
+        assert caplog.messages == [
+            f"{staging} is the staging folder of process {writer.pid}, which is running: another conversion into "
+            f"{output}? If that process is not a conversion, remove the folder: rm -r '{staging}'"
+        ]
+        caplog.clear()
+    finally:
+        writer.kill()
+        writer.wait()
+    # What a conversion killed while replacing an old folder leaves: that folder moved aside, under its process id.
+    previous = staging.with_name(staging.name.replace(".partial-", ".previous-"))
+    shutil.copytree(output, previous)
+    # A staging folder in the form older versions used (no process id), or of another machine: reported, never deleted.
+    old_form, other_host = tmp_path / ".hf.partial-k3j2h1g0", tmp_path / ".hf.partial-otherhost-12-abcd1234"
+    old_form.mkdir(), other_host.mkdir()
+    with caplog.at_level("WARNING"):
+        convert_rwkv6_checkpoint(checkpoint, output, overwrite=True, progress=False)
+    assert sorted(os.listdir(tmp_path)) == [old_form.name, other_host.name, "hf", "model.pth"]
+    pid = staging.name.split("-")[-2]
+    assert f"Removed {staging}, left by a conversion killed midway (process {pid})." in caplog.messages
+    assert f"Removed {previous}, left by a conversion killed midway (process {pid})." in caplog.messages
+    for kept in (old_form, other_host):
+        assert (
+            f"{kept} looks like the staging folder of an interrupted conversion into {output} (from another machine "
+            f"or an older version); it may hold a copy of the weights. If no conversion into {output} is running, "
+            f"remove it: rm -r '{kept}'"
+        ) in caplog.messages
+    # Killed between moving the old folder aside and moving the new one in: the old folder is the only copy left.
+    shutil.rmtree(output)
+    previous.mkdir()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        convert_rwkv6_checkpoint(checkpoint, output, progress=False)
+    assert previous.is_dir() and (output / "model.safetensors").is_file()
+    assert any(f"mv '{previous}' '{output}'" in message for message in caplog.messages)
+
+
+# ---------------------------------------------------------------------------------------------------- out of space
+
+
+def limited_file_size(limit: int):
+    """For a subprocess: files may not grow beyond `limit` bytes, and writing past it fails with EFBIG (SIGXFSZ,
+    which would kill the process, is ignored), as on a drive whose file-size limit is reached."""
+
+    def set_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return set_limit
+
+
+@pytest.mark.skipif(resource is None, reason="needs POSIX resource limits")
+def test_cli_out_of_space_gives_one_line_and_leaves_nothing(tmp_path):
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    # config.json fits, model.safetensors (about 190 KiB) does not.
+    result = run_cli("--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--no-progress",
+                     preexec_fn=limited_file_size(16 * 1024))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(
+        rf"error: Could not write {re.escape(str(tmp_path / 'hf'))}: File too large \(about \d+\.\d KiB are "
+        rf"needed, [\d.]+ \w+ free in {re.escape(str(tmp_path))}\)\. Nothing was written; free some space or choose "
+        r"another output folder\.\n",
+        result.stderr,
+    ), result.stderr
+    assert os.listdir(tmp_path) == ["model.pth"]
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare --mount` and tmpfs (root in a namespace)")
+def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path):
+    """A real ENOSPC: a 64 KiB tmpfs, mounted in a private mount namespace (seen by this command only)."""
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mountpoint = shlex.quote(str(disk))
+    convert = shlex.join([sys.executable, str(CLI), "--checkpoint", str(checkpoint), "--output", str(disk / "hf"),
+                          "--no-progress"])
+    script = f"mount -t tmpfs -o size=64k tmpfs {mountpoint} && {convert}; echo rc=$?; ls -A {mountpoint}"
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout == "rc=1\n", result.stdout  # nothing left on the full disk
+    assert re.fullmatch(
+        rf"error: Could not write {re.escape(str(disk / 'hf'))}: No space left on device \(about \d+\.\d KiB are "
+        rf"needed, [\d.]+ KiB free in {re.escape(str(disk))}\)\. Nothing was written; free some space or choose "
+        r"another output folder\.\n",
+        result.stderr,
+    ), result.stderr
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare --mount` and tmpfs (root in a namespace)")
+def test_a_read_only_output_names_the_folder_asked_for(tmp_path):
+    """A real EROFS: a read-only tmpfs in a private mount namespace. The message names the output, not the hidden
+    staging folder the converter tried to create."""
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    convert = shlex.join([sys.executable, str(CLI), "--checkpoint", str(checkpoint), "--output", str(disk / "hf"),
+                          "--no-progress"])
+    script = f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(disk))} && {convert}"
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == f"error: Cannot create the output folder {disk / 'hf'}: Read-only file system in {disk}.\n"

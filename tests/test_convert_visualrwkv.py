@@ -1,5 +1,6 @@
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -472,6 +473,76 @@ def test_non_empty_output_needs_overwrite(tmp_path):
         output, checkpoint=files.full, vision_config=files.vision_config, overwrite=True, progress=False
     )
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
+
+
+def snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every path under `directory` and each file's bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in directory.rglob("*")}
+
+
+def inputs_inside_the_output(files: OriginalFiles) -> dict[str, tuple[dict, Path, str]]:
+    """(inputs, output, the input named in the error) where the output folder is, or holds, an input."""
+    directory = files.full.parent
+    config_file = files.vision_config / "config.json"
+    return {
+        "full checkpoint in the output": ({"checkpoint": files.full}, directory, str(files.full)),
+        "output is the vision config folder": (
+            {"checkpoint": files.full, "vision_config": files.vision_config}, files.vision_config,
+            str(files.vision_config),
+        ),
+        "vision config file in the output": (
+            {"checkpoint": files.full, "vision_config": config_file}, files.vision_config, str(config_file)
+        ),
+        "pair in the output's subfolder": (
+            {"rwkv": files.rwkv, "visual": files.visual}, directory.parent, str(files.rwkv)
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "full checkpoint in the output", "output is the vision config folder", "vision config file in the output",
+    "pair in the output's subfolder",
+])
+def test_an_output_holding_an_input_is_refused_even_with_overwrite(case, tmp_path):
+    (tmp_path / "originals").mkdir()
+    files = write_original_files(tmp_path / "originals")
+    inputs, output, named = inputs_inside_the_output(files)[case]
+    inputs.setdefault("vision_config", files.vision_config)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=rf"^The input {re.escape(named)} (is|lies inside) the output "
+                                         rf"{re.escape(str(output))}: writing there would delete it\."):
+        convert_visualrwkv_checkpoint(output, overwrite=True, progress=False, **inputs)
+    assert snapshot(tmp_path) == before
+
+
+def test_nan_and_inf_weights_are_named_per_file_and_refused_unless_allowed():
+    state_dict = original_state_dict()
+    state_dict["vit.vision_model.encoder.layers.1.mlp.fc1.weight"][0, :2] = float("nan")
+    state_dict["proj.weight"][3, 3] = float("inf")
+    rwkv, visual = export_pair(state_dict)
+    rwkv["blocks.2.att.output.weight"][0, 0] = float("nan")
+    pair = OriginalCheckpoint.from_pair(rwkv, visual, "A_rwkv.pth", "A_visual.pth")
+    vision_config = CLIPVisionConfig(**TINY_CLIP)
+    with pytest.raises(ValueError, match=re.escape(
+        "A_rwkv.pth holds NaN or infinite weights in 1 tensor: 'blocks.2.att.output.weight' (1 NaN, 0 inf of 4096 "
+        "values)"
+    )):
+        convert_original_to_hf(pair, vision_config)
+    rwkv["blocks.2.att.output.weight"][0, 0] = 0.0
+    with pytest.raises(ValueError, match=re.escape(
+        "A_visual.pth holds NaN or infinite weights in 2 tensors: 'vit.vision_model.encoder.layers.1.mlp.fc1.weight' "
+        "(2 NaN, 0 inf of 2048 values), 'proj.weight' (0 NaN, 1 inf of 2048 values)"
+    )):
+        convert_original_to_hf(pair, vision_config)
+    _, converted = convert_original_to_hf(pair, vision_config, allow_nonfinite=True)
+    assert converted["model.multi_modal_projector.linear.weight"][3, 3] == float("inf")
+    assert converted["model.vision_tower.encoder.layers.1.mlp.fc1.weight"][0, :2].isnan().all()
+    # A full checkpoint names its keys as in the file.
+    state_dict = original_state_dict()
+    state_dict["rwkv.emb.weight"][7, 0] = float("-inf")
+    with pytest.raises(ValueError, match=re.escape("full.pth holds NaN or infinite weights in 1 tensor: "
+                                                   "'rwkv.emb.weight' (0 NaN, 1 inf of ")):
+        convert_original_to_hf(OriginalCheckpoint.from_full(state_dict, "full.pth"), vision_config)
 
 
 class RecordingHfApi:

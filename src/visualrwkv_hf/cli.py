@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+ALLOW_NONFINITE_HELP = "convert even if weights are NaN or infinite (refused by default: the model would compute NaN)"
+
 
 def visual_demo(args: argparse.Namespace) -> int:
     """Trains a tiny VisualRWKV on synthetic shapes and answers held-out questions (see `demo.py`)."""
@@ -66,7 +68,8 @@ def convert_rwkv6(args: argparse.Namespace) -> int:
 
     try:
         output = convert_rwkv6_checkpoint(
-            args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress
+            args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except (ValueError, OSError) as error:  # user errors: a message, not a traceback
         print(f"error: {error}", file=sys.stderr)
@@ -93,6 +96,7 @@ def convert_visualrwkv(args: argparse.Namespace) -> int:
             push_to_hub=args.push_to_hub,
             progress=not args.no_progress,
             remote_code=args.remote_code,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except (ValueError, OSError) as error:  # user errors (and Hub errors, which are OSErrors): a message, no traceback
         print(f"error: {error}", file=sys.stderr)
@@ -214,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["auto", *DTYPES], default="auto",
         help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
     )
-    convert_parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert_parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
+    )
+    convert_parser.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
     convert_parser.add_argument(
         "--push-to-hub", metavar="REPO", help="then upload the folder to this Hub model repository (created if needed)"
     )
@@ -232,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["auto", *DTYPES], default="auto",
         help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
     )
-    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
+    )
+    convert.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert.set_defaults(run=convert_rwkv6)
     return parser

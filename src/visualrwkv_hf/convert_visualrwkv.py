@@ -1,6 +1,6 @@
 """Conversion of the original VisualRWKV-6 checkpoints into a Hugging Face folder.
 
-Two layouts exist (spec section 8):
+Two layouts exist:
 
 * the full checkpoint (`VisualRWKV-v060-{1B6,3B,7B}-v1.0-20240612.pth`): `rwkv.` + BlinkDL's RWKV-6 keys, `vit.` + the
   keys of transformers' `CLIPVisionModel` (saved with transformers 4, hence `vit.vision_model.*`; a stray
@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,12 +31,14 @@ from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.utils import logging as hf_logging
 
 from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import (
     EOS_TOKEN_ID,
     PAD_TOKEN_ID,
     atomic_output_dir,
+    check_finite,
     check_output_dir,
     check_state_dict,
     convert_blinkdl_to_hf,
@@ -62,7 +65,7 @@ HF_PROJECTOR_KEY = "model.multi_modal_projector.linear.weight"
 CAUSAL_LM_BACKBONE_PREFIX = "model."
 HF_TEXT_BACKBONE_PREFIX = "model.language_model."
 
-# Released sizes (spec section 2), to name the model in its card: (layers, width) -> size.
+# Released sizes, to name the model in its card: (layers, width) -> size.
 RELEASED_SIZES = {(24, 2048): "1.6B", (32, 2560): "3B", (32, 4096): "7B"}
 
 _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.")
@@ -191,8 +194,9 @@ def _format_sizes(sizes: Mapping[str, object]) -> str:
 
 def _vision_state_dict(
     visual: Mapping[str, torch.Tensor], config: VisualRWKVConfig, source: str
-) -> dict[str, torch.Tensor]:
-    """The vision tower's tensors (keys relative to it), checked against `config.vision_config`."""
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The vision tower's tensors (keys relative to it), checked against `config.vision_config`, and the prefix
+    they have in the file."""
     with torch.device("meta"):  # shapes only: builds no weights, even for a ViT-L
         vision_tower = AutoModel.from_config(config.vision_config)
     expected = {k: tuple(v.shape) for k, v in vision_tower.state_dict().items()}
@@ -211,7 +215,7 @@ def _vision_state_dict(
         f"{_format_sizes(vision_sizes(config.vision_config))}); its weights imply {_format_sizes(file_sizes)}. Give "
         "the matching config with --vision-config JSON_OR_DIR (vision_config=...). The differences",
     )
-    return {k.removeprefix(prefix): v for k, v in vision.items()}
+    return {k.removeprefix(prefix): v for k, v in vision.items()}, prefix
 
 
 def convert_original_to_hf(
@@ -222,17 +226,19 @@ def convert_original_to_hf(
     image_position: str | None = None,
     grid_size: int | None = None,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
     """Validates an original checkpoint and returns the `VisualRWKVConfig` and the state dict of
     `VisualRWKVForConditionalGeneration`.
 
     `vision_config` defaults to CLIP ViT-L/14-336; `scan_mode`, `image_position` and `grid_size` left as None take
     `VisualRWKVConfig`'s defaults, the released models' settings. `dtype` "auto"/None keeps the checkpoint's own.
-    Raises ValueError naming every problem (missing, unexpected or mis-shaped tensors, a mismatched vision config).
+    Raises ValueError naming every problem (missing, unexpected or mis-shaped tensors, a mismatched vision config,
+    NaN or infinite weights unless `allow_nonfinite`).
     """
     dtype = resolve_dtype(dtype, {**checkpoint.rwkv, **checkpoint.visual})
     text_config, text_state_dict = convert_blinkdl_to_hf(
-        checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress
+        checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress, allow_nonfinite
     )
     settings = {"scan_mode": scan_mode, "image_position": image_position, "grid_size": grid_size}
     config = VisualRWKVConfig(
@@ -241,7 +247,7 @@ def convert_original_to_hf(
         **{name: value for name, value in settings.items() if value is not None},
     )
     config.dtype = dtype
-    vision_state_dict = _vision_state_dict(checkpoint.visual, config, checkpoint.visual_source)
+    vision_state_dict, vision_prefix = _vision_state_dict(checkpoint.visual, config, checkpoint.visual_source)
     projector_shape = (text_config.hidden_size, config.vision_config.hidden_size)
     check_state_dict(
         {k: v for k, v in checkpoint.visual.items() if not k.startswith(VISION_PREFIX)},
@@ -258,6 +264,15 @@ def convert_original_to_hf(
     state_dict = {text_key(k): v for k, v in text_state_dict.items()}
     state_dict.update({HF_VISION_PREFIX + k: v.to(dtype).contiguous() for k, v in vision_state_dict.items()})
     state_dict[HF_PROJECTOR_KEY] = checkpoint.visual[PROJECTOR_KEY].to(dtype).contiguous()
+    if not allow_nonfinite:
+        file_keys = {vision_prefix + k: HF_VISION_PREFIX + k for k in vision_state_dict}
+        file_keys[PROJECTOR_KEY] = HF_PROJECTOR_KEY
+        check_finite(
+            {key: checkpoint.visual[key] for key in file_keys},
+            {key: state_dict[hf_key] for key, hf_key in file_keys.items()},
+            checkpoint.visual_source,
+            dtype,
+        )
     return config, state_dict
 
 
@@ -375,6 +390,20 @@ def save_visualrwkv_folder(
     (directory / "README.md").write_text(model_card(config, sources), encoding="utf-8")
 
 
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Turns transformers' progress bars (save_pretrained's "Writing model shards") off for the block if not
+    `enabled`."""
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
     """Uploads a converted folder to a Hub model repository (created if needed); returns the repository's URL.
 
@@ -405,6 +434,7 @@ def convert_visualrwkv_checkpoint(
     push_to_hub: str | None = None,
     progress: bool = True,
     remote_code: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
 
@@ -414,9 +444,11 @@ def convert_visualrwkv_checkpoint(
     Hub repository. With `remote_code`, the folder also carries this package's code (`auto_map`), so it loads with
     `trust_remote_code=True` where the package is not installed.
 
-    Everything is validated before anything is written, and the folder appears complete or not at all. Raises
-    ValueError (not a VisualRWKV checkpoint, inconsistent tensors, a vision config that does not fit),
-    FileNotFoundError or FileExistsError.
+    Everything is validated before anything is written, and the folder appears complete or not at all; an output
+    folder holding one of the input files (or the vision config) is refused, even with `overwrite`. NaN or infinite
+    weights are refused unless `allow_nonfinite`. Raises ValueError (not a VisualRWKV checkpoint, inconsistent
+    tensors, a vision config that does not fit, non-finite weights, an output that would delete an input),
+    FileNotFoundError, FileExistsError or OSError (unreadable, out of space).
     """
     if (checkpoint is None) == (rwkv is None and visual is None) or (checkpoint is None and None in (rwkv, visual)):
         raise ValueError(
@@ -424,7 +456,8 @@ def convert_visualrwkv_checkpoint(
             "(--rwkv A_rwkv.pth --visual A_visual.pth)."
         )
     output_dir = Path(output_dir)
-    check_output_dir(output_dir.absolute(), overwrite)  # fail before reading a multi-GB file
+    inputs = [path for path in (checkpoint, rwkv, visual, vision_config) if path is not None]
+    check_output_dir(output_dir.absolute(), overwrite, inputs)  # fail before reading a multi-GB file
     loaded_vision_config = None if vision_config is None else load_vision_config(vision_config)
     if checkpoint is not None:
         sources = [Path(checkpoint).name]
@@ -433,9 +466,10 @@ def convert_visualrwkv_checkpoint(
         sources = [Path(rwkv).name, Path(visual).name]
         original = OriginalCheckpoint.from_pair(load_checkpoint(rwkv), load_checkpoint(visual), str(rwkv), str(visual))
     config, state_dict = convert_original_to_hf(
-        original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress
+        original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite
     )
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    size = sum(t.nbytes for t in state_dict.values())
+    with atomic_output_dir(output_dir, overwrite, inputs, size) as staging, _progress_bars(progress):
         save_visualrwkv_folder(staging, config, state_dict, sources)
         if remote_code:
             add_remote_code(staging)
