@@ -136,6 +136,16 @@ def test_pipeline_answers_without_a_warning(demo_folder, caplog, capfd):
     assert [line for line in printed if "Loading weights" not in line] == []
 
 
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    # A converted model given as --output by mistake would lose its weights to the demo's same-named files.
+    output = tmp_path / "my-model"
+    output.mkdir()
+    (output / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match="not empty"):
+        demo.run_demo(output, num_train=8, num_test=4, steps=1, batch_size=4, learning_rate=1e-3, seed=0)
+    assert (output / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_cli_demo_runs(tmp_path, capsys):
     output = tmp_path / "out"
     assert main(["demo", "--output", str(output), "--steps", "2", "--batch-size", "4", "--num-test", "4",
@@ -143,3 +153,6 @@ def test_cli_demo_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Held-out accuracy" in printed and "NOT frozen" in printed
     assert (output / "config.json").is_file() and (output / "sample.png").is_file()
+    # an earlier demo's folder is reused without --overwrite (make demo twice)
+    assert main(["demo", "--output", str(output), "--steps", "1", "--batch-size", "4", "--num-test", "4",
+                 "--no-progress"]) == 0

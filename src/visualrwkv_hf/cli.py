@@ -17,6 +17,7 @@ def visual_demo(args: argparse.Namespace) -> int:
     run_demo(
         Path(args.output), num_train=args.steps * args.batch_size, num_test=args.num_test, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     visual.add_argument("--num-test", type=int, default=200, help="held-out questions")
     visual.add_argument("--seed", type=int, default=0)
     visual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    visual.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --output that no earlier demo wrote"
+    )
     visual.set_defaults(run=visual_demo)
 
     demo = commands.add_parser("lm-demo", help="build a tiny random RWKV-6 model, save, reload and generate")

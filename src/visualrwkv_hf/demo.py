@@ -352,11 +352,18 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 def run_demo(
     output: Path, *, num_train: int, num_test: int, steps: int, batch_size: int, learning_rate: float, seed: int,
-    num_examples: int = 8, progress: bool = True,
+    num_examples: int = 8, progress: bool = True, overwrite: bool = False,
 ) -> float:
-    """The whole demo: data, training, saving, held-out answers through the pipeline. Returns the accuracy."""
+    """The whole demo: data, training, saving, held-out answers through the pipeline. Returns the accuracy.
+
+    `output` must be new, empty, or an earlier demo's folder (it holds `sample.png`), unless `overwrite`: the
+    model's files are written over same-named ones, which would ruin, say, a converted model given by mistake.
+    """
     import torch
 
+    from .convert_rwkv6 import check_output_dir
+
+    check_output_dir(output, overwrite=overwrite or (output / "sample.png").is_file())
     start = time.perf_counter()
     # These ops are too small to gain from a second thread, and on a busy machine one thread per process is faster;
     # the caller's thread count comes back afterwards (a library call must not change the process's numerics).
