@@ -156,29 +156,33 @@ def _chunk_parts(r, lw, k, v, a, b):
     L, N = r.shape[-2:]
     G = lw.cumsum(-2)  # log D_t
     G_end = G[..., -1:, :]  # log D_L
-    p = SimpleNamespace(G=G, lw=lw, decay_end=torch.exp(G_end))
     # queries scaled from the chunk start (r by D_t, a by D_{t-1}), keys scaled back to it (by 1 / D_s): their
     # products are the pairwise decays; keys scaled forward to the chunk end (D_L / D_s <= 1) build the next state
-    to_start, to_end = torch.exp(-G), torch.exp(G_end - G)
-    p.r_in, p.a_in = r * torch.exp(G), a * torch.exp(G - lw)
-    p.b_out, p.k_out = b * to_start, k * to_start
-    p.b_end, p.k_end = b * to_end, k * to_end
-    scores = torch.cat([p.r_in, p.a_in], -2) @ torch.cat([p.b_out, p.k_out], -2).transpose(-1, -2)
+    p = SimpleNamespace(G=G, decay_end=torch.exp(G_end.squeeze(-2)))
+    p.to_r, p.to_a, p.to_start, p.to_end = torch.exp(torch.stack([G, G - lw, -G, G_end - G])).unbind(0)
+    # r_in; a_in and b_out; k_out stacked on the step axis: all four score blocks come from one product
+    p.rows_in, p.cols_out, p.cols_end = (r.new_empty(*r.shape[:-2], 2 * L, N) for _ in range(3))
+    for out, x, factor in (
+        (p.rows_in[..., :L, :], r, p.to_r), (p.rows_in[..., L:, :], a, p.to_a),
+        (p.cols_out[..., :L, :], b, p.to_start), (p.cols_out[..., L:, :], k, p.to_start),
+        (p.cols_end[..., :L, :], b, p.to_end), (p.cols_end[..., L:, :], k, p.to_end),
+    ):
+        torch.mul(x, factor, out=out)
+    scores = p.rows_in @ p.cols_out.transpose(-1, -2)
     scores.masked_fill_(~_score_mask(L, r.device), 0)
     p.A_rb, p.A_rk, p.A_ab, p.A_ak = scores[..., :L, :L], scores[..., :L, L:], scores[..., L:, :L], scores[..., L:, L:]
     # sa = A_ab sa + a_in S_0 + A_ak v is unit lower-triangular: sa = W S_0 + U with [W, U] = inverse [a_in, A_ak v].
     # Solving for the (L, L) inverse is cheap (against the (L, 2N) right-hand sides it took 8x longer, torch 2.13).
     eye = torch.eye(L, dtype=r.dtype, device=r.device)
     p.inverse = torch.linalg.solve_triangular(eye - p.A_ab, eye.expand_as(p.A_ab), upper=False, unitriangular=True)
-    p.WU = p.inverse @ torch.cat([p.a_in, p.A_ak @ v], -1)
+    p.WU = p.inverse @ torch.cat([p.rows_in[..., L:, :], p.A_ak @ v], -1)
     from_rb = p.A_rb @ p.WU  # [A_rb W, A_rb U]
-    from_b = p.b_end.transpose(-1, -2) @ p.WU  # [b_end^T W, b_end^T U]
-    p.query = p.r_in + from_rb[..., :N]
-    p.y_intra = torch.baddbmm(from_rb[..., N:].flatten(0, 1), _flat(p.A_rk), _flat(v)).view_as(v)
-    p.transition = from_b[..., :N] + torch.diag_embed(p.decay_end.squeeze(-2))
-    p.offset = torch.baddbmm(from_b[..., N:].flatten(0, 1), _flat(p.k_end).transpose(1, 2), _flat(v)).view(
-        p.transition.shape
-    )
+    from_b = p.cols_end[..., :L, :].transpose(-1, -2) @ p.WU  # [b_end^T W, b_end^T U]
+    p.query = from_rb[..., :N].add_(p.rows_in[..., :L, :])
+    p.y_intra = from_rb[..., N:].add_(p.A_rk @ v)
+    p.transition = from_b[..., :N]
+    p.transition.diagonal(dim1=-2, dim2=-1).add_(p.decay_end)
+    p.offset = from_b[..., N:].add_(p.cols_end[..., L:, :].transpose(-1, -2) @ v)
     return p
 
 
@@ -221,33 +225,33 @@ class _ChunkedWKV7(torch.autograd.Function):
             d_state = torch.baddbmm(from_y[c], p.transition[c].transpose(-1, -2), d_state)
         # every chunk at once, from its entering state S_0 and the gradient dE of its final state
         S0, dE = starts, d_ends
-        sa = torch.baddbmm(_flat(p.WU[..., N:]), _flat(p.WU[..., :N]), _flat(S0)).view_as(v)
-        d_sa = p.A_rb.transpose(-1, -2) @ dy + p.b_end @ dE
+        sa = torch.matmul(p.WU[..., :N], S0).add_(p.WU[..., N:])
+        b_end, k_end = p.cols_end.split(L, -2)
+        d_sa = p.A_rb.transpose(-1, -2) @ dy + b_end @ dE
         g = p.inverse.transpose(-1, -2) @ d_sa  # gradient of sa's right-hand side a_in S_0 + A_ak v
         # gradients of the score blocks [[A_rb, A_rk], [A_ab, A_ak]] (A_ab's through the inverse: g sa^T)
-        d_scores = torch.cat([dy, g], -2) @ torch.cat([sa, v], -2).transpose(-1, -2)
+        sa_v = torch.cat([sa, v], -2)
+        d_scores = torch.cat([dy, g], -2) @ sa_v.transpose(-1, -2)
         d_scores.masked_fill_(~_score_mask(L, r.device), 0)
-        rows_in = torch.cat([p.r_in, p.a_in], -2)
-        d_rows_in = d_scores @ torch.cat([p.b_out, p.k_out], -2)
+        d_rows_in = d_scores @ p.cols_out  # [d r_in; d a_in]
         d_rows_in[..., :L, :] += dy @ S0.transpose(-1, -2)
         d_rows_in[..., L:, :] += g @ S0.transpose(-1, -2)
-        d_cols_out = d_scores.transpose(-1, -2) @ rows_in  # [d b_out; d k_out]
-        d_cols_end = torch.cat([sa, v], -2) @ dE.transpose(-1, -2)  # [d b_end; d k_end]
-        dv = p.A_rk.transpose(-1, -2) @ dy + p.A_ak.transpose(-1, -2) @ g + p.k_end @ dE
+        d_cols_out = d_scores.transpose(-1, -2) @ p.rows_in  # [d b_out; d k_out]
+        d_cols_end = sa_v @ dE.transpose(-1, -2)  # [d b_end; d k_end]
+        dv = p.A_rk.transpose(-1, -2) @ dy + p.A_ak.transpose(-1, -2) @ g + k_end @ dE
         # each factor exp(e) scales x: d e = d(x exp(e)) * x exp(e), no difference of large terms
         d_r_in, d_a_in = d_rows_in.split(L, -2)
         d_b_out, d_k_out = d_cols_out.split(L, -2)
         d_b_end, d_k_end = d_cols_end.split(L, -2)
-        dr = d_r_in * torch.exp(p.G)
-        da = d_a_in * torch.exp(p.G - lw)
-        db = d_b_out * torch.exp(-p.G) + d_b_end * torch.exp(p.G[..., -1:, :] - p.G)
-        dk = d_k_out * torch.exp(-p.G) + d_k_end * torch.exp(p.G[..., -1:, :] - p.G)
-        d_to_end = d_b_end * p.b_end + d_k_end * p.k_end
-        d_G = d_r_in * p.r_in - d_b_out * p.b_out - d_k_out * p.k_out - d_to_end
-        d_G_prev = d_a_in * p.a_in
-        d_G_end = d_to_end.sum(-2) + p.decay_end.squeeze(-2) * (dE * S0).sum(-1)
-        d_G = d_G + d_G_prev
-        d_G[..., -1, :] += d_G_end
+        dr, da = d_r_in * p.to_r, d_a_in * p.to_a
+        db = torch.addcmul(d_b_out * p.to_start, d_b_end, p.to_end)
+        dk = torch.addcmul(d_k_out * p.to_start, d_k_end, p.to_end)
+        d_exponents = d_rows_in * p.rows_in  # [d G as r's exponent; d G_prev]
+        d_to_start = (d_cols_out * p.cols_out).view(*lw.shape[:-2], 2, L, N).sum(-3)
+        d_to_end = (d_cols_end * p.cols_end).view(*lw.shape[:-2], 2, L, N).sum(-3)
+        d_G_prev = d_exponents[..., L:, :]
+        d_G = d_exponents[..., :L, :] - d_to_start - d_to_end + d_G_prev
+        d_G[..., -1, :] += d_to_end.sum(-2) + p.decay_end * (dE * S0).sum(-1)
         # G = cumsum(lw), G_prev = G - lw
         d_lw = d_G.flip(-2).cumsum(-2).flip(-2) - d_G_prev
         return dr, d_lw, dk, dv, da, db, d_state
