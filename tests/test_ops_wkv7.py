@@ -307,7 +307,7 @@ def test_half_precision_inputs_compute_in_fp32(dtype, form):
 def test_chunked_function_gradcheck_float64(L):
     """Finite differences in float64 against the hand-written backward: several chunks, per-step log-decays from ~0
     (decay ~1) to the fastest a chunk of L allows (chunk sum -LOG_FACTOR_MAX), a and b as RWKV-7 makes them."""
-    C, BH, N = 3, 2, 3
+    C, BH, N = 3, 1, 3
     g = torch.Generator().manual_seed(L)
     r, k, v = (torch.randn(C, BH, L, N, generator=g, dtype=torch.float64) for _ in range(3))
     lw = -torch.rand(C, BH, L, N, generator=g, dtype=torch.float64) * 2
