@@ -14,8 +14,8 @@ iclr = sigmoid(..) in [0, 1]) and w = -softplus(-x) - 0.5 <= -0.5, so each decay
 Forms: `wkv7_reference` (float64, step by step: the readable definition and the tests' oracle),
 `wkv7_recurrent` (float32 steps: decode), `wkv7_chunked` (matmul-heavy: prefill and training) and `wkv7`, which
 picks one by length. All but the reference compute in float32 whatever the input dtype and return (y, final_state)
-in float32; every input, the initial state included, gets a gradient (autograd; the chunked form's parallel ops
-make autograd through it fast enough, see docs/kernels.md). Like WKV6 they clamp the per-step log-decay -exp(w) at
+in float32; every input, the initial state included, gets a gradient (autograd through the step forms, a
+hand-written backward for the chunked one, `_ChunkedWKV7`). Like WKV6 they clamp the per-step log-decay -exp(w) at
 LOG_DECAY_MIN.
 
 Chunked form: a chunk of L steps starting from S_0, with D_t = decay_1 * .. * decay_t (elementwise) and
@@ -44,8 +44,8 @@ from torch.autograd.function import once_differentiable
 from .wkv6 import LOG_DECAY_MIN, _initial_state, _log_decay
 
 # Largest |summed log-decay| over one chunk: the factors exp(-G) and exp(G) stay within [e^-60, e^60], normal
-# float32 numbers with ample room for the inputs' magnitudes. At RWKV-7's slowest-to-fastest decays (per step
-# log-decay >= -e^-0.5 ~ -0.61) this allows chunks of 64.
+# float32 numbers with ample room for the inputs' magnitudes. RWKV-7's fastest decay (per-step log-decay
+# -e^-0.5 ~ -0.61) allows chunks of 64.
 LOG_FACTOR_MAX = -LOG_DECAY_MIN
 
 NAMES = ("r", "w", "k", "v", "a", "b")
@@ -158,7 +158,7 @@ def _chunk_parts(r, lw, k, v, a, b):
     G_end = G[..., -1:, :]  # log D_L
     # queries scaled from the chunk start (r by D_t, a by D_{t-1}), keys scaled back to it (by 1 / D_s): their
     # products are the pairwise decays; keys scaled forward to the chunk end (D_L / D_s <= 1) build the next state
-    p = SimpleNamespace(G=G, decay_end=torch.exp(G_end.squeeze(-2)))
+    p = SimpleNamespace(decay_end=torch.exp(G_end.squeeze(-2)))
     p.to_r, p.to_a, p.to_start, p.to_end = torch.exp(torch.stack([G, G - lw, -G, G_end - G])).unbind(0)
     # r_in; a_in and b_out; k_out stacked on the step axis: all four score blocks come from one product
     p.rows_in, p.cols_out, p.cols_end = (r.new_empty(*r.shape[:-2], 2 * L, N) for _ in range(3))
@@ -195,8 +195,8 @@ class _ChunkedWKV7(torch.autograd.Function):
     """The chunked form on (C, B * H, L, N) chunks (chunk-major: the sequential loop over chunks unbinds dim 0), with
     log-decays lw <= 0 whose chunk sums are >= -LOG_FACTOR_MAX and the state (B * H, N, N), with a hand-written
     backward: it saves the inputs and the state entering each chunk (N^2 / L floats per token and head), and
-    recomputes the chunks' parts. Autograd through the forward's ops was 1.5-2x slower (its slice and cat
-    backwards fill and copy full-size tensors) and kept every temporary. Any floating dtype (float64 for
+    recomputes the chunks' parts. Autograd through the same ops took about twice as long in forward + backward (its
+    slice and cat backwards fill and copy full-size tensors) and kept every temporary. Any floating dtype (float64 for
     gradcheck); the public function passes float32.
     """
 
