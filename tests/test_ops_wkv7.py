@@ -186,6 +186,23 @@ def test_decays_beyond_rwkv7_shrink_the_chunk_and_stay_exact():
     assert_close(wkv7_chunked(*inputs, chunk_size=64), expected)
 
 
+def test_repeated_key_with_full_erasure():
+    """The delta rule at its sharpest: one unit key kk at every step, iclr = 1 and decays ~1, so each step removes the
+    state's kk component before writing (every entry of A_ab below the diagonal is ~1 in size)."""
+    B, T, H, N = 1, 100, 2, 16
+    r, w, k, v, _, _, s0 = make_inputs(B, T, H, N, seed=15)
+    kk = F.normalize(torch.randn(B, 1, H, N, generator=torch.Generator().manual_seed(16)), dim=-1).expand(B, T, H, N)
+    inputs = [r, torch.full_like(w, -21.0), k, v, -kk, kk, s0]
+    expected = wkv7_reference(*inputs)
+    assert_close(wkv7_recurrent(*inputs), expected)
+    assert_close(wkv7_chunked(*inputs, chunk_size=64), expected)
+    g = torch.Generator().manual_seed(17)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    got = grads_of(lambda *x: wkv7_chunked(*x, chunk_size=64), inputs, grad_y, grad_s, torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert rel_err(g_got, g_ref) < GRAD_TOL, (name, rel_err(g_got, g_ref))
+
+
 def test_chunk_size_for_decay_range():
     fastest_rwkv7 = -torch.exp(torch.tensor(FASTEST_W)).item()  # per-step log-decay -e^-0.5
     assert _chunk_size_for(fastest_rwkv7, 64, 2048) == 64  # 64 * 0.61 = 39 <= LOG_FACTOR_MAX
