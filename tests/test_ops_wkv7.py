@@ -1,0 +1,367 @@
+"""WKV7 forms against the float64 step reference `wkv7_reference`, and the reference itself against two independent
+oracles: a value-major loop written from BlinkDL's statement of the recurrence, and BlinkDL's `rwkv` package.
+
+The package has no stand-alone WKV7 function on the CPU: its recurrence sits inline in the per-layer function
+`RWKV_x070_TMix_seq` (with RWKV_CUDA_ON unset, a per-step loop). The package test runs that layer function and
+reproduces the layer's projections around the op (token shift, decay, kk, a, the GroupNorm and r_k bonus, as read in
+its source) to compare the final state and the layer output.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visualrwkv_hf.ops import wkv7, wkv7_chunked, wkv7_recurrent, wkv7_reference
+from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
+
+
+FP32_TOL = 2e-5  # max abs error relative to the output's max abs value; the forms reach ~5e-7
+GRAD_TOL = 1e-4
+NAMES = ["r", "w", "k", "v", "a", "b", "initial_state"]
+FASTEST_W = -0.5  # RWKV-7's w = -softplus(-x) - 0.5 <= -0.5: decay >= exp(-e^-0.5) ~ 0.545 per step
+
+
+def make_inputs(B, T, H, N, seed=0, decays="rwkv7", with_state=True):
+    """Inputs as an RWKV-7 layer makes them: a = -kk, b = kk * iclr (kk unit-norm per head, iclr in [0, 1]),
+    w = -softplus(-x) - 0.5 with a fixed x per head channel (as in trained checkpoints) plus time variation.
+
+    decays "rwkv7": the whole RWKV-7 range; "extreme": RWKV-7's limits per channel (fastest decay exp(-e^-0.5) at
+    every step, slowest 1 - 1e-9), iclr 0 and 1; "general": w from -6 to 3 as in RWKV-6 (decays far below RWKV-7's
+    range) with w = +100 channels and a full reset amid slow channels."""
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    kk = F.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    iclr = torch.rand(B, T, H, N, generator=g)
+    if decays == "general":
+        base = -6 + 9 * torch.rand(H, N, generator=g)
+        w = (base + 0.3 * torch.randn(B, T, H, N, generator=g)).clamp(-6, 3)
+        w[..., 0:2] = 100.0
+        w[:, T // 3 : T // 3 + 3, :, 2:4] = 100.0
+        w[..., 4:6] = -6.0
+    else:
+        x = -8 + 14 * torch.rand(H, N, generator=g) + torch.randn(B, T, H, N, generator=g)
+        w = -F.softplus(-x) - 0.5
+        if decays == "extreme":
+            w[..., 0:2] = FASTEST_W
+            w[..., 2:4] = -21.0  # decay 1 - 7.6e-10
+            iclr[..., 0::3] = 1.0
+            iclr[..., 1::3] = 0.0
+    state = torch.randn(B, H, N, N, generator=g) if with_state else None
+    return r, w, k, v, -kk, kk * iclr, state
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close(result, expected, tol=FP32_TOL):
+    (y, s), (y_ref, s_ref) = result, expected
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    assert y.shape == y_ref.shape and s.shape == s_ref.shape
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    assert rel_err(y, y_ref) < tol and rel_err(s, s_ref) < tol
+
+
+def value_major_loop(r, w, k, v, a, b, initial_state=None):
+    """BlinkDL's statement, per head, with M the value-major state (rows = values) and column vectors:
+    M_t = M_{t-1} (diag(exp(-exp(w_t))) + a_t b_t^T) + v_t k_t^T, y_t = M_t r_t. Returns the key-major state."""
+    r, w, k, v, a, b = (x.double() for x in (r, w, k, v, a, b))
+    B, T, H, N = r.shape
+    M = torch.zeros(B, H, N, N, dtype=torch.float64)
+    if initial_state is not None:
+        M = initial_state.double().transpose(-1, -2)
+    ys = []
+    for t in range(T):
+        col = lambda x: x[:, t].unsqueeze(-1)  # noqa: E731 - (B, H, N, 1)
+        transition = torch.diag_embed(torch.exp(-torch.exp(w[:, t]))) + col(a) @ col(b).transpose(-1, -2)
+        M = M @ transition + col(v) @ col(k).transpose(-1, -2)
+        ys.append((M @ col(r)).squeeze(-1))
+    return torch.stack(ys, 1), M.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("decays", ["rwkv7", "extreme", "general"])
+def test_reference_is_the_value_major_recurrence(decays):
+    inputs = make_inputs(2, 23, 2, 8, seed=1, decays=decays)
+    y, s = wkv7_reference(*inputs)
+    y_ref, s_ref = value_major_loop(*inputs)
+    assert y.dtype == s.dtype == torch.float64
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(s, s_ref) < 1e-12
+
+
+def load_rwkv_x070():
+    """BlinkDL's rwkv.model executed afresh with RWKV_V7_ON=1, outside sys.modules: the switch is read at import, and
+    the test session may already hold rwkv.model imported for RWKV-6. The global torch flags its import sets are put
+    back."""
+    spec = importlib.util.find_spec("rwkv.model")
+    module = importlib.util.module_from_spec(spec)
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    autocast = torch._C._jit_set_autocast_mode(True)  # returns the previous setting
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RWKV_V7_ON", "1")
+            patch.setenv("RWKV_CUDA_ON", "0")
+            spec.loader.exec_module(module)
+    finally:
+        torch._C._jit_set_autocast_mode(autocast)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script")  # the package scripts its functions
+def test_reference_matches_rwkv_package_x070_layer():
+    rwkv_model = load_rwkv_x070()
+    T, H, N, D = 19, 2, 16, 8
+    C = H * N
+    g = torch.Generator().manual_seed(2)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    x, x_prev, state = rand(T, C), rand(C), rand(H, N, N, scale=0.5)  # state value-major, as the package keeps it
+    mixes = [torch.rand(C, generator=g) for _ in range(6)]  # x_r, x_w, x_k, x_v, x_a, x_g
+    w0, w1, w2 = rand(C, scale=2.0), rand(C, D, scale=0.5), rand(D, C, scale=0.5)
+    a0, a1, a2 = rand(C), rand(C, D, scale=0.5), rand(D, C, scale=0.5)
+    v0, v1, v2 = rand(C), rand(C, D), rand(D, C)  # value residual: unused in layer 0
+    g1, g2 = rand(C, D, scale=0.5), rand(D, C, scale=0.5)
+    k_k, k_a, r_k = rand(C), rand(C), rand(H, N)
+    R, K, V, O = (rand(C, C, scale=C**-0.5) for _ in range(4))  # applied as x @ W
+    ln_w, ln_b = 1 + rand(C, scale=0.1), rand(C, scale=0.1)
+    out, _, state_out, _ = rwkv_model.RWKV_x070_TMix_seq(
+        0, H, N, x, x_prev, torch.zeros(C), state.clone(), *mixes, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2,
+        k_k, k_a, r_k.flatten(), R, K, V, O, ln_w, ln_b,
+    )
+    # the same layer around our op: the package hands its CUDA op w = -softplus(-x) - 0.5 (its CPU loop uses the
+    # equal decay exp(-e^-0.5 sigmoid(x))), a = -kk, b = kk * a
+    shifted = torch.cat([x_prev.unsqueeze(0), x[:-1]]) - x
+    xr, xw, xk, xv, xa, xg = (x + shifted * mix for mix in mixes)
+    r, k, v = xr @ R, xk @ K, xv @ V
+    w = -F.softplus(-(w0 + torch.tanh(xw @ w1) @ w2)) - 0.5
+    a = torch.sigmoid(a0 + (xa @ a1) @ a2)
+    gate = torch.sigmoid(xg @ g1) @ g2
+    kk = F.normalize((k * k_k).view(T, H, N), dim=-1).view(T, C)
+    k = k * (1 + (a - 1) * k_a)
+    heads = lambda t: t.view(1, T, H, N)  # noqa: E731
+    y, s = wkv7_reference(heads(r), heads(w), heads(k), heads(v), heads(-kk), heads(kk * a), state.mT.unsqueeze(0))
+    y = F.group_norm(y.float().view(T, C), H, ln_w, ln_b, eps=64e-5)
+    y = y + ((r * k).view(T, H, N) * r_k).sum(-1, keepdim=True).mul(v.view(T, H, N)).view(T, C)
+    assert rel_err(s[0].mT, state_out) < 1e-5
+    assert rel_err((y * gate) @ O, out) < 1e-5
+
+
+SHAPES = [  # B, T, H, N, chunk_size
+    (1, 1, 2, 8, 32),  # T = 1
+    (2, 7, 3, 16, 32),  # T < chunk
+    (2, 37, 2, 8, 16),  # odd, several chunks
+    (1, 64, 2, 64, 64),  # exactly one chunk, head size 64
+    (1, 130, 1, 64, 32),  # head size 64, several chunks, ragged end
+    (2, 600, 2, 8, 32),  # long, ragged end
+    (1, 300, 2, 16, 1),  # chunk of one step: the chunk maps only
+]
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("B,T,H,N,chunk", SHAPES)
+def test_forms_match_reference(B, T, H, N, chunk, with_state):
+    inputs = make_inputs(B, T, H, N, seed=T + N, with_state=with_state)
+    expected = wkv7_reference(*inputs)
+    assert_close(wkv7_recurrent(*inputs), expected)
+    assert_close(wkv7_chunked(*inputs, chunk_size=chunk), expected)
+    assert_close(wkv7(*inputs, chunk_size=chunk), expected)
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 128])
+def test_rwkv7_decay_and_iclr_extremes(chunk):
+    inputs = make_inputs(2, 300, 2, 16, seed=3, decays="extreme")
+    expected = wkv7_reference(*inputs)
+    assert_close(wkv7_recurrent(*inputs), expected)
+    assert_close(wkv7_chunked(*inputs, chunk_size=chunk), expected)
+
+
+def test_decays_beyond_rwkv7_shrink_the_chunk_and_stay_exact():
+    inputs = make_inputs(2, 150, 2, 16, seed=4, decays="general")
+    expected = wkv7_reference(*inputs)
+    assert_close(wkv7_recurrent(*inputs), expected)
+    assert_close(wkv7_chunked(*inputs, chunk_size=64), expected)
+
+
+def test_repeated_key_with_full_erasure():
+    """The delta rule at its sharpest: one unit key kk at every step, iclr = 1 and decays ~1, so each step removes the
+    state's kk component before writing (every entry of A_ab below the diagonal is ~1 in size)."""
+    B, T, H, N = 1, 100, 2, 16
+    r, w, k, v, _, _, s0 = make_inputs(B, T, H, N, seed=15)
+    kk = F.normalize(torch.randn(B, 1, H, N, generator=torch.Generator().manual_seed(16)), dim=-1).expand(B, T, H, N)
+    inputs = [r, torch.full_like(w, -21.0), k, v, -kk, kk, s0]
+    expected = wkv7_reference(*inputs)
+    assert_close(wkv7_recurrent(*inputs), expected)
+    assert_close(wkv7_chunked(*inputs, chunk_size=64), expected)
+    g = torch.Generator().manual_seed(17)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    got = grads_of(lambda *x: wkv7_chunked(*x, chunk_size=64), inputs, grad_y, grad_s, torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert rel_err(g_got, g_ref) < GRAD_TOL, (name, rel_err(g_got, g_ref))
+
+
+def test_chunk_size_for_decay_range():
+    fastest_rwkv7 = -torch.exp(torch.tensor(FASTEST_W)).item()  # per-step log-decay -e^-0.5
+    assert _chunk_size_for(fastest_rwkv7, 64, 2048) == 64  # 64 * 0.61 = 39 <= LOG_FACTOR_MAX
+    assert _chunk_size_for(fastest_rwkv7, 128, 2048) == 64
+    assert _chunk_size_for(-torch.exp(torch.tensor(3.0)).item(), 64, 2048) == 2  # w = 3: -20 per step
+    assert _chunk_size_for(-LOG_FACTOR_MAX, 64, 2048) == 1  # at the clamp
+    assert _chunk_size_for(-0.1, 64, 5) == 8  # short input: next power of two
+
+
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7])
+@pytest.mark.parametrize("split", [41, 32])  # odd, and on a chunk boundary
+def test_prefix_then_continuation_equals_full_run(form, split):
+    r, w, k, v, a, b, s0 = make_inputs(2, 90, 2, 16, seed=5)
+    y_full, s_full = form(r, w, k, v, a, b, s0)
+    first = [x[:, :split] for x in (r, w, k, v, a, b)]
+    rest = [x[:, split:] for x in (r, w, k, v, a, b)]
+    y_a, s_a = form(*first, s0)
+    y_b, s_b = form(*rest, s_a)
+    assert_close((torch.cat([y_a, y_b], 1), s_b), (y_full, s_full), tol=1e-5)
+
+
+def test_decode_steps_continue_a_chunked_prefill():
+    inputs = make_inputs(1, 40, 2, 64, seed=6, with_state=False)[:6]
+    y_full, s_full = wkv7_chunked(*inputs)
+    y_pre, state = wkv7(*(x[:, :35] for x in inputs))
+    ys = [y_pre]
+    for t in range(35, 40):
+        y_t, state = wkv7(*(x[:, t : t + 1] for x in inputs), state)
+        ys.append(y_t)
+    assert_close((torch.cat(ys, 1), state), (y_full, s_full), tol=1e-5)
+
+
+def test_dispatcher_uses_step_form_for_one_token():
+    inputs = make_inputs(2, 1, 2, 8, seed=7)
+    y, s = wkv7(*inputs)
+    y_ref, s_ref = wkv7_recurrent(*inputs)
+    assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+
+
+def grads_of(fn, inputs, grad_y, grad_s, dtype):
+    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in inputs]
+    y, s = fn(*leaves)
+    ((y * grad_y.to(y.dtype)).sum() + (s * grad_s.to(s.dtype)).sum()).backward()
+    return [None if x is None else x.grad for x in leaves]
+
+
+GRAD_CASES = [  # T, chunk, decays, with_state
+    (1, 32, "rwkv7", True),  # T = 1
+    (7, 32, "rwkv7", False),  # T < chunk, no initial state
+    (45, 16, "rwkv7", True),  # odd, several chunks
+    (45, 16, "extreme", True),
+    (21, 64, "extreme", False),
+    (300, 32, "rwkv7", True),  # long, ragged end
+    (300, 64, "extreme", True),
+    (60, 64, "general", True),  # chunks shrunk to 1-2 steps
+    (40, 1, "rwkv7", True),  # chunk of one step
+]
+
+
+@pytest.mark.parametrize("T,chunk,decays,with_state", GRAD_CASES)
+def test_gradients_match_float64_reference(T, chunk, decays, with_state):
+    B, H, N = 2, 2, 8
+    inputs = make_inputs(B, T, H, N, seed=8 + T, decays=decays, with_state=with_state)
+    g = torch.Generator().manual_seed(9)
+    grad_y = torch.randn(B, T, H, N, generator=g)
+    grad_s = torch.randn(B, H, N, N, generator=g)
+    expected = grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)
+    for form in (lambda *x: wkv7_chunked(*x, chunk_size=chunk), wkv7_recurrent):
+        got = grads_of(form, inputs, grad_y, grad_s, torch.float32)
+        for name, g_got, g_ref in zip(NAMES, got, expected):
+            if g_ref is None:
+                continue
+            assert g_got is not None and torch.isfinite(g_got).all(), name
+            assert rel_err(g_got, g_ref) < GRAD_TOL, (name, rel_err(g_got, g_ref))
+
+
+def test_gradients_finite_past_the_decay_clamp():
+    r, w, k, v, a, b, s0 = make_inputs(1, 33, 2, 8, seed=10)
+    w[..., :3] = 100.0
+    w = w.requires_grad_()
+    y, s = wkv7_chunked(r, w, k, v, a, b, s0)
+    (y.sum() + s.sum()).backward()
+    assert torch.isfinite(w.grad).all()
+    assert (w.grad[..., :3] == 0).all()  # past the clamp the decay is constant
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients(dtype):
+    # the same float32 math on the rounded inputs; the gradients come back in the inputs' dtype
+    B, T, H, N = 2, 50, 2, 16
+    *inputs, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in inputs] + [s0]
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    expected = grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    y, s = wkv7_chunked(*leaves)
+    ((y * grad_y).sum() + (s * grad_s).sum()).backward()
+    for x, ref in zip(leaves, expected):
+        assert x.grad.dtype == x.dtype
+        assert rel_err(x.grad, ref) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent])
+def test_half_precision_inputs_compute_in_fp32(dtype, form):
+    *inputs, s0 = make_inputs(2, 50, 2, 16, seed=11)
+    low = [x.to(dtype) for x in inputs]
+    y, s = form(*low, s0)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    # same as the fp32 run on the rounded inputs: nothing is computed in the low precision
+    assert_close((y, s), form(*(x.float() for x in low), s0), tol=1e-6)
+    # and close to the unrounded fp32 result, within the inputs' rounding
+    y32, _ = form(*inputs, s0)
+    assert rel_err(y, y32) < (5e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("L", [1, 2, 4, 8])
+def test_chunked_function_gradcheck_float64(L):
+    """Finite differences in float64 against the hand-written backward: several chunks, per-step log-decays from ~0
+    (decay ~1) to the fastest a chunk of L allows (chunk sum -LOG_FACTOR_MAX), a and b as RWKV-7 makes them."""
+    C, BH, N = 3, 1, 3
+    g = torch.Generator().manual_seed(L)
+    r, k, v = (torch.randn(C, BH, L, N, generator=g, dtype=torch.float64) for _ in range(3))
+    lw = -torch.rand(C, BH, L, N, generator=g, dtype=torch.float64) * 2
+    lw[..., 0] = -LOG_FACTOR_MAX / L
+    lw[..., 1] = -1e-9
+    kk = F.normalize(torch.randn(C, BH, L, N, generator=g, dtype=torch.float64), dim=-1)
+    a, b = -kk, kk * torch.rand(C, BH, L, N, generator=g, dtype=torch.float64)
+    state = torch.randn(BH, N, N, generator=g, dtype=torch.float64)
+    inputs = [x.requires_grad_() for x in (r, lw, k, v, a, b, state)]
+    assert torch.autograd.gradcheck(_ChunkedWKV7.apply, inputs)
+
+
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7, wkv7_reference])
+def test_bad_inputs_raise(form):
+    r, w, k, v, a, b, s0 = make_inputs(2, 5, 2, 8, seed=12)
+    with pytest.raises(ValueError, match="r, w, k, v, a, b must all have shape"):
+        form(r, w, k[:, :4], v, a, b)
+    with pytest.raises(ValueError, match="r, w, k, v, a, b must all have shape"):
+        form(r[0], w[0], k[0], v[0], a[0], b[0])
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        form(r, w, k, v, a, b, s0[:1])
+    with pytest.raises(TypeError, match=r"floating point; got a \(torch.int64\)"):
+        form(r, w, k, v, a.long(), b)
+    with pytest.raises(TypeError, match="initial_state"):
+        form(r, w, k, v, a, b, s0.long())
+    with pytest.raises(ValueError, match="one device"):
+        form(r, w, k, v, a, b.to("meta"))
+
+
+def test_chunk_size_must_be_power_of_two():
+    inputs = make_inputs(1, 5, 1, 8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        wkv7_chunked(*inputs, chunk_size=48)
+
+
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7_reference])
+def test_empty_sequence_returns_initial_state(form):
+    *inputs, s0 = make_inputs(1, 0, 2, 8)
+    y, s = form(*inputs, s0)
+    assert y.shape == (1, 0, 2, 8) and torch.equal(s.float(), s0)
