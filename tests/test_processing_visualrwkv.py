@@ -556,8 +556,9 @@ def test_urls_load_like_files_and_fail_clearly(tmp_path):
     Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
     with ImageServer({"photo.jpg": photo, "clear.png": buffer.getvalue(), "page.html": b"<html></html>"}) as server:
         # The same upright image as transformers' loader gives for the URL, and as the file gives.
-        assert rgb_pixels(f"{server.url}/photo.jpg").tolist() == np.asarray(load_image(f"{server.url}/photo.jpg")).tolist()
-        assert rgb_pixels(f"{server.url}/photo.jpg").tolist() == rgb_pixels(photo).tolist()
+        photo_url = f"{server.url}/photo.jpg"
+        assert rgb_pixels(photo_url).tolist() == np.asarray(load_image(photo_url)).tolist()
+        assert rgb_pixels(photo_url).tolist() == rgb_pixels(photo).tolist()
         # Transparency on white, as for a file (transformers' loader drops the alpha channel: black).
         assert rgb_pixels(f"{server.url}/clear.png").tolist() == rgb_pixels(buffer.getvalue()).tolist()
         assert rgb_pixels(f"{server.url}/clear.png")[3, 0].tolist() == [255, 255, 255]

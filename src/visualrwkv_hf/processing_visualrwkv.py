@@ -3,9 +3,8 @@
 Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py`). A human turn is `"User: " + text + "\\n\\n"`, an
 assistant turn `"Assistant: " + text + "\\n\\n"`, an empty turn just `"User:"` / `"Assistant:"` (that is how the
 generation prompt `"Assistant:"` is made); no system prompt, no BOS. Turn text is stripped and runs of blank lines
-inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The turn that holds the image (an
-`{"type": "image"}` part, or `"<image>"` written in the text) loses its `"<image>"` and gets one placed by
-`image_position`:
+inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The user turn that holds the image (an
+`{"type": "image"}` part) gets `"<image>"` placed by `image_position`:
 
 * `"first"`: `"<image>\\n" + text`;
 * `"middle"` (the sandwich; the released models): every human turn of the conversation joined by `"\\n"` (in the image
@@ -17,14 +16,31 @@ One deliberate difference: the original copies the OTHER human turns into the sa
 inside one of them put a turn terminator in the middle of the image turn; here they are collapsed like every turn
 text (in the original's training data those turns essentially never hold blank lines, so nothing learnt depends on it).
 
+Rules for what the original never saw:
+
+* `"<image>"` marks the image only where an image comes with it. In chat messages the image is an image part, and
+  `"<image>"` written in a message's text is text. In a prompt given to the processor, `"<image>"` is the image's
+  place only when that prompt has an image; without one it is text (`"What does <image> do in HTML?"` is a question).
+  A prompt with an image therefore cannot also hold the text `"<image>"` (refused, naming the prompt).
+* A `"system"` message (many clients send one by default) may come first: the model was trained without a system
+  prompt, so its text opens the first user message, followed by `"\\n"`, and follows that message's rules from there
+  (in the sandwich it is repeated with the question after the image). Anything else the model cannot take (other
+  roles, a system message later on, more than one image, an image outside a user message, video or audio parts, an
+  empty conversation) is refused by the chat template with a message saying so. Folders saved with this package's
+  earlier chat templates get the current one when loaded; a template of one's own is kept.
+
 Tokenization is per segment, as the original does it: each turn on its own, and in the image turn the text on either
 side of the image on its own (tokenizing the joined prompt could merge tokens across those boundaries). The image
 becomes `num_image_tokens` copies of the `"<image>"` token id, which the model replaces by the image features.
 
-Images are converted to 8-bit RGB before the image processor: transparency is composited onto white (what a viewer
-shows, and what transformers' `convert_to_rgb` does; the original's `convert("RGB")` dropped alpha, but its training
-images were JPEGs), 16-bit samples are scaled by 255 / 65535, float samples are read as [0, 1] (or [0, 255] when any
-value exceeds 1), palette, 1-bit, grayscale and CMYK go through Pillow's conversion.
+Images are read as transformers' `load_image` reads them, from a file path, a URL (fetched with the same client), a
+`data:image/...;base64,` URL, base64 text or the file's bytes, and a file's EXIF orientation is applied (a phone photo
+comes out upright), also for a PIL image opened from such a file. Then they are converted to 8-bit RGB before the
+image processor: transparency is composited onto white (what a viewer shows, and what transformers' `convert_to_rgb`
+does; the original's `convert("RGB")` dropped alpha, but its training images were JPEGs), 16-bit samples are scaled
+by 255 / 65535, float samples (float16 and bfloat16 included) are read as [0, 1] (or [0, 255] when any value exceeds
+1), palette, 1-bit, grayscale and CMYK go through Pillow's conversion. An array or tensor whose shape does not say
+where its channels are (`(3, 10, 3)`) needs `input_data_format`; NaN or infinite samples are refused.
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
 """The RWKV World tokenizer (`rwkv_vocab_v20230424.txt`) as a transformers tokenizer.
 
 Encoding is the UTF-8 bytes of the text cut greedily, left to right, into the longest vocabulary entry (a byte trie);
-there is no normalisation, no pre-tokenisation and nothing is added (no BOS/EOS). Decoding concatenates the token
-bytes and decodes them as UTF-8 with `errors="replace"`, so a prefix that ends inside a multi-byte character ends in
-U+FFFD, which is what `transformers.TextStreamer` needs to wait for the rest of the character.
+there is no normalisation, no pre-tokenisation and nothing is added (no BOS/EOS). `return_offsets_mapping=True` gives
+each token's span in characters of the text, as fast tokenizers do (the tokens that share a multi-byte character each
+span that character). Decoding concatenates the token bytes and decodes them as UTF-8 with `errors="replace"`, so a
+prefix that ends inside a multi-byte character ends in U+FFFD, which is what `transformers.TextStreamer` needs to wait
+for the rest of the character. Ids past the vocabulary up to 65535 (embedding rows every World model has, which an
+untrained model can sample) decode to nothing; a negative id (the label -100 most often) or a larger one raises a
+`ValueError` saying so: a fast transformers tokenizer fails on -100 too (`OverflowError`), and one that skipped
+70000 would hide a wrong id.
 
 Encoder choice. The reference, `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`, is pure Python (about 1.5-7 MB/s here). The
 Rust `pyrwkv-tokenizer` (`WorldTokenizer`) is the fast path: it loads any vocabulary file in this format, so we give
@@ -116,9 +121,10 @@ def read_rwkv_vocab(vocab_file: str) -> list[bytes]:
         seen = {}
         for token_id, token_bytes in enumerate(token_bytes_by_id[1:], start=1):
             if token_bytes in seen:
+                first_id = seen[token_bytes]
                 raise ValueError(
-                    f"{vocab_file}, line {line_of_id[token_id]}: token {token_bytes!r} is already id {seen[token_bytes]} "
-                    f"(line {line_of_id[seen[token_bytes]]}); each token must appear once."
+                    f"{vocab_file}, line {line_of_id[token_id]}: token {token_bytes!r} is already id {first_id} "
+                    f"(line {line_of_id[first_id]}); each token must appear once."
                 )
             seen[token_bytes] = token_id
     if not set(token_bytes_by_id).issuperset(bytes([byte]) for byte in range(256)):
