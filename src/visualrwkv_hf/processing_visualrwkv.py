@@ -224,21 +224,17 @@ def _fetch_url(url: str) -> bytes:
     return response.content
 
 
-def _decode_base64(data: str, described: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"Cannot read {described}: it is not valid base64.") from None
-
-
 def _open_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
     """Opens and fully decodes an image: a file path, a URL (`http(s)://`, `data:image/...;base64,`), base64 text or
     encoded bytes, so that an unreadable one fails here with what it is and why."""
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         source, described = _fetch_url(source), f"the image at {source}"
     elif isinstance(source, str) and source.startswith("data:image/"):
-        source = _decode_base64(source.partition(",")[2], "the image data URL")
         described = "the image data URL"
+        try:  # leniently, as `load_image` does: line breaks in the base64 are skipped
+            source = base64.b64decode(source.partition(",")[2])
+        except (binascii.Error, ValueError):
+            raise ValueError(f"Cannot read {described}: it is not valid base64.") from None
     elif isinstance(source, bytes):
         described = "the image bytes"
     else:
@@ -307,12 +303,10 @@ def _array_to_image(array: np.ndarray, input_data_format: str | ChannelDimension
     if array.ndim == 3:
         channels_first, channels_last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 2, 3, 4)
         if input_data_format is not None:
-            try:
-                input_data_format = ChannelDimension(input_data_format)
-            except ValueError:
+            if input_data_format not in (ChannelDimension.FIRST, ChannelDimension.LAST):  # the enum compares as str
                 raise ValueError(
                     f"`input_data_format` must be 'channels_first' or 'channels_last', got {input_data_format!r}."
-                ) from None
+                )
             channels_first = input_data_format == ChannelDimension.FIRST
         elif channels_first and channels_last:
             raise ValueError(
