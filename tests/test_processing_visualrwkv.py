@@ -775,6 +775,12 @@ def test_conversations_the_model_cannot_take_are_refused(processor):
         ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], "one image per conversation"),
         ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "image"}]}], "in a user"),
         ([{"role": "user", "content": [{"type": "video"}]}], "not a 'video' part"),
+        ([{"role": "user", "content": "Hi"}, {"role": "user", "content": ["Hi"]}], r"not 'Hi' \(message 1\)"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "text part needs a 'text' string"),
+        ([{"role": "user"}], "needs a 'content'"),
+        ([{"role": "user", "content": None}], "needs a 'content'"),
+        ([{"role": "user", "content": 5}], "needs a 'content'"),
+        ([{"content": "Hi"}], "needs a 'role'"),
     ]:
         with pytest.raises(Exception, match=message):
             processor.apply_chat_template(chat)

@@ -108,6 +108,23 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
 {%- if not messages -%}
     {{- raise_exception("The conversation is empty: give at least one user message.") -}}
 {%- endif -%}
+{%- for message in messages -%}
+    {%- set where = " (message " ~ loop.index0 ~ ")." -%}
+    {%- if message['role'] is not defined -%}
+        {{- raise_exception("A message needs a 'role'" ~ where) -}}
+    {%- elif message['content'] is not defined or message['content'] is mapping
+        or not (message['content'] is string or message['content'] is sequence) -%}
+        {{- raise_exception("A message needs a 'content': a text or a list of parts" ~ where) -}}
+    {%- endif -%}
+    {%- for part in message['content'] if message['content'] is not string -%}
+        {%- if part is not mapping or part['type'] not in ['text', 'image'] -%}
+            {{- raise_exception("VisualRWKV-6 takes text and image parts, not " ~ ("a '" ~ part['type'] ~ "' part"
+                if part is mapping and part['type'] is defined else "'" ~ part ~ "'") ~ where) -}}
+        {%- elif part['type'] == 'text' and part['text'] is not string -%}
+            {{- raise_exception("A text part needs a 'text' string" ~ where) -}}
+        {%- endif -%}
+    {%- endfor -%}
+{%- endfor -%}
 {#- The model was trained without a system prompt: a system message's text opens the first user turn instead. -#}
 {%- set system = namespace(text='', messages=0) -%}
 {%- if messages[0]['role'] == 'system' -%}
@@ -128,11 +145,6 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
     {%- if message['role'] not in ['user', 'assistant'] -%}
         {{- raise_exception("VisualRWKV-6 knows 'user' and 'assistant' messages and one 'system' message first, "
             ~ "not a '" ~ message['role'] ~ "' message at position " ~ (loop.index0 + system.messages) ~ ".") -}}
-    {%- endif -%}
-    {%- if message['content'] is not string -%}
-        {%- for part in message['content'] if part['type'] not in ['text', 'image'] -%}
-            {{- raise_exception("VisualRWKV-6 takes text and image parts, not a '" ~ part['type'] ~ "' part.") -}}
-        {%- endfor -%}
     {%- endif -%}
     {#- An image is an image part; "<image>" written in text is text. -#}
     {%- set image_parts = 0 if message['content'] is string
