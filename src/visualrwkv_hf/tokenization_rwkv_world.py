@@ -82,7 +82,7 @@ def read_rwkv_vocab(vocab_file: str) -> list[bytes]:
             continue
         token_id, _, rest = line.partition(" ")
         literal, _, length = rest.rpartition(" ")
-        if not (token_id.isdigit() and length.isdigit() and literal):
+        if not (token_id.isdecimal() and length.isdecimal() and literal):
             raise malformed(line_number, line, "cannot read the id, the token and the byte length")
         entries.append((line_number, line, int(token_id), literal, int(length)))
     if not entries:
