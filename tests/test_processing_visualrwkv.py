@@ -585,6 +585,8 @@ def test_directories_and_unreadable_files_are_named(tmp_path):
         VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer())(images=str(tmp_path), text=QUESTION)
     with pytest.raises(FileNotFoundError, match="'abcd': it does not exist"):  # valid base64, but not an image
         load_rgb_image("abcd")
+    with pytest.raises(OSError, match="A'. File name too long"):
+        load_rgb_image("A" * 400)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")

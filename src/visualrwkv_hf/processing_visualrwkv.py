@@ -236,6 +236,16 @@ def _fetch_url(url: str) -> bytes:
     return response.content
 
 
+def _base64_image(text: str) -> bytes | None:
+    """The bytes `text` encodes when it is base64 of an image Pillow recognises, else None."""
+    try:
+        data = base64.b64decode(text, validate=True)
+        PIL.Image.open(io.BytesIO(data)).close()
+    except (binascii.Error, ValueError, OSError):
+        return None
+    return data
+
+
 def _open_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
     """Opens and fully decodes an image: a file path, a URL (`http(s)://`, `data:image/...;base64,`), base64 text or
     encoded bytes, so that an unreadable one fails here with what it is and why."""
@@ -249,19 +259,14 @@ def _open_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
             raise ValueError(f"Cannot read {described}: it is not valid base64.") from None
     elif isinstance(source, bytes):
         described = "the image bytes"
+    elif (
+        isinstance(source, str) and not os.path.exists(source) and (data := _base64_image(source)) is not None
+    ):  # transformers' `load_image` also takes base64 text (a chat part's "base64" key holds it)
+        source, described = data, "the base64 image data"
     else:
-        path = os.fspath(source)
-        described = f"image file {path!r}"
-        if os.path.isdir(path):
+        described = f"image file {os.fspath(source)!r}"
+        if os.path.isdir(source):
             raise IsADirectoryError(f"Cannot read {described}: it is a directory, not an image file.")
-        if not os.path.exists(path) and isinstance(source, str):
-            # transformers' `load_image` also takes base64 text (a chat part's "base64" key holds it).
-            try:
-                data = base64.b64decode(source, validate=True)
-                PIL.Image.open(io.BytesIO(data)).close()
-            except (binascii.Error, ValueError, OSError):
-                raise FileNotFoundError(f"Cannot read {described}: it does not exist.") from None
-            source, described = data, "the base64 image data"
     try:
         with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
@@ -271,7 +276,11 @@ def _open_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
         raise PermissionError(f"Cannot read {described}: permission denied.") from None
     except PIL.UnidentifiedImageError:
         raise ValueError(f"Cannot read {described}: it is not an image format Pillow recognises.") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except OSError as error:
+        if error.errno is not None:  # the file system's error (name too long, I/O error, ...), not Pillow's
+            raise OSError(error.errno, f"Cannot read {described}: {error.strerror}.") from None
+        raise ValueError(f"Cannot read {described}: it is corrupt or truncated ({error}).") from error
+    except (SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read {described}: it is corrupt or truncated ({error}).") from error
     return image
 
