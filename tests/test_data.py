@@ -73,7 +73,7 @@ def test_multi_turn_masking(processor):
     turns = processor.tokenize_turns(
         processor.apply_chat_template(
             [
-                {"role": "user", "content": "<image>\nWhat is it?"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
                 {"role": "assistant", "content": "A bus."},
                 {"role": "user", "content": "And its colour?"},
                 {"role": "assistant", "content": "Red"},

@@ -204,3 +204,36 @@ def test_processor_pads_on_the_left_unless_told_otherwise(processor):
     assert VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer()).tokenizer.padding_side == "left"
     explicit = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(padding_side="right"))
     assert explicit.tokenizer.padding_side == "right"
+
+
+def test_system_message_is_folded_into_the_first_user_turn(pipe, model, processor, images):
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    messages = chat(images[0], QUESTIONS[0])
+    folded = chat(images[0], system["content"] + "\n" + QUESTIONS[0])
+    answer = chat_answer(pipe(text=[system] + messages, max_new_tokens=MAX_NEW_TOKENS))
+    assert answer == generate_answer(model, processor, folded)
+
+
+def test_image_written_in_a_text_only_prompt_is_text(pipe, model, processor):
+    question = "What does <image> mean in HTML?"
+    # The oracle: the prompt's turns tokenized as plain text, "<image>" included.
+    encode = processor.tokenizer.encode
+    input_ids = torch.tensor([encode(f"User: {question}\n\n") + encode("Assistant:")])
+    assert processor.image_token_id not in input_ids
+    generated = model.generate(input_ids=input_ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = processor.post_process_image_text_to_text(generated[:, input_ids.shape[1]:])[0]
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    assert chat_answer(pipe(text=messages, max_new_tokens=MAX_NEW_TOKENS)) == expected
+    (plain,) = pipe(text=question, max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)
+    assert plain["generated_text"] == expected
+
+
+def test_a_photo_file_is_read_upright(pipe, images, tmp_path):
+    path = tmp_path / "turned.png"  # stored upside down, with the EXIF tag that says so, as cameras do
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(np.asarray(images[0])[::-1, ::-1]).save(path, exif=exif)
+    upright = chat_answer(pipe(text=chat(images[0], QUESTIONS[0]), max_new_tokens=MAX_NEW_TOKENS))
+    assert chat_answer(pipe(text=chat(str(path), QUESTIONS[0]), max_new_tokens=MAX_NEW_TOKENS)) == upright
+    (plain,) = pipe(images=str(path), text=QUESTIONS[0], max_new_tokens=MAX_NEW_TOKENS, return_full_text=False)
+    assert plain["generated_text"] == upright

@@ -3,16 +3,21 @@ loading and conversion, batching, errors, decoding, save/load."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import io
 import os
 import random
 import re
+import socket
+import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
+from transformers.image_utils import ChannelDimension, load_image
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from visualrwkv_hf.configuration_visualrwkv import VisualRWKVConfig
@@ -150,11 +155,11 @@ def test_multi_turn_sandwich_holds_every_human_turn(processor):
         )
 
 
-def test_image_turn_later_in_the_conversation_and_marker_in_text(processor):
+def test_image_turn_later_in_the_conversation(processor):
     chat = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "<image>\nWhat is this?\n" + SUFFIX},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?\n" + SUFFIX}, {"type": "image"}]},
     ]
     assert processor.apply_chat_template(chat, add_generation_prompt=True) == (
         "User: Hi\n\nAssistant: Hello!\n\n"
@@ -220,14 +225,17 @@ def test_template_matches_the_original_rules_on_random_conversations(processor):
             else (role, text + "<image>")
             for index, (role, text) in enumerate(messages)
         ]
-        chat = [{"role": role, "content": text} for role, text in marked]
+        # The chat holds the image as a part; the oracle reads the original's "<image>" marker.
+        chat = [
+            {"role": role, "content": [{"type": "image"}, {"type": "text", "text": text.replace("<image>", "")}]}
+            if "<image>" in text else {"role": role, "content": text}
+            for role, text in marked
+        ]
         for position in ("first", "middle", "last"):
             assert processor.apply_chat_template(chat, image_position=position) == original_format(marked, position)
 
 
-def test_template_refuses_system_prompts_and_unknown_positions(processor):
-    with pytest.raises(Exception, match="system"):
-        processor.apply_chat_template([{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}])
+def test_template_refuses_unknown_positions(processor):
     with pytest.raises(ValueError, match="image_position"):
         processor.apply_chat_template(bus_chat(False), image_position="centre")
     with pytest.raises(ValueError, match="image_position"):
@@ -412,10 +420,9 @@ def test_mismatched_images_and_markers_fail_clearly(processor, image):
         (dict(images=[[image, image]], text=[QUESTION]), "takes one image"),
         (dict(images=[[image]], text=[QUESTION, QUESTION]), "one list"),
         (dict(images=[[image], image], text=[QUESTION, QUESTION]), "one list"),
-        (dict(images=None, text=formatted), "no image but a '<image>' marker"),
         (dict(images=image, text="User: What?\n\nAssistant:"), "an image but no '<image>' marker"),
-        (dict(images=None, text="<image>\nWhat?"), "no image but a '<image>' marker"),
         (dict(images=image, text="User: <image><image>\n\nAssistant:"), "2 '<image>' markers"),
+        (dict(images=image, text="What is <image>?\n<image>"), "cannot also hold the text '<image>'"),
         (dict(images=image, text=QUESTION, truncation=True, max_length=10), "does not truncate"),
         (dict(images=image, text=QUESTION, image_position="centre"), "image_position"),
         (dict(images=image, text=[QUESTION, 3]), "string"),
@@ -460,3 +467,338 @@ def test_save_and_auto_processor_round_trip(tmp_path, image):
         assert before["input_ids"] == after["input_ids"] and before["attention_mask"] == after["attention_mask"]
         assert np.array_equal(np.asarray(before["pixel_values"]), np.asarray(after["pixel_values"]))
         assert before["input_ids"][0][-len(GENERATION_PROMPT) - 1 - 37 :][:37] == [IMAGE_ID] * 37  # "last"
+
+
+# ---------------------------------------------------------------- image sources: EXIF, URLs, base64, errors
+
+
+def oriented_photo(tmp_path, orientation: int, image_format: str) -> tuple[bytes, np.ndarray]:
+    """A file written by Pillow whose EXIF says `orientation`, and the pixels it stores (before turning)."""
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (20, 36, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, format=image_format, exif=exif, **({"quality": 95} if image_format == "JPEG" else {}))
+    return buffer.getvalue(), np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+# What each EXIF orientation asks of the stored pixels (the TIFF/EXIF specification), as numpy operations.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_load_image_does(tmp_path, orientation, image_format):
+    data, stored = oriented_photo(tmp_path, orientation, image_format)
+    path = tmp_path / f"photo.{image_format.lower()}"
+    path.write_bytes(data)
+    data_url = f"data:image/{image_format.lower()};base64," + base64.b64encode(data).decode()
+    expected = np.asarray(load_image(data_url))  # transformers' loader, as it reads URLs
+    assert expected.tolist() == np.ascontiguousarray(UPRIGHT[orientation](stored)).tolist()
+    assert expected.shape[:2] == ((36, 20) if orientation >= 5 else (20, 36))
+    wrapped_data_url = data_url[:40] + "\n" + data_url[40:]  # base64 broken into lines, as some encoders write it
+    sources = (path, str(path), data, data_url, wrapped_data_url, base64.b64encode(data).decode(), Image.open(path))
+    for source in sources:
+        assert rgb_pixels(source).tolist() == expected.tolist()
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=4)
+    torch.testing.assert_close(
+        processor(images=str(path), text=QUESTION, return_tensors="pt")["pixel_values"],
+        processor(images=Image.fromarray(expected), text=QUESTION, return_tensors="pt")["pixel_values"],
+        rtol=0, atol=0,
+    )
+
+
+class ImageServer:
+    """A local HTTP server (no network needed): `/NAME` serves `files[NAME]`, anything else is a 404."""
+
+    def __init__(self, files: dict[str, bytes]):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the standard library's name)
+                body = files.get(self.path.lstrip("/"))
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body if body is not None else b"not found")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_urls_load_like_files_and_fail_clearly(tmp_path):
+    photo, _ = oriented_photo(tmp_path, 6, "JPEG")
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[:2, :, 3] = 200, 255  # top half opaque red, bottom half transparent
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    with ImageServer({"photo.jpg": photo, "clear.png": buffer.getvalue(), "page.html": b"<html></html>"}) as server:
+        # The same upright image as transformers' loader gives for the URL, and as the file gives.
+        photo_url = f"{server.url}/photo.jpg"
+        assert rgb_pixels(photo_url).tolist() == np.asarray(load_image(photo_url)).tolist()
+        assert rgb_pixels(photo_url).tolist() == rgb_pixels(photo).tolist()
+        # Transparency on white, as for a file (transformers' loader drops the alpha channel: black).
+        assert rgb_pixels(f"{server.url}/clear.png").tolist() == rgb_pixels(buffer.getvalue()).tolist()
+        assert rgb_pixels(f"{server.url}/clear.png")[3, 0].tolist() == [255, 255, 255]
+        with pytest.raises(ConnectionError, match=r"Could not fetch the image at .*/missing.png: .*HTTP 404"):
+            load_rgb_image(f"{server.url}/missing.png")
+        with pytest.raises(ValueError, match="the image at .*/page.html: it is not an image format"):
+            load_rgb_image(f"{server.url}/page.html")
+    url = f"http://127.0.0.1:{closed_port()}/x.png"
+    with pytest.raises(ConnectionError, match=re.escape(f"Could not fetch the image at {url} (ConnectError")):
+        load_rgb_image(url)
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=4)
+    with pytest.raises(ConnectionError, match="Could not fetch"):
+        processor(images=url, text=QUESTION)
+    with pytest.raises(ValueError, match="not valid base64"):
+        load_rgb_image("data:image/png;base64,abcde")
+
+
+def test_directories_and_unreadable_files_are_named(tmp_path):
+    with pytest.raises(IsADirectoryError, match=re.escape(f"image file {str(tmp_path)!r}: it is a directory")):
+        load_rgb_image(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer())(images=str(tmp_path), text=QUESTION)
+    with pytest.raises(FileNotFoundError, match="'abcd': it does not exist"):  # valid base64, but not an image
+        load_rgb_image("abcd")
+    with pytest.raises(OSError, match="A'. File name too long"):
+        load_rgb_image("A" * 400)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_a_file_without_read_permission_is_named(tmp_path, image):
+    path = tmp_path / "locked.png"
+    image.save(path)
+    path.chmod(0)
+    with pytest.raises(PermissionError, match="locked.png'. permission denied"):
+        load_rgb_image(path)
+
+
+# ---------------------------------------------------------------- tensors: precision, channels, NaN
+
+
+def test_half_precision_tensors_give_the_float32_result():
+    chw = torch.from_numpy(np.random.default_rng(2).random((3, 9, 11), dtype=np.float32))
+    exact = rgb_pixels(chw).astype(int)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = chw.to(dtype)
+        assert rgb_pixels(low).tolist() == rgb_pixels(low.float()).tolist()  # the values it holds, exactly
+        assert np.abs(rgb_pixels(low).astype(int) - exact).max() <= 1  # its rounding only
+        assert rgb_pixels(low.numpy() if dtype == torch.float16 else low.float().numpy()).tolist() == rgb_pixels(
+            low
+        ).tolist()
+    levels = torch.arange(256, dtype=torch.float32).reshape(1, 16, 16) / 255  # every 8-bit level survives
+    assert rgb_pixels(levels.to(torch.bfloat16))[..., 0].flatten().tolist() == list(range(256))
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=4)
+    torch.testing.assert_close(
+        processor(images=chw.to(torch.bfloat16), return_tensors="pt")["pixel_values"],
+        processor(images=chw.to(torch.bfloat16).float(), return_tensors="pt")["pixel_values"],
+        rtol=0, atol=0,
+    )
+
+
+def test_ambiguous_channel_axis_is_refused_unless_named():
+    hwc = np.random.default_rng(3).integers(0, 256, (3, 10, 3), dtype=np.uint8)  # 3 rows, 10 columns, RGB
+    with pytest.raises(ValueError, match=re.escape("shape (3, 10, 3) could hold its channels first or last")):
+        load_rgb_image(hwc)
+    with pytest.raises(ValueError, match="input_data_format='channels_first'"):
+        load_rgb_image(torch.from_numpy(hwc))
+    assert rgb_pixels_as(hwc, "channels_last").tolist() == hwc.tolist()
+    assert rgb_pixels_as(hwc, ChannelDimension.FIRST).tolist() == hwc.transpose(1, 2, 0).tolist()
+    gray_column = np.arange(10, dtype=np.uint8).reshape(1, 10, 1)  # one row of 10 gray pixels, or 10 x 1
+    assert rgb_pixels_as(gray_column, "channels_last").shape == (1, 10, 3)
+    assert rgb_pixels_as(gray_column, "channels_first").shape == (10, 1, 3)
+    with pytest.raises(ValueError, match="'channels_first' or 'channels_last'"):
+        load_rgb_image(hwc, input_data_format="sideways")
+    # Through the processor: `input_data_format` reaches the conversion.
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), num_image_tokens=4)
+    with pytest.raises(ValueError, match="could hold its channels first or last"):
+        processor(images=hwc, text=QUESTION)
+    torch.testing.assert_close(
+        processor(images=hwc, text=QUESTION, input_data_format="channels_last", return_tensors="pt")["pixel_values"],
+        processor(images=Image.fromarray(hwc), text=QUESTION, return_tensors="pt")["pixel_values"],
+        rtol=0, atol=0,
+    )
+    chw = torch.from_numpy(hwc.transpose(2, 0, 1).copy())
+    torch.testing.assert_close(
+        processor(images=chw, text=QUESTION, input_data_format="channels_first", return_tensors="pt")["pixel_values"],
+        processor(images=Image.fromarray(hwc), text=QUESTION, return_tensors="pt")["pixel_values"],
+        rtol=0, atol=0,
+    )
+
+
+def rgb_pixels_as(image, input_data_format) -> np.ndarray:
+    return np.asarray(load_rgb_image(image, input_data_format=input_data_format))
+
+
+def test_nan_image_tensors_are_refused(processor):
+    pixels = torch.rand(3, 8, 8)
+    pixels[1, 2, 3] = float("nan")
+    for image in (pixels, pixels.to(torch.bfloat16), pixels.numpy().astype(np.float16)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            processor(images=image, text=QUESTION)
+
+
+# ---------------------------------------------------------------- "<image>" as text, empty inputs, options
+
+
+def test_image_written_in_a_text_only_prompt_stays_text(processor, reference, image):
+    question = "What does <image> do in HTML?"
+    formatted = f"User: {question}\n\nAssistant:"
+    as_text = reference.encode(f"User: {question}\n\n") + GENERATION_PROMPT
+    chats = (
+        [{"role": "user", "content": question}],
+        [{"role": "user", "content": [{"type": "text", "text": question}]}],
+    )
+    for chat in chats:
+        assert processor.apply_chat_template(chat, add_generation_prompt=True) == formatted
+        assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)[0] == as_text
+    for text in (question, formatted):
+        assert processor(text=text)["input_ids"][0] == as_text
+    # In a batch, only the prompt that has the image reads its marker as the image.
+    batch = processor(images=[[image], []], text=["<image>\nWhat color?", question], padding=True)
+    alone = [processor(images=image, text="What color?")["input_ids"][0], as_text]
+    for row, mask, expected in zip(batch["input_ids"], batch["attention_mask"], alone):
+        assert [token for token, keep in zip(row, mask) if keep] == expected
+    # A conversation with an image keeps other "<image>" text, so that the prompt is ambiguous: refused by name.
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    with pytest.raises(ValueError, match="cannot also hold the text '<image>'"):
+        processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+
+
+def test_empty_inputs_are_refused(processor, image):
+    with pytest.raises(ValueError, match="conversation is empty"):
+        processor.apply_chat_template([])
+    with pytest.raises(Exception, match="conversation is empty"):  # one empty chat in a batch, from the template
+        processor.apply_chat_template([[{"role": "user", "content": "Hi"}], []])
+    for kwargs, message in [
+        (dict(text=""), "Prompt 0 is empty"),
+        (dict(text=["Hi", " \n"]), "Prompt 1 is empty"),
+        (dict(text=[]), "empty list"),
+        (dict(images=[]), "`images` is empty"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            processor(**kwargs)
+    # An image with no question is a prompt (the image alone).
+    assert processor(images=image, text="")["input_ids"][0].count(IMAGE_ID) == 577
+
+
+def test_padding_to_a_max_length_shorter_than_a_prompt_is_refused(processor, image):
+    rows = processor(images=[[image], []], text=[QUESTION, "Hi"], padding="max_length", max_length=620)
+    assert [len(row) for row in rows["input_ids"]] == [620, 620]
+    length = len(processor(images=image, text=QUESTION)["input_ids"][0])
+    with pytest.raises(ValueError, match=f"Prompt 0 has {length} tokens, more than max_length=600"):
+        processor(images=[[image], []], text=[QUESTION, "Hi"], padding="max_length", max_length=600)
+    with pytest.raises(ValueError, match="does not truncate"):
+        processor(images=image, text=QUESTION, padding="max_length", max_length=590, truncation=True)
+
+
+def test_tokenizer_options_it_cannot_honour_are_refused(processor):
+    for option in ("return_offsets_mapping", "return_special_tokens_mask", "return_length", "return_token_type_ids"):
+        with pytest.raises(ValueError, match=f"does not support `{option}`"):
+            processor(text="Hi", **{option: True})
+
+
+# ---------------------------------------------------------------- system messages
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def test_system_message_opens_the_first_user_turn(processor, image):
+    system_parts = {"role": "system", "content": [{"type": "text", "text": "  You are a helpful assistant.\n\n"}]}
+    chat = bus_chat(with_answer=True) + [{"role": "user", "content": "Sure?"}]
+    folded = copy_chat(chat)
+    folded[0]["content"][1]["text"] = SYSTEM["content"] + "\n" + QUESTION
+    for position in ("first", "middle", "last"):
+        expected = processor.apply_chat_template(folded, add_generation_prompt=True, image_position=position)
+        for system in (SYSTEM, system_parts):
+            got = processor.apply_chat_template([system] + chat, add_generation_prompt=True, image_position=position)
+            assert got == expected
+    assert processor.apply_chat_template([SYSTEM] + chat, image_position="last").startswith(
+        "User: You are a helpful assistant.\nWhat color is the bus?\n" + SUFFIX + "\n<image>\n\n"
+    )
+    # The first user turn gets it wherever it is; an empty system message changes nothing.
+    text_chat = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}]
+    assert processor.apply_chat_template([SYSTEM] + text_chat) == (
+        "Assistant: Hello.\n\nUser: You are a helpful assistant.\nHi\n\n"
+    )
+    assert processor.apply_chat_template([{"role": "system", "content": " "}] + text_chat) == (
+        processor.apply_chat_template(text_chat)
+    )
+    # Tokenized, with the image from the message.
+    chat[0]["content"][0]["image"] = image
+    assert processor.apply_chat_template([SYSTEM] + chat, tokenize=True)[0] == processor(
+        images=image, text=processor.apply_chat_template(folded)
+    )["input_ids"][0]
+
+
+def copy_chat(chat: list[dict]) -> list[dict]:
+    return [
+        {**message, "content": [dict(part) for part in message["content"]]}
+        if isinstance(message["content"], list) else dict(message)
+        for message in chat
+    ]
+
+
+def test_conversations_the_model_cannot_take_are_refused(processor):
+    image_turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}
+    for chat, message in [
+        ([SYSTEM], "folded into the first user message, and this conversation has none"),
+        ([SYSTEM, {"role": "assistant", "content": "Hi"}], "has none"),
+        ([{"role": "user", "content": "Hi"}, SYSTEM], "not a 'system' message at position 1"),
+        ([{"role": "tool", "content": "42"}], "not a 'tool' message at position 0"),
+        ([{"role": "system", "content": [{"type": "image"}]}, image_turn], "system message holds text only"),
+        ([image_turn, {"role": "assistant", "content": "A"}, image_turn], "one image per conversation"),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}], "one image per conversation"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "image"}]}], "in a user"),
+        ([{"role": "user", "content": [{"type": "video"}]}], "not a 'video' part"),
+        ([{"role": "user", "content": "Hi"}, {"role": "user", "content": ["Hi"]}], r"not 'Hi' \(message 1\)"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "text part needs a 'text' string"),
+        ([{"role": "user"}], "needs a 'content'"),
+        ([{"role": "user", "content": None}], "needs a 'content'"),
+        ([{"role": "user", "content": 5}], "needs a 'content'"),
+        ([{"content": "Hi"}], "needs a 'role'"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            processor.apply_chat_template(chat)
+
+
+def test_folders_saved_with_the_earlier_template_get_the_current_one(tmp_path):
+    AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
+    VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer()).save_pretrained(tmp_path)
+    earlier = os.path.join(os.path.dirname(__file__), "fixtures", "chat_template_saved_before_system_messages.jinja")
+    (tmp_path / "chat_template.jinja").write_text(open(earlier, encoding="utf-8").read(), encoding="utf-8")
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == CHAT_TEMPLATE
+    assert loaded.apply_chat_template([SYSTEM, {"role": "user", "content": "Hi"}]) == (
+        "User: You are a helpful assistant.\nHi\n\n"
+    )
+    # A template of the user's own is kept as it is.
+    own = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(own, encoding="utf-8")
+    assert AutoProcessor.from_pretrained(tmp_path).chat_template == own

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import sys
 
 import pytest
@@ -434,3 +435,136 @@ def test_plain_encode_equals_base_path(tokenizer, corpus):
         assert tokenizer.encode(sample, add_special_tokens=False) == tokenizer.encode(sample)
     assert tokenizer.encode("a b c d", truncation=True, max_length=2) == tokenizer.encode("a b c d")[:2]
     assert tokenizer.encode("a b", return_tensors="pt").tolist() == [tokenizer.encode("a b")]
+
+
+# ---------------------------------------------------------------- ids that are no token, garbled vocabularies
+
+
+def test_decoding_an_id_that_is_no_token_is_refused(tokenizer):
+    with pytest.raises(ValueError, match=r"Cannot decode token id -100: .*replace it before decoding"):
+        tokenizer.decode([20733, -100])
+    with pytest.raises(ValueError, match=r"Cannot decode token id 70000: the vocabulary has ids 0\.\.65529"):
+        tokenizer.decode([70000])
+    with pytest.raises(ValueError, match="-100"):
+        tokenizer.batch_decode(torch.tensor([[20733, 261], [20733, -100]]))
+    with pytest.raises(ValueError, match="65536"):
+        tokenizer.convert_ids_to_tokens(65536)
+    # The recipe the message gives works; the embedding rows past the vocabulary still decode to nothing.
+    labels = torch.tensor([20733, -100, 261])
+    labels[labels == -100] = tokenizer.pad_token_id
+    assert tokenizer.decode(labels, skip_special_tokens=True) == " Red\n\n"
+    assert tokenizer.decode([20733, 65530, 65535]) == " Red"
+
+
+def vocab_lines() -> list[str]:
+    with open(PACKAGED_VOCAB_FILE, encoding="utf-8") as vocab:
+        return vocab.read().split("\n")
+
+
+@pytest.mark.parametrize(
+    "line_index, replacement, message",
+    [
+        (99, "100 'abc 3", "not one Python string or bytes literal"),
+        (99, "100 'a', 'b' 2", "not one Python string or bytes literal"),
+        (99, "100 'ab' # 2", "not one Python string or bytes literal"),
+        (99, "100 'ab'", "cannot read the id, the token and the byte length"),
+        (99, "100 'ab' 3", "the token has 2 bytes, not 3"),
+        (99, "one 'ab' 2", "cannot read the id"),
+        (99, "100", "cannot read the id"),
+        (99, "100 12 2", "not one Python string or bytes literal"),
+        (99, "99 'zq' 2", "id 99 is already on line 99"),
+        (99, "70000 'zq' 2", "ids must be exactly 1..65529"),
+    ],
+)
+def test_a_garbled_vocabulary_names_the_file_and_the_line(tmp_path, line_index, replacement, message):
+    lines = vocab_lines()
+    lines[line_index] = replacement
+    garbled = tmp_path / VOCAB_FILE_NAME
+    garbled.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"{garbled}, line {line_index + 1}: ") + ".*" + message):
+        RwkvWorldTokenizer(vocab_file=str(garbled))
+
+
+def test_vocabulary_file_errors_without_a_bad_literal(tmp_path):
+    lines = vocab_lines()
+    duplicate = tmp_path / "duplicate.txt"  # line 300's token again, under line 301's id
+    lines_with_duplicate = list(lines)
+    lines_with_duplicate[300] = "301 " + lines[299].split(" ", 1)[1]
+    duplicate.write_text("\n".join(lines_with_duplicate), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"duplicate.txt, line 301: token .* is already id 300 \(line 300\)"):
+        RwkvWorldTokenizer(vocab_file=str(duplicate))
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("\n".join(lines[:10]).encode() + b"\n11 '\xe9' 1\n")
+    with pytest.raises(ValueError, match=r"latin1.txt, line 11: not UTF-8 text"):
+        RwkvWorldTokenizer(vocab_file=str(not_utf8))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt: the vocabulary file is empty"):
+        RwkvWorldTokenizer(vocab_file=str(empty))
+
+
+# ---------------------------------------------------------------- offsets, max_length padding
+
+
+def oracle_offsets(text: str, ids: list[int], token_bytes: list[bytes]) -> list[tuple[int, int]]:
+    """Character spans from the bytes each token covers: a token's start is the character its first byte belongs
+    to, its end one past the character its last byte belongs to."""
+    data, offsets, start = text.encode("utf-8"), [], 0
+    for token_id in ids:
+        end = start + len(token_bytes[token_id])
+        assert data[start:end] == token_bytes[token_id]
+        offsets.append((len(data[:start].decode("utf-8", "ignore")), len(data[:end].decode("utf-8", "replace"))))
+        start = end
+    return offsets
+
+
+def test_offsets_mapping_spans_each_token_in_characters(tokenizer, reference, corpus):
+    token_bytes = [b""] + [reference.idx2token[token_id] for token_id in range(1, 65530)]
+    samples = [sample for sample in corpus[::10] if len(sample) < 20000]
+    samples += ["", "é😀x", "a\u0301 \U0001f1eb\U0001f1f7"]  # combining accent, flag
+    for sample in samples:
+        encoded = tokenizer(sample, return_offsets_mapping=True)
+        assert encoded["input_ids"] == reference.encode(sample)
+        assert encoded["offset_mapping"] == oracle_offsets(sample, encoded["input_ids"], token_bytes)
+    ascii_text = "User: What color is the bus?\n\n"
+    encoded = tokenizer(ascii_text, return_offsets_mapping=True)
+    assert [ascii_text[start:end] for start, end in encoded["offset_mapping"]] == tokenizer.convert_ids_to_tokens(
+        encoded["input_ids"]
+    )
+    emoji = tokenizer("😀", return_offsets_mapping=True)
+    assert len(emoji["input_ids"]) > 1 and set(emoji["offset_mapping"]) == {(0, 1)}  # its tokens share it
+
+
+def test_offsets_mapping_with_batches_padding_truncation_and_tensors(tokenizer):
+    texts = ["héllo wörld, how are you?", "😀", ""]
+    singles = [tokenizer(text, return_offsets_mapping=True) for text in texts]
+    longest = max(len(single["input_ids"]) for single in singles)
+    for side in ("left", "right"):
+        batch = tokenizer(texts, return_offsets_mapping=True, padding=True, padding_side=side, return_tensors="pt")
+        assert batch["offset_mapping"].shape == (3, longest, 2)
+        for row, single in enumerate(singles):
+            pad = [[0, 0]] * (longest - len(single["input_ids"]))
+            spans = [list(span) for span in single["offset_mapping"]]
+            assert batch["offset_mapping"][row].tolist() == (pad + spans if side == "left" else spans + pad)
+            assert batch["input_ids"][row].tolist() == tokenizer(texts[row], padding="max_length", max_length=longest,
+                                                                 padding_side=side)["input_ids"]
+    cut = tokenizer(texts[0], return_offsets_mapping=True, truncation=True, max_length=3)
+    assert cut["offset_mapping"] == singles[0]["offset_mapping"][:3] and cut["input_ids"] == singles[0]["input_ids"][:3]
+    assert tokenizer(texts, return_offsets_mapping=True)["offset_mapping"] == [s["offset_mapping"] for s in singles]
+    with pytest.raises(ValueError, match="plain texts only, not with a text pair"):
+        tokenizer("a", "b", return_offsets_mapping=True)
+    with pytest.raises(ValueError, match="split_special_tokens=False"):
+        tokenizer("a", return_offsets_mapping=True, split_special_tokens=False)
+
+
+def test_max_length_padding_shorter_than_a_text_behaves_as_transformers(tokenizer):
+    # What any transformers Python tokenizer (the base class path) does: the longer row stays longer unless
+    # truncation is asked for, and tensors then cannot be made.
+    texts = ["User: What color is the bus?\n", "Hi"]
+    lean = tokenizer(texts, padding="max_length", max_length=4)
+    assert lean == tokenizer(texts, padding="max_length", max_length=4, split_special_tokens=False)
+    assert [len(row) for row in lean["input_ids"]] == [9, 4]
+    with pytest.raises(ValueError, match="truncation"):
+        tokenizer(texts, padding="max_length", max_length=4, return_tensors="pt")
+    cut = tokenizer(texts, padding="max_length", max_length=4, truncation=True, return_tensors="pt")
+    assert cut["input_ids"].shape == (2, 4)

@@ -258,11 +258,13 @@ class VisualRWKVDataCollator:
         has_image = sample.get("image") is not None
         if has_image and marker_turn is None:
             marker_turn = 0
-            messages[0] = {"role": "user", "content": IMAGE_TOKEN + "\n" + messages[0]["content"]}
         elif not has_image and marker_turn is not None:
             raise MalformedRecordError(f"turn {marker_turn} holds {IMAGE_TOKEN!r} but the sample has no image")
+        if has_image:  # the chat template takes the image as a part ("<image>" in a message's text is text)
+            text = messages[marker_turn]["content"].replace(IMAGE_TOKEN, "")
+            messages[marker_turn] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
         prompt = self.processor.apply_chat_template(messages, image_position=self.image_position, tokenize=False)
-        turn_ids = self.processor.tokenize_turns(prompt)
+        turn_ids = self.processor.tokenize_turns(prompt, has_image)
         if len(turn_ids) != len(messages):
             raise MalformedRecordError(f"its {len(messages)} turns formatted into {len(turn_ids)}")
 

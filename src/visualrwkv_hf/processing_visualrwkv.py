@@ -3,9 +3,8 @@
 Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py`). A human turn is `"User: " + text + "\\n\\n"`, an
 assistant turn `"Assistant: " + text + "\\n\\n"`, an empty turn just `"User:"` / `"Assistant:"` (that is how the
 generation prompt `"Assistant:"` is made); no system prompt, no BOS. Turn text is stripped and runs of blank lines
-inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The turn that holds the image (an
-`{"type": "image"}` part, or `"<image>"` written in the text) loses its `"<image>"` and gets one placed by
-`image_position`:
+inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The user turn that holds the image (an
+`{"type": "image"}` part) gets `"<image>"` placed by `image_position`:
 
 * `"first"`: `"<image>\\n" + text`;
 * `"middle"` (the sandwich; the released models): every human turn of the conversation joined by `"\\n"` (in the image
@@ -17,28 +16,51 @@ One deliberate difference: the original copies the OTHER human turns into the sa
 inside one of them put a turn terminator in the middle of the image turn; here they are collapsed like every turn
 text (in the original's training data those turns essentially never hold blank lines, so nothing learnt depends on it).
 
+Rules for what the original never saw:
+
+* `"<image>"` marks the image only where an image comes with it. In chat messages the image is an image part, and
+  `"<image>"` written in a message's text is text. In a prompt given to the processor, `"<image>"` is the image's
+  place only when that prompt has an image; without one it is text (`"What does <image> do in HTML?"` is a question).
+  A prompt with an image therefore cannot also hold the text `"<image>"` (refused, naming the prompt).
+* A `"system"` message (many clients send one by default) may come first: the model was trained without a system
+  prompt, so its text opens the first user message, followed by `"\\n"`, and follows that message's rules from there
+  (in the sandwich it is repeated with the question after the image). Anything else the model cannot take (other
+  roles, a system message later on, more than one image, an image outside a user message, video or audio parts, an
+  empty conversation) is refused by the chat template with a message saying so. Folders saved with this package's
+  earlier chat templates get the current one when loaded; a template of one's own is kept.
+
 Tokenization is per segment, as the original does it: each turn on its own, and in the image turn the text on either
 side of the image on its own (tokenizing the joined prompt could merge tokens across those boundaries). The image
 becomes `num_image_tokens` copies of the `"<image>"` token id, which the model replaces by the image features.
 
-Images are converted to 8-bit RGB before the image processor: transparency is composited onto white (what a viewer
-shows, and what transformers' `convert_to_rgb` does; the original's `convert("RGB")` dropped alpha, but its training
-images were JPEGs), 16-bit samples are scaled by 255 / 65535, float samples are read as [0, 1] (or [0, 255] when any
-value exceeds 1), palette, 1-bit, grayscale and CMYK go through Pillow's conversion.
+Images are read as transformers' `load_image` reads them, from a file path, a URL (fetched with the same client), a
+`data:image/...;base64,` URL, base64 text or the file's bytes, and a file's EXIF orientation is applied (a phone photo
+comes out upright), also for a PIL image opened from such a file. Then they are converted to 8-bit RGB before the
+image processor: transparency is composited onto white (what a viewer shows, and what transformers' `convert_to_rgb`
+does; the original's `convert("RGB")` dropped alpha, but its training images were JPEGs), 16-bit samples are scaled
+by 255 / 65535, float samples (float16 and bfloat16 included) are read as [0, 1] (or [0, 255] when any value exceeds
+1), palette, 1-bit, grayscale and CMYK go through Pillow's conversion. An array or tensor whose shape does not say
+where its channels are (`(3, 10, 3)`) needs `input_data_format`; NaN or infinite samples are refused.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import io
 import os
 from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
+from huggingface_hub.utils import httpx  # the HTTP client transformers' `load_image` uses
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, load_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import PaddingStrategy
 from transformers.utils import is_torch_tensor
 
 from .configuration_visualrwkv import IMAGE_POSITIONS
@@ -49,6 +71,20 @@ DEFAULT_NUM_IMAGE_TOKENS = 577  # 24 x 24 CLIP-L/14-336 patches + the cls token
 TURN_END = "\n\n"
 GENERATION_PROMPT = "Assistant:"
 TURN_PREFIXES = ("User:", "Assistant:")
+EXIF_ORIENTATION = 0x0112
+# Tokenizer options the per-segment tokenization here cannot honour; refused rather than silently ignored.
+UNSUPPORTED_TEXT_OPTIONS = (
+    "return_offsets_mapping",
+    "return_overflowing_tokens",
+    "return_special_tokens_mask",
+    "return_length",
+    "return_token_type_ids",
+    "return_mm_token_type_ids",
+    "return_text_replacement_offsets",
+    "is_split_into_words",
+    "stride",
+    "text_pair",
+)
 
 # Built from the rules in the module docstring. Jinja has no regular expressions: a stripped text's blank-line runs
 # collapse exactly when its whitespace-only lines are dropped (its first and last lines are never whitespace-only).
@@ -62,27 +98,72 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
         {{- line -}}{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}
     {%- endfor -%}
 {%- endmacro -%}
-{%- set turns = namespace(texts=[], has_image=[], human_texts=[]) -%}
+{%- macro message_text(message) -%}
+    {%- if message['content'] is string -%}
+        {{- message['content'] -}}
+    {%- else -%}
+        {{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if not messages -%}
+    {{- raise_exception("The conversation is empty: give at least one user message.") -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- set where = " (message " ~ loop.index0 ~ ")." -%}
+    {%- if message['role'] is not defined -%}
+        {{- raise_exception("A message needs a 'role'" ~ where) -}}
+    {%- elif message['content'] is not defined or message['content'] is mapping
+        or not (message['content'] is string or message['content'] is sequence) -%}
+        {{- raise_exception("A message needs a 'content': a text or a list of parts" ~ where) -}}
+    {%- endif -%}
+    {%- for part in message['content'] if message['content'] is not string -%}
+        {%- if part is not mapping or part['type'] not in ['text', 'image'] -%}
+            {{- raise_exception("VisualRWKV-6 takes text and image parts, not " ~ ("a '" ~ part['type'] ~ "' part"
+                if part is mapping and part['type'] is defined else "'" ~ part ~ "'") ~ where) -}}
+        {%- elif part['type'] == 'text' and part['text'] is not string -%}
+            {{- raise_exception("A text part needs a 'text' string" ~ where) -}}
+        {%- endif -%}
+    {%- endfor -%}
+{%- endfor -%}
+{#- The model was trained without a system prompt: a system message's text opens the first user turn instead. -#}
+{%- set system = namespace(text='', messages=0) -%}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is not string and messages[0]['content'] | rejectattr('type', 'equalto', 'text')
+        | list -%}
+        {{- raise_exception("A system message holds text only; put the image in a user message.") -}}
+    {%- endif -%}
+    {%- set system.text = message_text(messages[0]).strip() -%}
+    {%- set system.messages = 1 -%}
+    {%- set messages = messages[1:] -%}
+    {%- if not messages | selectattr('role', 'equalto', 'user') | list -%}
+        {{- raise_exception("A system message is folded into the first user message, and this conversation has "
+            ~ "none.") -}}
+    {%- endif -%}
+{%- endif -%}
+{%- set turns = namespace(texts=[], has_image=[], human_texts=[], images=0, system_folded=false) -%}
 {%- for message in messages -%}
     {%- if message['role'] not in ['user', 'assistant'] -%}
-        {{- raise_exception("VisualRWKV-6 knows only 'user' and 'assistant' turns (it was trained without a "
-            ~ "system prompt), not '" ~ message['role'] ~ "'") -}}
+        {{- raise_exception("VisualRWKV-6 knows 'user' and 'assistant' messages and one 'system' message first, "
+            ~ "not a '" ~ message['role'] ~ "' message at position " ~ (loop.index0 + system.messages) ~ ".") -}}
     {%- endif -%}
-    {%- if message['content'] is string -%}
-        {%- set text = message['content'] -%}
-        {%- set image_parts = 0 -%}
-    {%- else -%}
-        {%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')
-            | join('\n') -%}
-        {%- set image_parts = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
+    {#- An image is an image part; "<image>" written in text is text. -#}
+    {%- set image_parts = 0 if message['content'] is string
+        else message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
+    {%- set turns.images = turns.images + image_parts -%}
+    {%- if turns.images > 1 or (image_parts and message['role'] != 'user') -%}
+        {{- raise_exception("VisualRWKV-6 takes one image per conversation, in a user message.") -}}
     {%- endif -%}
-    {%- set has_image = image_parts > 0 or '<image>' in text -%}
-    {%- set text = text.replace('<image>', '').strip() -%}
+    {%- set text = message_text(message) -%}
+    {%- if message['role'] == 'user' and not turns.system_folded -%}
+        {%- set text = (system.text ~ '\n' ~ text) if system.text else text -%}
+        {%- set turns.system_folded = true -%}
+    {%- endif -%}
+    {%- set text = text.strip() -%}
     {%- set turns.texts = turns.texts + [text] -%}
-    {%- set turns.has_image = turns.has_image + [has_image] -%}
+    {%- set turns.has_image = turns.has_image + [image_parts > 0] -%}
     {%- if message['role'] == 'user' -%}
         {%- set human_text = text.replace('Answer the question using a single word or phrase.', '').strip()
-            if has_image else text -%}
+            if image_parts else text -%}
         {%- set turns.human_texts = turns.human_texts + [collapse_blank_lines(human_text)] -%}
     {%- endif -%}
 {%- endfor -%}
@@ -110,6 +191,15 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
 {%- endif -%}
 """
 
+# sha256 of the chat templates earlier versions of this package saved (chat_template.jinja): a folder that holds one
+# gets the current template, so its system messages and "<image>" text follow the current rules.
+EARLIER_CHAT_TEMPLATES_SHA256 = frozenset(
+    {
+        "e06582f6e4ddea94d0530877ad6f8b825982fca57802e4897d828d7184087023",
+        "26f89fd5e4cf35da565b0e0f7c31d16c2bb2e55409a76a92b7a0bd3d778a52bc",
+    }
+)
+
 
 def default_image_processor() -> CLIPImageProcessorPil:
     """The image processor of CLIP ViT-L/14-336 as VisualRWKV-6 uses it: shortest edge resized to 336 (bicubic), center
@@ -129,19 +219,68 @@ def default_image_processor() -> CLIPImageProcessorPil:
     )
 
 
+def _fetch_url(url: str) -> bytes:
+    """The bytes at an http(s) URL, fetched as transformers' `load_image` fetches them (httpx, redirects followed)."""
+    try:
+        response = httpx.get(url, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as error:
+        raise ConnectionError(
+            f"Could not fetch the image at {url}: the server answered HTTP {error.response.status_code}."
+        ) from None
+    except httpx.HTTPError as error:
+        raise ConnectionError(
+            f"Could not fetch the image at {url} ({type(error).__name__}: {error}). Check the address and the "
+            "network, or pass the image as a file path, bytes or a PIL image."
+        ) from None
+    return response.content
+
+
+def _base64_image(text: str) -> bytes | None:
+    """The bytes `text` encodes when it is base64 of an image Pillow recognises, else None."""
+    try:
+        data = base64.b64decode(text, validate=True)
+        PIL.Image.open(io.BytesIO(data)).close()
+    except (binascii.Error, ValueError, OSError):
+        return None
+    return data
+
+
 def _open_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
-    """Opens and fully decodes an image file, path or bytes, so a corrupt file fails here with its name."""
-    if isinstance(source, str) and source.startswith(("http://", "https://", "data:image/")):
-        return load_image(source)
-    described = "the image bytes" if isinstance(source, bytes) else f"image file {os.fspath(source)!r}"
+    """Opens and fully decodes an image: a file path, a URL (`http(s)://`, `data:image/...;base64,`), base64 text or
+    encoded bytes, so that an unreadable one fails here with what it is and why."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        source, described = _fetch_url(source), f"the image at {source}"
+    elif isinstance(source, str) and source.startswith("data:image/"):
+        described = "the image data URL"
+        try:  # leniently, as `load_image` does: line breaks in the base64 are skipped
+            source = base64.b64decode(source.partition(",")[2])
+        except (binascii.Error, ValueError):
+            raise ValueError(f"Cannot read {described}: it is not valid base64.") from None
+    elif isinstance(source, bytes):
+        described = "the image bytes"
+    elif (
+        isinstance(source, str) and not os.path.exists(source) and (data := _base64_image(source)) is not None
+    ):  # transformers' `load_image` also takes base64 text (a chat part's "base64" key holds it)
+        source, described = data, "the base64 image data"
+    else:
+        described = f"image file {os.fspath(source)!r}"
+        if os.path.isdir(source):
+            raise IsADirectoryError(f"Cannot read {described}: it is a directory, not an image file.")
     try:
         with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"Cannot read {described}: it does not exist.") from None
+    except PermissionError:
+        raise PermissionError(f"Cannot read {described}: permission denied.") from None
     except PIL.UnidentifiedImageError:
         raise ValueError(f"Cannot read {described}: it is not an image format Pillow recognises.") from None
-    except (OSError, SyntaxError, ValueError) as error:
+    except OSError as error:
+        if error.errno is not None:  # the file system's error (name too long, I/O error, ...), not Pillow's
+            raise OSError(error.errno, f"Cannot read {described}: {error.strerror}.") from None
+        raise ValueError(f"Cannot read {described}: it is corrupt or truncated ({error}).") from error
+    except (SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read {described}: it is corrupt or truncated ({error}).") from error
     return image
 
@@ -163,8 +302,10 @@ def _samples_to_uint8(samples: np.ndarray) -> np.ndarray:
             )
         return samples.astype(np.uint8)
     if kind == "f":
+        # float16 arithmetic would round k / 255 * 255 to a neighbouring level; float32 does not.
+        samples = samples.astype(np.float32) if size < 4 else samples
         if not np.isfinite(samples).all():
-            raise ValueError("Float image samples contain NaN or infinity.")
+            raise ValueError("The image holds NaN or infinite values; image samples must be finite.")
         low, high = (samples.min(), samples.max()) if samples.size else (0.0, 0.0)
         if low < 0 or high > 255:
             raise ValueError(f"Float image samples must lie in [0, 1] or [0, 255]; got values in [{low}, {high}].")
@@ -173,14 +314,32 @@ def _samples_to_uint8(samples: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image sample type {samples.dtype}.")
 
 
-def _array_to_image(array: np.ndarray) -> PIL.Image.Image:
-    """A PIL image from an (H, W), (H, W, C) or (C, H, W) array; C = 1 (gray), 2 (gray + alpha, last only), 3, 4."""
-    channel_counts = (1, 2, 3, 4)
-    if array.ndim == 3 and array.shape[-1] not in channel_counts and array.shape[0] in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
+def _array_to_image(array: np.ndarray, input_data_format: str | ChannelDimension | None = None) -> PIL.Image.Image:
+    """A PIL image from an (H, W), (H, W, C) or (C, H, W) array; C = 1 (gray), 2 (gray + alpha, last only), 3, 4.
+
+    Without `input_data_format`, the channel axis is the one whose size is a channel count; a shape where both ends
+    are (`(3, 10, 3)`, `(1, 10, 3)`) is refused rather than guessed (transformers guesses channels first, with a
+    warning).
+    """
+    if array.ndim == 3:
+        channels_first, channels_last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 2, 3, 4)
+        if input_data_format is not None:
+            if input_data_format not in (ChannelDimension.FIRST, ChannelDimension.LAST):  # the enum compares as str
+                raise ValueError(
+                    f"`input_data_format` must be 'channels_first' or 'channels_last', got {input_data_format!r}."
+                )
+            channels_first = input_data_format == ChannelDimension.FIRST
+        elif channels_first and channels_last:
+            raise ValueError(
+                f"An image array of shape {tuple(array.shape)} could hold its channels first or last; pass "
+                "`input_data_format='channels_first'` (C, H, W) or `'channels_last'` (H, W, C), to the processor "
+                "or to `load_rgb_image`."
+            )
+        if channels_first:
+            array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in channel_counts) or 0 in array.shape:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 2, 3, 4)) or 0 in array.shape:
         raise ValueError(
             f"An image array must be (height, width) or have 1-4 channels first or last; got shape {array.shape}. "
             "Pass a batch as a list of images."
@@ -190,23 +349,32 @@ def _array_to_image(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(samples), mode=mode)
 
 
-def load_rgb_image(image: Any) -> PIL.Image.Image:
-    """An 8-bit RGB PIL image from a PIL image, a numpy array, a torch tensor, a file path, a URL or encoded bytes.
+def load_rgb_image(image: Any, input_data_format: str | ChannelDimension | None = None) -> PIL.Image.Image:
+    """An 8-bit RGB PIL image from a PIL image, a numpy array, a torch tensor, a file path, a URL, base64 text or
+    encoded bytes.
 
-    See the module docstring for how transparency, 16-bit, float, palette, 1-bit, grayscale and CMYK images convert.
-    Anything unreadable raises a `ValueError` (or `FileNotFoundError`) that names the problem.
+    A file's EXIF orientation is applied, as transformers' `load_image` does (a phone photo comes out upright).
+    `input_data_format` (`"channels_first"` or `"channels_last"`) says where an array's channels are when its shape
+    cannot tell. See the module docstring for how transparency, 16-bit, float, palette, 1-bit, grayscale and CMYK
+    images convert. Anything unreadable raises a `ValueError`, a `TypeError` or an `OSError` (`FileNotFoundError`,
+    `IsADirectoryError`, `PermissionError`, `ConnectionError` for a URL that could not be fetched) naming the problem.
     """
     if isinstance(image, (str, os.PathLike, bytes)):
         image = _open_image(image)
     elif is_torch_tensor(image):
-        image = _array_to_image(image.detach().cpu().numpy())
+        image = image.detach().cpu()
+        # numpy has no bfloat16; float32 holds bfloat16 and float16 values exactly.
+        image = image.float() if image.is_floating_point() and image.element_size() < 4 else image
+        image = _array_to_image(image.numpy(), input_data_format)
     elif isinstance(image, np.ndarray):
-        image = _array_to_image(image)
+        image = _array_to_image(image, input_data_format)
     elif not isinstance(image, PIL.Image.Image):
         raise TypeError(
             f"Cannot use a {type(image).__name__} as an image: pass a PIL image, a numpy array, a torch tensor, "
             "a file path, a URL or the file's bytes."
         )
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # checked first: `exif_transpose` copies even when upright
+        image = PIL.ImageOps.exif_transpose(image)
     # Pillow's own conversion of these modes clips to 0..255 instead of scaling.
     if image.mode.startswith("I"):  # "I;16", "I;16B", ... and "I", Pillow's 32-bit container for 16-bit files
         image = PIL.Image.fromarray(_samples_to_uint8(np.clip(np.asarray(image), 0, 65535).astype(np.uint16)))
@@ -266,15 +434,26 @@ class VisualRWKVProcessor(ProcessorMixin):
             tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if chat_template is None or hashlib.sha256(chat_template.encode()).hexdigest() in EARLIER_CHAT_TEMPLATES_SHA256:
+            chat_template = CHAT_TEMPLATE
         super().__init__(
             image_processor if image_processor is not None else default_image_processor(),
             tokenizer,
-            chat_template=chat_template if chat_template is not None else CHAT_TEMPLATE,
+            chat_template=chat_template,
             **kwargs,
         )
 
     def apply_chat_template(self, conversation, chat_template=None, image_position: str | None = None, **kwargs):
-        """`ProcessorMixin.apply_chat_template` with `image_position` (default: the processor's) for the template."""
+        """`ProcessorMixin.apply_chat_template` with `image_position` (default: the processor's) for the template.
+
+        Messages are `{"role": "user" | "assistant", "content": text or parts}`; the image is an `{"type": "image"}`
+        part (one per conversation, in a user message), and `"<image>"` written in a text is kept as text. A
+        `"system"` message may come first: the model was trained without one, so its text opens the first user
+        message (followed by a line break) and then follows that message's rules (in the sandwich it is repeated
+        with the question after the image).
+        """
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise ValueError("The conversation is empty: give at least one user message.")
         image_position = check_image_position(image_position or self.image_position)
         return super().apply_chat_template(conversation, chat_template, image_position=image_position, **kwargs)
 
@@ -283,14 +462,20 @@ class VisualRWKVProcessor(ProcessorMixin):
         Args:
             images: One image per prompt at most (VisualRWKV-6 takes one): a flat list with one image per prompt, or
                 one per prompt that holds `"<image>"`, or nested lists (`[[image], []]`). Each is a PIL image, numpy
-                array, torch tensor, path, URL or file bytes; see `load_rgb_image`.
+                array, torch tensor, path, URL, base64 text or file bytes; see `load_rgb_image`.
             text: A prompt or a list of prompts. A text that starts with `"User:"` or `"Assistant:"` is a formatted
                 prompt (what `apply_chat_template` makes) and is tokenized as it is; any other text is one user
                 message, formatted with the chat template (image placed by `image_position`, generation prompt
                 `"Assistant:"` appended).
             image_position: Image position for texts formatted here; defaults to the processor's.
             **kwargs: Tokenizer options (`padding`, `padding_side`, `max_length`, `pad_to_multiple_of`,
-                `return_attention_mask`), image processor options, `return_tensors`.
+                `return_attention_mask`), image processor options (`input_data_format` says where the channels of
+                an array or tensor image are), `return_tensors`.
+
+        `"<image>"` in a prompt marks the image only when that prompt comes with an image; in a prompt without one it
+        is plain text. A formatted prompt with an image holds exactly one `"<image>"`; a plain text with an image
+        holds at most one, which is removed (the image goes where `image_position` puts it). So a prompt that has an
+        image cannot also hold the words `"<image>"`.
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` (when `text` is given) and `pixel_values` (when
@@ -306,41 +491,67 @@ class VisualRWKVProcessor(ProcessorMixin):
                 "VisualRWKVProcessor does not truncate: a cut could split the image span or a turn. Shorten the "
                 "conversation instead."
             )
+        unsupported = [option for option in UNSUPPORTED_TEXT_OPTIONS if text_kwargs.get(option)]
+        if unsupported:
+            raise ValueError(
+                f"VisualRWKVProcessor does not support {', '.join(f'`{option}`' for option in unsupported)}; for "
+                "plain text, call the tokenizer (`processor.tokenizer`), which returns offsets too."
+            )
         return_tensors = text_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
+        input_data_format = images_kwargs.pop("input_data_format", None)  # applied here, the processor gets RGB
 
         texts = None if text is None else [text] if isinstance(text, str) else list(text)
         if texts is not None and not all(isinstance(one_text, str) for one_text in texts):
             raise TypeError("`text` must be a string or a list of strings.")
+        if texts == []:
+            raise ValueError("`text` is an empty list: give at least one prompt.")
         sample_images = self._images_per_sample(images, texts)
 
         data = {}
-        given_images = [load_rgb_image(image) for image in sample_images if image is not None]
+        given_images = [load_rgb_image(image, input_data_format) for image in sample_images if image is not None]
+        if texts is None and not given_images:
+            raise ValueError("`images` is empty: give at least one image (or a text).")
         if given_images:
             # Only what the model's forward takes (some image processors add sizes or masks).
             data["pixel_values"] = self.image_processor(given_images, **images_kwargs)["pixel_values"]
         if texts is not None:
-            prompts = [
-                one_text if one_text.startswith(TURN_PREFIXES) else self._format_message(one_text, image, position)
-                for one_text, image in zip(texts, sample_images)
-            ]
-            for index, (prompt, image) in enumerate(zip(prompts, sample_images)):
-                markers = prompt.count(IMAGE_TOKEN)
+            prompts = []
+            for index, (one_text, image) in enumerate(zip(texts, sample_images)):
+                markers = one_text.count(IMAGE_TOKEN) if image is not None else 0
+                formatted = one_text.startswith(TURN_PREFIXES)
                 if markers > 1:
                     raise ValueError(
-                        f"Prompt {index} holds {markers} {IMAGE_TOKEN!r} markers; VisualRWKV-6 takes one image per "
-                        "prompt."
+                        f"Prompt {index} has an image and holds {markers} {IMAGE_TOKEN!r} markers; VisualRWKV-6 takes "
+                        f"one image per prompt, and a prompt with an image cannot also hold the text {IMAGE_TOKEN!r}."
                     )
-                if markers != (image is not None):
+                if formatted and image is not None and not markers:
                     raise ValueError(
-                        f"Prompt {index} has {'no' if image is None else 'an'} image but "
-                        f"{'a' if markers else 'no'} {IMAGE_TOKEN!r} marker: give each image a marker (or use "
-                        "`apply_chat_template`, which places it) and each marker an image."
+                        f"Prompt {index} has an image but no {IMAGE_TOKEN!r} marker: a formatted prompt holds one "
+                        f"{IMAGE_TOKEN!r} where the image goes (`apply_chat_template` places it for an image part)."
                     )
+                if not formatted:
+                    if image is None and not one_text.strip():
+                        raise ValueError(f"Prompt {index} is empty: give a question (or an image).")
+                    if markers:  # in plain text it only says which prompt the image belongs to
+                        one_text = one_text.replace(IMAGE_TOKEN, "")
+                    one_text = self._format_message(one_text, image, position)
+                prompts.append(one_text)
+            rows = [self._tokenize_prompt(prompt, image is not None) for prompt, image in zip(prompts, sample_images)]
+            padding = text_kwargs.get("padding", False)
+            max_length = text_kwargs.get("max_length")
+            if padding in ("max_length", PaddingStrategy.MAX_LENGTH) and max_length is not None:
+                for index, row in enumerate(rows):
+                    if len(row) > max_length:
+                        raise ValueError(
+                            f"Prompt {index} has {len(row)} tokens, more than max_length={max_length}, so "
+                            "`padding='max_length'` cannot make the rows one length, and VisualRWKVProcessor does "
+                            "not truncate (a cut could split the image span or a turn). Raise `max_length`."
+                        )
             padded = self.tokenizer.pad(
-                {"input_ids": [self._tokenize_prompt(prompt) for prompt in prompts]},
-                padding=text_kwargs.get("padding", False),
-                max_length=text_kwargs.get("max_length"),
+                {"input_ids": rows},
+                padding=padding,
+                max_length=max_length,
                 pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
                 padding_side=text_kwargs.get("padding_side"),
                 return_attention_mask=text_kwargs.get("return_attention_mask"),
@@ -386,21 +597,22 @@ class VisualRWKVProcessor(ProcessorMixin):
             [{"role": "user", "content": content}], add_generation_prompt=True, image_position=image_position
         )
 
-    def _tokenize_prompt(self, prompt: str) -> list[int]:
+    def _tokenize_prompt(self, prompt: str, has_image: bool) -> list[int]:
         """Ids of a formatted prompt: each turn, and each side of the image, tokenized on its own."""
-        return [token_id for turn_ids in self.tokenize_turns(prompt) for token_id in turn_ids]
+        return [token_id for turn_ids in self.tokenize_turns(prompt, has_image) for token_id in turn_ids]
 
-    def tokenize_turns(self, prompt: str) -> list[list[int]]:
+    def tokenize_turns(self, prompt: str, has_image: bool = True) -> list[list[int]]:
         """The ids of each turn of a formatted prompt (what `apply_chat_template` makes), in order: every turn ends
-        with `"\\n\\n"` except a final empty one (`"Assistant:"`); the image becomes `num_image_tokens` image token
-        ids, and each side of it is tokenized on its own. Training collators label the turns from this."""
+        with `"\\n\\n"` except a final empty one (`"Assistant:"`); when the prompt comes with an image
+        (`has_image`), its `"<image>"` becomes `num_image_tokens` image token ids, and each side of it is tokenized
+        on its own; without one, `"<image>"` is text. Training collators label the turns from this."""
         turns = prompt.split(TURN_END)
         turns = [turn + TURN_END for turn in turns[:-1]] + ([turns[-1]] if turns[-1] else [])
         image_ids = [self.image_token_id] * self.num_image_tokens
         turn_ids = []
         for turn in turns:
             ids = []
-            for index, piece in enumerate(turn.split(IMAGE_TOKEN)):
+            for index, piece in enumerate(turn.split(IMAGE_TOKEN) if has_image else [turn]):
                 if index:
                     ids.extend(image_ids)
                 if piece:

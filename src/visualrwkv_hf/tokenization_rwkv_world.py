@@ -1,9 +1,14 @@
 """The RWKV World tokenizer (`rwkv_vocab_v20230424.txt`) as a transformers tokenizer.
 
 Encoding is the UTF-8 bytes of the text cut greedily, left to right, into the longest vocabulary entry (a byte trie);
-there is no normalisation, no pre-tokenisation and nothing is added (no BOS/EOS). Decoding concatenates the token
-bytes and decodes them as UTF-8 with `errors="replace"`, so a prefix that ends inside a multi-byte character ends in
-U+FFFD, which is what `transformers.TextStreamer` needs to wait for the rest of the character.
+there is no normalisation, no pre-tokenisation and nothing is added (no BOS/EOS). `return_offsets_mapping=True` gives
+each token's span in characters of the text, as fast tokenizers do (the tokens that share a multi-byte character each
+span that character). Decoding concatenates the token bytes and decodes them as UTF-8 with `errors="replace"`, so a
+prefix that ends inside a multi-byte character ends in U+FFFD, which is what `transformers.TextStreamer` needs to wait
+for the rest of the character. Ids past the vocabulary up to 65535 (embedding rows every World model has, which an
+untrained model can sample) decode to nothing; a negative id (the label -100 most often) or a larger one raises a
+`ValueError` saying so: a fast transformers tokenizer fails on -100 too (`OverflowError`), and one that skipped
+70000 would hide a wrong id.
 
 Encoder choice. The reference, `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`, is pure Python (about 1.5-7 MB/s here). The
 Rust `pyrwkv-tokenizer` (`WorldTokenizer`) is the fast path: it loads any vocabulary file in this format, so we give
@@ -46,32 +51,84 @@ logger = logging.get_logger(__name__)
 VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 PACKAGED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), VOCAB_FILE_NAME)
 END_OF_TEXT_TOKEN = "<|endoftext|>"  # id 0: padding and end-of-text
+MODEL_EMBEDDING_ROWS = 65536  # the World vocabulary padded, as every RWKV World model's embedding has it
 
 
 def read_rwkv_vocab(vocab_file: str) -> list[bytes]:
     """Reads a RWKV vocabulary file (lines `<id> <Python str or bytes literal> <byte length>`).
 
-    Returns the token bytes indexed by id; index 0, which the file does not list, holds `b""`.
+    Returns the token bytes indexed by id; index 0, which the file does not list, holds `b""`. A malformed file raises
+    a `ValueError` that names the file and the line.
     """
-    with open(vocab_file, encoding="utf-8") as vocab:
-        entries = [line.rstrip("\r\n").split(" ", 1) for line in vocab if line.strip("\r\n")]
-    ids = [int(token_id) for token_id, _ in entries]
-    literals_and_lengths = [rest.rsplit(" ", 1) for _, rest in entries]
-    # One literal_eval over the whole list is about three times faster than one per line.
-    tokens = ast.literal_eval("[" + ",".join(literal for literal, _ in literals_and_lengths) + "]")
+    with open(vocab_file, "rb") as vocab:
+        data = vocab.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_number = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{vocab_file}, line {line_number}: not UTF-8 text ({error.reason}).") from None
+
+    def malformed(line_number: int, line: str, problem: str) -> ValueError:
+        shown = line if len(line) <= 80 else line[:77] + "..."
+        return ValueError(
+            f"{vocab_file}, line {line_number}: {problem}; every line must read `<id> <Python str or bytes literal> "
+            f"<byte length>`, got {shown!r}."
+        )
+
+    entries = []  # (line number, line, id, literal, byte length)
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        token_id, _, rest = line.partition(" ")
+        literal, _, length = rest.rpartition(" ")
+        if not (token_id.isdecimal() and length.isdecimal() and literal):
+            raise malformed(line_number, line, "cannot read the id, the token and the byte length")
+        entries.append((line_number, line, int(token_id), literal, int(length)))
+    if not entries:
+        raise ValueError(f"{vocab_file}: the vocabulary file is empty.")
+    # One literal_eval over the whole list is about three times faster than one per line; only a failure is
+    # located line by line (a literal such as `'a', 'b'` also shows up as a wrong count).
+    try:
+        tokens = ast.literal_eval("[" + ",".join(entry[3] for entry in entries) + "]")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        tokens = None
+    if tokens is None or len(tokens) != len(entries):
+        for line_number, line, _, literal, _ in entries:
+            try:
+                values = ast.literal_eval(f"[{literal}]")  # as it stands in the joined list
+            except (SyntaxError, ValueError, MemoryError, RecursionError):
+                values = None
+            if not (isinstance(values, list) and len(values) == 1 and isinstance(values[0], (str, bytes))):
+                raise malformed(line_number, line, "the token is not one Python string or bytes literal")
+        raise ValueError(f"{vocab_file}: cannot read the token literals.")
+
     token_bytes_by_id = [b""] * (len(entries) + 1)
-    for token_id, token, (_, length) in zip(ids, tokens, literals_and_lengths):
+    line_of_id = {}
+    for (line_number, line, token_id, _, length), token in zip(entries, tokens):
+        if not isinstance(token, (str, bytes)):
+            raise malformed(line_number, line, "the token is not one Python string or bytes literal")
         token_bytes = token.encode("utf-8") if isinstance(token, str) else token
-        if not isinstance(token_bytes, bytes) or len(token_bytes) != int(length) or not token_bytes:
-            raise ValueError(f"{vocab_file}: malformed entry for id {token_id}")
-        if not 1 <= token_id <= len(entries) or token_bytes_by_id[token_id]:
-            raise ValueError(f"{vocab_file}: ids must be exactly 1..{len(entries)}, each once")
+        if not token_bytes or len(token_bytes) != length:
+            raise malformed(line_number, line, f"the token has {len(token_bytes)} bytes, not {length}")
+        if not 1 <= token_id <= len(entries):
+            raise malformed(line_number, line, f"ids must be exactly 1..{len(entries)}, one per line")
+        if token_id in line_of_id:
+            raise malformed(line_number, line, f"id {token_id} is already on line {line_of_id[token_id]}")
+        line_of_id[token_id] = line_number
         token_bytes_by_id[token_id] = token_bytes
-    distinct_tokens = set(token_bytes_by_id)
-    if len(distinct_tokens) != len(token_bytes_by_id):
-        raise ValueError(f"{vocab_file}: duplicate tokens")
-    if not distinct_tokens.issuperset(bytes([byte]) for byte in range(256)):
-        raise ValueError(f"{vocab_file}: every single byte must be a token, or some text could not be encoded")
+    if len(set(token_bytes_by_id)) != len(token_bytes_by_id):
+        seen = {}
+        for token_id, token_bytes in enumerate(token_bytes_by_id[1:], start=1):
+            if token_bytes in seen:
+                first_id = seen[token_bytes]
+                raise ValueError(
+                    f"{vocab_file}, line {line_of_id[token_id]}: token {token_bytes!r} is already id {first_id} "
+                    f"(line {line_of_id[first_id]}); each token must appear once."
+                )
+            seen[token_bytes] = token_id
+    if not set(token_bytes_by_id).issuperset(bytes([byte]) for byte in range(256)):
+        raise ValueError(f"{vocab_file}: every single byte must be a token, or some text could not be encoded.")
     return token_bytes_by_id
 
 
@@ -227,6 +284,8 @@ class RwkvWorldTokenizer(PythonBackend):
         )
 
     def _encode_plus(self, text, text_pair=None, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            return self._encode_texts_with_offsets(text, text_pair, **kwargs)
         plain_text = kwargs.get("split_special_tokens", self.split_special_tokens) and not kwargs.get(
             "is_split_into_words"
         )
@@ -300,13 +359,102 @@ class RwkvWorldTokenizer(PythonBackend):
             encoded = {key: rows[0] for key, rows in encoded.items()}
         return BatchEncoding(dict(encoded), tensor_type=return_tensors, prepend_batch_axis=single)
 
+    def _encode_texts_with_offsets(
+        self,
+        text,
+        text_pair=None,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool | None = None,
+        split_special_tokens: bool | None = None,
+        is_split_into_words: bool = False,
+        **options,
+    ) -> BatchEncoding:
+        """`return_offsets_mapping=True`: each token's `(start, end)` character span in its text, as fast tokenizers
+        give it. A token that holds part of a multi-byte character spans that whole character (so the tokens of one
+        emoji share its span); padding gets `(0, 0)`. Plain text only (no pairs, no pre-split words, no added tokens
+        recognised), which is what this tokenizer encodes anyway."""
+        refused = [name for name in ("return_overflowing_tokens", "return_special_tokens_mask", "return_length",
+                                     "return_token_type_ids", "stride") if options.get(name)]
+        refused += ["a text pair"] * (text_pair is not None) + ["is_split_into_words=True"] * is_split_into_words
+        if not (self.split_special_tokens if split_special_tokens is None else split_special_tokens):
+            refused.append("split_special_tokens=False")
+        if refused:
+            raise ValueError(
+                f"`return_offsets_mapping=True` works on plain texts only, not with {', '.join(refused)}."
+            )
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(one_text, str) for one_text in texts):
+            raise TypeError("`return_offsets_mapping=True` needs a string or a list of strings.")
+        rows = [self._ids_and_offsets(one_text) for one_text in texts]
+        if truncation_strategy in (TruncationStrategy.LONGEST_FIRST, TruncationStrategy.ONLY_FIRST) and max_length:
+            keep = slice(None, max_length) if self.truncation_side == "right" else slice(-max_length, None)
+            rows = [(ids[keep], offsets[keep]) for ids, offsets in rows]
+        encoded = dict(
+            self.pad(
+                {"input_ids": [ids for ids, _ in rows]},
+                padding=padding_strategy,
+                max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
+                padding_side=padding_side,
+                return_attention_mask=return_attention_mask,
+            )
+        )
+        left = (padding_side or self.padding_side) == "left"
+        encoded["offset_mapping"] = []
+        for padded_ids, (_, offsets) in zip(encoded["input_ids"], rows):
+            padding = [(0, 0)] * (len(padded_ids) - len(offsets))
+            encoded["offset_mapping"].append(padding + offsets if left else offsets + padding)
+        single = isinstance(text, str)
+        if single:
+            encoded = {key: values[0] for key, values in encoded.items()}
+        return BatchEncoding(encoded, tensor_type=return_tensors, prepend_batch_axis=single)
+
+    def _ids_and_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` and each token's character span (the encoder cuts UTF-8 bytes; spans are in chars)."""
+        ids = self.encode_to_ids(text)
+        # The character each UTF-8 byte belongs to; the identity for ASCII text.
+        char_of_byte = None
+        if not text.isascii():
+            byte_lengths = (
+                1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4 for code in map(ord, text)
+            )
+            char_of_byte = [index for index, length in enumerate(byte_lengths) for _ in range(length)]
+        offsets, byte_start = [], 0
+        for token_id in ids:
+            byte_end = byte_start + len(self._token_bytes_by_id[token_id])
+            if char_of_byte is None:
+                offsets.append((byte_start, byte_end))
+            else:
+                offsets.append((char_of_byte[byte_start], char_of_byte[byte_end - 1] + 1))
+            byte_start = byte_end
+        return ids, offsets
+
     def _convert_token_to_id(self, token: str) -> int | None:
         return self._id_by_token.get(token)
 
     def _convert_id_to_token(self, index: int) -> str:
-        # The model's 65536 rows exceed the vocabulary; an id without a token (a sample from an untrained model)
-        # decodes to nothing rather than failing in the middle of a generation.
-        return self._token_by_id[index] if 0 <= index < len(self._token_by_id) else ""
+        if 0 <= index < len(self._token_by_id):
+            return self._token_by_id[index]
+        # The World models' 65536 embedding rows exceed the vocabulary; an id without a token there (a sample from an
+        # untrained model) decodes to nothing rather than failing in the middle of a generation. Anything else is
+        # not a token id at all, and decoding it to nothing would hide the mistake.
+        if 0 <= index < max(MODEL_EMBEDDING_ROWS, len(self)):
+            return ""
+        if index < 0:
+            raise ValueError(
+                f"Cannot decode token id {index}: token ids are 0..{max(MODEL_EMBEDDING_ROWS, len(self)) - 1}. -100 "
+                "is the label value that losses ignore; replace it before decoding, e.g. "
+                "`labels[labels == -100] = tokenizer.pad_token_id`."
+            )
+        raise ValueError(
+            f"Cannot decode token id {index}: the vocabulary has ids 0..{len(self) - 1} (ids up to "
+            f"{MODEL_EMBEDDING_ROWS - 1}, the model's embedding rows, decode to nothing)."
+        )
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return "".join(tokens).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
