@@ -273,3 +273,14 @@ def test_a_full_disk_while_saving_is_one_line(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"error: no space left to write in {output} (") and "(os error 27)" in last_line
     assert last_line.endswith("free some disk space (or raise the file size limit) or write elsewhere, then run again.")
+
+
+
+def test_corrupt_weights_are_one_line(converted_folder, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    folder = tmp_path / "corrupt"
+    shutil.copytree(converted_folder, folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert main(["chat", "--model", str(folder), "--image", str(image), QUESTION]) == 1
+    assert "cannot read or write a .safetensors file: Error while deserializing header" in one_line_error(capsys)

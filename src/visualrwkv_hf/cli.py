@@ -121,12 +121,16 @@ def check_device(name: str) -> str:
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if accelerator is None or accelerator.type != device.type:
         available = f"cpu and {accelerator.type}" if accelerator is not None else "only the cpu"
-        raise ValueError(f"--device {name}: this machine has no {device.type} device ({available}); pass "
-                         "--device cpu or leave --device out (cuda when available, else cpu).")
+        raise ValueError(
+            f"--device {name}: this machine has no {device.type} device ({available}); pass --device cpu or leave "
+            "--device out (cuda when available, else cpu)."
+        )
     count = torch.accelerator.device_count()
     if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), "
-                         f"{device.type}:0 to {device.type}:{count - 1}.")
+        raise ValueError(
+            f"--device {name}: this machine has {count} {device.type} device(s), {device.type}:0 to "
+            f"{device.type}:{count - 1}."
+        )
     return name
 
 
@@ -140,8 +144,10 @@ def chat(args: argparse.Namespace) -> int:
     from .processing_visualrwkv import load_rgb_image
 
     if args.temperature is not None and not args.do_sample:
-        raise ValueError("--temperature only applies with --do-sample (greedy decoding is the default): add "
-                         "--do-sample, or leave --temperature out.")
+        raise ValueError(
+            "--temperature only applies with --do-sample (greedy decoding is the default): add --do-sample, or "
+            "leave --temperature out."
+        )
     device = check_device(args.device) if args.device else "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -294,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_full_disk(error: BaseException) -> bool:
+    """Whether a write failed for want of space (`FULL_DISK_ERRNOS`), from Python or from safetensors."""
     if isinstance(error, OSError):
         return error.errno in FULL_DISK_ERRNOS
     # safetensors' writer (Rust) gives the errno only in its message: "... File too large (os error 27)".
@@ -306,11 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as error:  # a user's mistake: one line, no traceback
-        message = str(error)
+        message = re.sub(r"\s*\n\s*", " ", str(error).strip())  # some library messages span lines
         if is_full_disk(error):
             where = f" in {args.output}" if getattr(args, "output", None) else ""
-            message = (f"no space left to write{where} ({error}): free some disk space (or raise the file size "
-                       "limit) or write elsewhere, then run again.")
+            message = (
+                f"no space left to write{where} ({error}): free some disk space (or raise the file size limit) or "
+                "write elsewhere, then run again."
+            )
+        elif isinstance(error, SafetensorError):  # its messages do not say what kind of file it is
+            message = f"cannot read or write a .safetensors file: {message}"
         print(f"error: {message}", file=sys.stderr)
         return 1
 
