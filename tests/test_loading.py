@@ -64,6 +64,14 @@ def test_fewer_layers_in_the_config_than_in_the_weights_are_refused(vlm_folder, 
         model_class.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("layers, message", [(5, r"missing from the weights .*layers model\.blocks\.\{3, 4\}\."),
+                                             (1, r"not in the model: layers model\.blocks\.\{1, 2\}\.")])
+def test_the_text_model_refuses_another_layer_count(text_folder, tmp_path, layers, message):
+    folder = edited_copy(text_folder, tmp_path / "text", lambda c: c.update(num_hidden_layers=layers))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
 def test_missing_vision_layers_and_a_missing_head_are_named(vlm_folder, tmp_path):
     folder = edited_copy(vlm_folder, tmp_path / "vision", lambda c: c["vision_config"].update(num_hidden_layers=3))
     with pytest.raises(ValueError, match=r"layers model\.vision_tower\.encoder\.layers\.\{2\}"):
