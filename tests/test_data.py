@@ -129,6 +129,8 @@ def test_collator_skips_what_does_not_fit_with_a_count(processor, caplog):
     assert sum(collator.skipped.values()) == 1 and "max_length" in caplog.text
     with pytest.raises(ValueError, match="every sample of this batch was skipped"):
         collator([long_sample])
+    with pytest.raises(ValueError, match="the batch holds no samples"):
+        collator([])
 
 
 def test_loss_reductions_by_hand(processor):

@@ -316,6 +316,8 @@ class VisualRWKVDataCollator:
         return input_ids, labels
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("VisualRWKVDataCollator: the batch holds no samples.")
         rows, images = [], []
         for sample in samples:
             try:
