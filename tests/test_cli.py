@@ -1,5 +1,7 @@
+import errno
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 try:
     import resource
@@ -14,7 +17,7 @@ except ImportError:  # Windows
     resource = None
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from visualrwkv_hf.cli import main
+from visualrwkv_hf.cli import is_full_disk, main
 
 from test_convert_visualrwkv import test_image, write_original_files
 
@@ -210,3 +213,130 @@ def test_chat_reports_user_errors_without_traceback(converted_folder, tmp_path, 
         assert main(["chat", *arguments, QUESTION]) == 1
         captured = capsys.readouterr()
         assert captured.err.startswith("error: ") and message in captured.err and not captured.out
+
+
+# ------------------------------------------------------------------------------------------------- user errors
+
+
+def one_line_error(capsys) -> str:
+    """The command's stderr, checked to be one `error:` line and nothing on stdout."""
+    captured = capsys.readouterr()
+    assert not captured.out and captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured
+    assert "error: " in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["chat", "--model", "m", "--image", "i.png", "--max-new-tokens", "0", QUESTION],
+         "argument --max-new-tokens: must be a positive integer, got 0"),
+        (["chat", "--model", "m", "--image", "i.png", "--max-new-tokens", "-3", QUESTION],
+         "must be a positive integer, got -3"),
+        (["chat", "--model", "m", "--image", "i.png", "--do-sample", "--temperature", "0", QUESTION],
+         "argument --temperature: must be a positive number, got 0"),
+        (["chat", "--model", "m", "--image", "i.png", "--do-sample", "--temperature", "nan", QUESTION],
+         "must be a positive number, got nan"),
+        (["lm-demo", "--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive integer, got 0"),
+        (["demo", "--num-test", "0"], "argument --num-test: must be a positive integer, got 0"),
+        (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["demo", "--learning-rate=-1e-3"], "argument --learning-rate: must be a positive number, got -1e-3"),
+    ],
+)
+def test_bad_argument_values_are_refused_by_the_parser_in_one_line(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert message in err and f"(see `visualrwkv {arguments[0]} --help`)" in err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", "--device 'gpu' is not a torch device: expected cpu, cuda, cuda:N, mps"),
+        ("cuda:99", "--device cuda:99: this machine has "),
+        pytest.param(
+            "cuda", "--device cuda: this machine has no cuda device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_loading(converted_folder, tmp_path, capsys, device, message):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    assert main(["chat", "--model", str(converted_folder), "--image", str(image), "--device", device, QUESTION]) == 1
+    assert message in one_line_error(capsys)
+
+
+def test_temperature_without_sampling_is_refused(converted_folder, capsys):
+    arguments = ["chat", "--model", str(converted_folder), "--image", "i.png", "--temperature", "0.7", QUESTION]
+    assert main(arguments) == 1
+    assert "--temperature only applies with --do-sample" in one_line_error(capsys)
+
+
+def test_chat_refuses_a_folder_of_another_model(converted_folder, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    assert main(["lm-demo", "--output", str(tmp_path / "text"), "--max-new-tokens", "1"]) == 0
+    capsys.readouterr()
+    assert main(["chat", "--model", str(tmp_path / "text"), "--image", str(image), QUESTION]) == 1
+    assert "config.json is a `visualrwkv_text` configuration, not a `visualrwkv` one" in one_line_error(capsys)
+    for name, edit in [("llava", {"model_type": "llava"}), ("more", {"text_config": {"num_hidden_layers": 9}})]:
+        folder = tmp_path / name
+        shutil.copytree(converted_folder, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update({**edit, "text_config": {**config["text_config"], **edit.get("text_config", {})}})
+        (folder / "config.json").write_text(json.dumps(config))
+        assert main(["chat", "--model", str(folder), "--image", str(image), QUESTION]) == 1
+        err = capsys.readouterr().err  # after transformers' loading table for the weights
+        assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+        assert ("`llava` configuration" if name == "llava" else "missing from the weights") in err
+
+
+def test_an_image_folder_is_refused(converted_folder, tmp_path, capsys):
+    assert main(["chat", "--model", str(converted_folder), "--image", str(tmp_path), QUESTION]) == 1
+    assert f"Cannot read image file '{tmp_path}'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EFBIG, "File too large"), True),
+        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), True),
+        (OSError(errno.ENOENT, "No such file or directory"), False),
+        (SafetensorError("Error while deserializing header: HeaderTooLarge"), False),
+    ],
+)
+def test_full_disk_errors_are_recognised_from_python_and_safetensors(error, full):
+    assert is_full_disk(error) is full
+
+
+def test_a_full_disk_while_saving_is_one_line(tmp_path):
+    """The real command in a process whose file-size limit is 100 kB: writes fail with EFBIG, as on a full disk."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    output = tmp_path / "tiny"
+    result = subprocess.run(
+        [sys.executable, "-m", "visualrwkv_hf.cli", "lm-demo", "--output", str(output)],
+        preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: no space left to write in {output} (") and "(os error 27)" in last_line
+    assert last_line.endswith("free some disk space (or raise the file size limit) or write elsewhere, then run again.")
+
+
+
+def test_corrupt_weights_are_one_line(converted_folder, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    test_image().save(image)
+    folder = tmp_path / "corrupt"
+    shutil.copytree(converted_folder, folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert main(["chat", "--model", str(folder), "--image", str(image), QUESTION]) == 1
+    assert "cannot read or write a .safetensors file: Error while deserializing header" in one_line_error(capsys)

@@ -1,6 +1,9 @@
+import json
+import re
+
 import pytest
 
-from visualrwkv_hf import VisualRWKVTextConfig
+from visualrwkv_hf import VisualRWKVConfig, VisualRWKVTextConfig
 
 
 @pytest.mark.parametrize(
@@ -55,3 +58,29 @@ def test_dict_round_trip():
 def test_wkv_chunk_size_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         VisualRWKVTextConfig(hidden_size=64, head_size=16, wkv_chunk_size=24)
+
+
+def test_another_model_type_is_refused():
+    with pytest.raises(ValueError, match="This is a `llama` configuration, not a `visualrwkv_text` one"):
+        VisualRWKVTextConfig(model_type="llama", hidden_size=64, head_size=16)
+    with pytest.raises(ValueError, match="This is a `llava` configuration, not a `visualrwkv` one"):
+        VisualRWKVConfig.from_dict({**VisualRWKVConfig().to_dict(), "model_type": "llava"})
+
+
+def test_from_pretrained_names_the_folder_of_another_model_type(tmp_path):
+    VisualRWKVTextConfig(hidden_size=64, head_size=16).save_pretrained(tmp_path / "text")
+    expected = f"{tmp_path / 'text'}'s config.json is a `visualrwkv_text` configuration, not a `visualrwkv` one"
+    with pytest.raises(ValueError, match=re.escape(expected + ": VisualRWKVConfig cannot load it")):
+        VisualRWKVConfig.from_pretrained(tmp_path / "text")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="is a `llama` configuration, not a `visualrwkv_text` one"):
+        VisualRWKVTextConfig.from_pretrained(tmp_path / "llama")
+
+
+def test_the_text_config_still_loads_from_a_vision_language_folder(tmp_path):
+    """transformers reads a composite folder's `text_config` for the text config class: that is no mismatch."""
+    text = VisualRWKVTextConfig(hidden_size=64, head_size=16, num_hidden_layers=3)
+    VisualRWKVConfig(text_config=text.to_dict()).save_pretrained(tmp_path)
+    loaded = VisualRWKVTextConfig.from_pretrained(tmp_path)
+    assert (loaded.model_type, loaded.hidden_size, loaded.num_hidden_layers) == ("visualrwkv_text", 64, 3)

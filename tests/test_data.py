@@ -1,6 +1,7 @@
 """LlavaDataset and VisualRWKVDataCollator: ids and label masks against the spec's example, multi-turn masking,
 padding, truncation, malformed records, and both loss reductions checked by hand."""
 
+import itertools
 import json
 import logging
 
@@ -128,6 +129,8 @@ def test_collator_skips_what_does_not_fit_with_a_count(processor, caplog):
     assert sum(collator.skipped.values()) == 1 and "max_length" in caplog.text
     with pytest.raises(ValueError, match="every sample of this batch was skipped"):
         collator([long_sample])
+    with pytest.raises(ValueError, match="the batch holds no samples"):
+        collator([])
 
 
 def test_loss_reductions_by_hand(processor):
@@ -192,6 +195,9 @@ MALFORMED = [
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "?"}]}, "expected 'gpt'"),
     (record("<image>\nWhat?", "X"), "has no 'image'"),
     (record("<image>\nWhat?", "X", image="missing.png"), "does not exist"),
+    (record("<image>\nWhat?", "X", image="."), "is a folder, not an image file"),
+    (record("<image>\nWhat?", "X", image=7), "its 'image' is a int, not an image file path"),
+    ({"conversations": [{"from": "human"}, {"from": "gpt", "value": "X"}]}, "turn 0 is not a"),
     (record("<image>\nA <image>", "X", image="a.png"), "2 '<image>' markers"),
     (record("Hi", "  "), "turn 1 is empty"),
 ]
@@ -216,3 +222,46 @@ def test_malformed_records_skip_with_count_and_one_warning(tmp_path, caplog):
     assert dataset[2] == dataset[0] and len(dataset.skipped) == len(MALFORMED) + 1
     with pytest.raises(MalformedRecordError, match=f"record {len(records) - 1}: .*not an image format"):
         LlavaDataset(records[-1:] * (len(records)), image_folder=tmp_path)[len(records) - 1]
+
+
+def test_indexing_and_iteration_behave_as_a_list():
+    records = [record("Hi", "Hello"), record("Yo", "Hey"), record("Ho", "Ha")]
+    dataset = LlavaDataset(records)
+    iterated = list(itertools.islice(dataset, 10))  # `for` stops after the last record
+    assert [item["conversations"] for item in iterated] == [one["conversations"] for one in records]
+    assert dataset[-1] == dataset[2] and dataset[-3] == dataset[0]
+    for index in (3, -4, 100):
+        with pytest.raises(IndexError, match=f"index {index} is out of range for 3 records"):
+            dataset[index]
+    assert dataset[torch.tensor(1)] == dataset[1]  # integer-like indices, as samplers may give
+    with pytest.raises(TypeError, match="indices must be integers, not slice"):
+        dataset[0:2]
+
+
+def test_sources_without_records_are_refused(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty.json' holds no records"):
+        LlavaDataset(empty)
+    with pytest.raises(ValueError, match="The source holds no records"):
+        LlavaDataset([])
+    with pytest.raises(ValueError, match=r"all 2 records are malformed, e\.g\. record 0: .*record 1:"):
+        LlavaDataset([{"image": None}, record("Hi")], on_error="skip")
+    binary = tmp_path / "data.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ValueError, match="data.json' is not UTF-8 text"):
+        LlavaDataset(binary)
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    with pytest.raises(ValueError, match="holds a JSON int, not a list of records"):
+        LlavaDataset(scalar)
+
+
+def test_an_undecodable_image_names_the_record_and_the_file(tmp_path):
+    good = tmp_path / "good.png"
+    random_image(0).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    dataset = LlavaDataset([record("Hi", "Hello"), record("<image>\nWhat?", "X", image=str(truncated))])
+    with pytest.raises(MalformedRecordError, match=r"record 1: Cannot read image file '.*truncated\.png'"):
+        dataset[1]

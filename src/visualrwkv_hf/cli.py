@@ -1,13 +1,25 @@
-"""The `visualrwkv` command line: `demo`, `chat`, `convert`, `convert-rwkv6` and `lm-demo`."""
+"""The `visualrwkv` command line: `demo`, `chat`, `convert`, `convert-rwkv6` and `lm-demo`.
+
+A user's mistake (a bad argument, a missing or unreadable file, a full disk) ends the command with one line on stderr
+saying what was wrong, never a traceback: argument values are checked by the parser (exit 2), everything found while
+running raises `ValueError` / `OSError` (or safetensors' `SafetensorError`), which `main` prints (exit 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 ALLOW_NONFINITE_HELP = "convert even if weights are NaN or infinite (refused by default: the model would compute NaN)"
+
+# What a command raises for a user's mistake; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, SafetensorError)
 
 
 def visual_demo(args: argparse.Namespace) -> int:
@@ -67,14 +79,10 @@ def lm_demo(args: argparse.Namespace) -> int:
 def convert_rwkv6(args: argparse.Namespace) -> int:
     from .convert_rwkv6 import convert_rwkv6_checkpoint
 
-    try:
-        output = convert_rwkv6_checkpoint(
-            args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-            allow_nonfinite=args.allow_nonfinite,
-        )
-    except (ValueError, OSError) as error:  # user errors: a message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    output = convert_rwkv6_checkpoint(
+        args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"Wrote {output}")
     return 0
 
@@ -82,58 +90,81 @@ def convert_rwkv6(args: argparse.Namespace) -> int:
 def convert_visualrwkv(args: argparse.Namespace) -> int:
     from .convert_visualrwkv import convert_visualrwkv_checkpoint
 
-    try:
-        output = convert_visualrwkv_checkpoint(
-            args.output,
-            checkpoint=args.checkpoint,
-            rwkv=args.rwkv,
-            visual=args.visual,
-            vision_config=args.vision_config,
-            scan_mode=args.scan_mode,
-            image_position=args.image_position,
-            grid_size=args.grid_size,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
-            push_to_hub=args.push_to_hub,
-            progress=not args.no_progress,
-            remote_code=args.remote_code,
-            allow_nonfinite=args.allow_nonfinite,
-        )
-    except (ValueError, OSError) as error:  # user errors (and Hub errors, which are OSErrors): a message, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    output = convert_visualrwkv_checkpoint(
+        args.output,
+        checkpoint=args.checkpoint,
+        rwkv=args.rwkv,
+        visual=args.visual,
+        vision_config=args.vision_config,
+        scan_mode=args.scan_mode,
+        image_position=args.image_position,
+        grid_size=args.grid_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        progress=not args.no_progress,
+        remote_code=args.remote_code,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
+
+
+def check_device(name: str) -> str:
+    """`name` if torch can run on that device here; else a `ValueError` naming what this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device: expected cpu, cuda, cuda:N, mps, ...") from None
+    if device.type == "cpu":
+        return name
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        available = f"cpu and {accelerator.type}" if accelerator is not None else "only the cpu"
+        raise ValueError(
+            f"--device {name}: this machine has no {device.type} device ({available}); pass --device cpu or leave "
+            "--device out (cuda when available, else cpu)."
+        )
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: this machine has {count} {device.type} device(s), {device.type}:0 to "
+            f"{device.type}:{count - 1}."
+        )
+    return name
 
 
 def chat(args: argparse.Namespace) -> int:
     """Answers one question about one image with a converted folder, streaming the answer to stdout."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
+    from transformers import AutoProcessor, TextStreamer
 
+    from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
     from .convert_rwkv6 import EOS_TOKEN_ID
     from .processing_visualrwkv import load_rgb_image
 
-    model_dir = Path(args.model)
-    try:
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
-                "`visualrwkv convert --checkpoint X.pth --output DIR`."
-            )
-        image = load_rgb_image(Path(args.image))
-        processor = AutoProcessor.from_pretrained(model_dir)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
-        prompt = processor.apply_chat_template(
-            conversation, add_generation_prompt=True, image_position=args.image_position
+    if args.temperature is not None and not args.do_sample:
+        raise ValueError(
+            "--temperature only applies with --do-sample (greedy decoding is the default): add --do-sample, or "
+            "leave --temperature out."
         )
-        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.do_sample else {"do_sample": False}
+    device = check_device(args.device) if args.device else "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
+            "`visualrwkv convert --checkpoint X.pth --output DIR`."
+        )
+    config = VisualRWKVConfig.from_pretrained(model_dir)  # refuses a folder of another model type, naming it
+    image = load_rgb_image(Path(args.image))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = VisualRWKVForConditionalGeneration.from_pretrained(model_dir, config=config).to(device).eval()
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, image_position=args.image_position)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+    sampling = {"do_sample": True, "temperature": args.temperature or 1.0} if args.do_sample else {"do_sample": False}
     with torch.no_grad():
         model.generate(
             **inputs,
@@ -145,8 +176,31 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error (the usage is one `--help` away), as for every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visualrwkv", description=__doc__)
+    parser = ArgumentParser(prog="visualrwkv", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     from .demo import DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATE, DEFAULT_OUTPUT, DEFAULT_STEPS
@@ -155,10 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a tiny VisualRWKV on synthetic shapes on the CPU, then answer held-out questions"
     )
     visual.add_argument("--output", default=DEFAULT_OUTPUT, help="folder the trained model is saved in")
-    visual.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps (one fresh batch each)")
-    visual.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    visual.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
-    visual.add_argument("--num-test", type=int, default=200, help="held-out questions")
+    visual.add_argument(
+        "--steps", type=positive_int, default=DEFAULT_STEPS, help="training steps (one fresh batch each)"
+    )
+    visual.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    visual.add_argument("--learning-rate", type=positive_float, default=DEFAULT_LEARNING_RATE)
+    visual.add_argument("--num-test", type=positive_int, default=200, help="held-out questions")
     visual.add_argument("--seed", type=int, default=0)
     visual.add_argument("--no-progress", action="store_true", help="no progress bar")
     visual.add_argument(
@@ -169,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("lm-demo", help="build a tiny random RWKV-6 model, save, reload and generate")
     demo.add_argument("--output", default="outputs/tiny-rwkv6", help="folder to save the tiny model in")
     demo.add_argument("--prompt", default="User: Tell me about linear RNNs.\n\nAssistant:")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=24)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=lm_demo)
 
@@ -187,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-position", choices=IMAGE_POSITIONS, default=None,
         help="where the image goes in the prompt (default: the folder's, middle = the sandwich prompt)",
     )
-    chat_parser.add_argument("--max-new-tokens", type=int, default=256)
+    chat_parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     chat_parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    chat_parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    chat_parser.add_argument(
+        "--temperature", type=positive_float, help="sampling temperature (with --do-sample; default 1)"
+    )
     chat_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     chat_parser.set_defaults(run=chat)
 
@@ -252,9 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_full_disk(error: BaseException) -> bool:
+    """Whether a write failed for want of space and the message does not say so yet (the converters' does)."""
+    from .convert_rwkv6 import OutOfSpaceError, no_space_errno
+
+    return no_space_errno(error) is not None and not isinstance(error, OutOfSpaceError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:  # a user's mistake: one line, no traceback
+        message = re.sub(r"\s*\n\s*", " ", str(error).strip())  # some library messages span lines
+        if is_full_disk(error):
+            where = f" in {args.output}" if getattr(args, "output", None) else ""
+            message = (
+                f"no space left to write{where} ({error}): free some disk space (or raise the file size limit) or "
+                "write elsewhere, then run again."
+            )
+        elif isinstance(error, SafetensorError):  # its messages do not say what kind of file it is
+            message = f"cannot read or write a .safetensors file: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

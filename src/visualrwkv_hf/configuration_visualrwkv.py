@@ -14,8 +14,33 @@ def default_intermediate_size(hidden_size: int) -> int:
     return int((hidden_size * 3.5) // 32 * 32)
 
 
+def check_model_type(config_class: type[PreTrainedConfig], model_type: str | None, source: str) -> None:
+    """Refuses a configuration of another model type. transformers only warns, keeps the foreign `model_type` on the
+    config (and writes it back on save) and builds our model from fields that mean something else or nothing."""
+    if model_type is not None and model_type != config_class.model_type:
+        raise ValueError(
+            f"{source} is a `{model_type}` configuration, not a `{config_class.model_type}` one: "
+            f"{config_class.__name__} cannot load it. Load it with the classes of its own type (AutoConfig, "
+            f"AutoModel...), or, if it really is a `{config_class.model_type}` model, correct its `model_type`."
+        )
+
+
+class ModelTypeCheckMixin:
+    """`from_pretrained` refuses a folder whose config.json is of another model type, naming the folder."""
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        # As transformers' `from_pretrained` reads it: our part of a composite config, or a sub-dict of our type.
+        ours = config_dict.get(cls.base_config_key, config_dict) if cls.base_config_key else config_dict
+        nested = any(isinstance(value, dict) and value.get("model_type") == cls.model_type for value in ours.values())
+        if not nested:
+            check_model_type(cls, ours.get("model_type"), f"{pretrained_model_name_or_path}'s config.json")
+        return config_dict, kwargs
+
+
 @strict
-class VisualRWKVTextConfig(PreTrainedConfig):
+class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
     r"""
     Configuration of the RWKV-6 ("Finch", x060) World language model used by VisualRWKV.
 
@@ -60,6 +85,7 @@ class VisualRWKVTextConfig(PreTrainedConfig):
     number_of_conv_states = 2
 
     def __post_init__(self, **kwargs):
+        check_model_type(type(self), kwargs.get("model_type"), "This")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -119,7 +145,7 @@ CLS_TOKEN_BY_VISION_MODEL_TYPE = {"clip_vision_model": True, "siglip_vision_mode
 
 
 @strict
-class VisualRWKVConfig(PreTrainedConfig):
+class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     r"""
     Configuration of VisualRWKV: a vision encoder, a linear projector and the RWKV-6 language model. The defaults
     reproduce the released VisualRWKV-6 1.6B model (CLIP ViT-L/14-336, all 576 patches with the cls token last,
@@ -166,6 +192,7 @@ class VisualRWKVConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        check_model_type(type(self), kwargs.get("model_type"), "This")
         super().__post_init__(**kwargs)  # builds the sub-configs
         vision, text = self.vision_config, self.text_config
         if self.scan_mode not in SCAN_MODES:

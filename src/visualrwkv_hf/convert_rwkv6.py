@@ -510,7 +510,11 @@ NO_SPACE_ERRORS = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno
 _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 
 
-def _no_space_errno(error: BaseException) -> int | None:
+class OutOfSpaceError(OSError):
+    """A write that failed for want of space, whose message already says what, where and how much."""
+
+
+def no_space_errno(error: BaseException) -> int | None:
     """The errno of an out-of-space failure among `error` and its causes, else None."""
     seen = set()
     while error is not None and id(error) not in seen:
@@ -554,14 +558,14 @@ def atomic_output_dir(
         try:
             yield staging
         except Exception as error:
-            code = _no_space_errno(error)
+            code = no_space_errno(error)
             if code is None:
                 raise
             shutil.rmtree(staging)  # first, so that the space reported free is what the user has
             needed = f"about {_format_bytes(needed_bytes)} are needed, " if needed_bytes is not None else ""
             free = _format_bytes(shutil.disk_usage(output_dir.parent).free)
             raise _os_error(
-                OSError,
+                OutOfSpaceError,
                 code,
                 f"Could not write {output_dir}: {os.strerror(code)} ({needed}{free} free in {output_dir.parent}). "
                 "Nothing was written; free some space or choose another output folder.",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -47,8 +48,13 @@ def _read_records(source: str | os.PathLike | Sequence[dict]) -> list:
     """The records of a JSON list file, a JSONL file (one record a line) or an in-memory list."""
     if not isinstance(source, (str, os.PathLike)):
         return list(source)
-    with open(source, encoding="utf-8") as file:
-        text = file.read()
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{os.fspath(source)!r} is not UTF-8 text: expected a JSON list of records or JSON Lines."
+        ) from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
@@ -125,9 +131,11 @@ class LlavaDataset(Dataset):
             reason) and logs one warning with the count. Records and image paths are checked when the dataset is
             made; images are decoded when read, so a file that exists but is corrupt is found then: `"raise"` fails
             naming the record, `"skip"` logs a warning, adds it to `skipped` (in the process that read it: a
-            DataLoader worker's count stays in the worker) and gives the next readable record instead.
+            DataLoader worker's count stays in the worker) and gives the next readable record instead. A source
+            without one usable record raises a `ValueError`.
 
     Items are dicts `{"conversations": [...], "image": RGB PIL image or None}`: what `VisualRWKVDataCollator` takes.
+    Indexing works as on a list (negative indices count from the end; past the end raises `IndexError`).
     With `transformers.Trainer`, set `remove_unused_columns=False` so that these keys reach the collator.
     """
 
@@ -152,7 +160,12 @@ class LlavaDataset(Dataset):
                 elif isinstance(image, (str, os.PathLike)):
                     path = self._image_path(image)
                     if "://" not in path and not os.path.isfile(path):
-                        raise MalformedRecordError(f"its image file {path!r} does not exist")
+                        problem = "is a folder, not an image file" if os.path.isdir(path) else "does not exist"
+                        raise MalformedRecordError(f"its image path {path!r} {problem}")
+                elif isinstance(image, (bool, int, float, list, dict)):  # JSON values that cannot be an image
+                    raise MalformedRecordError(
+                        f"its 'image' is a {type(image).__name__}, not an image file path (or an image in memory)"
+                    )
             except MalformedRecordError as error:
                 self._report(index, error)
                 continue
@@ -160,10 +173,15 @@ class LlavaDataset(Dataset):
             self.record_indices.append(index)
         if self.skipped:
             examples = "; ".join(f"record {index}: {reason}" for index, reason in list(self.skipped.items())[:3])
+            if not self.records:
+                raise ValueError(f"LlavaDataset: all {len(self.skipped)} records are malformed, e.g. {examples}.")
             logger.warning(
                 f"LlavaDataset skipped {len(self.skipped)} of {len(self.skipped) + len(self.records)} records "
                 f"(see `dataset.skipped`), e.g. {examples}"
             )
+        elif not self.records:
+            source_name = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "The source"
+            raise ValueError(f"{source_name} holds no records: expected a JSON list of LLaVA-format records.")
 
     def _report(self, index: int, error: Exception) -> None:
         """Fails naming the source record (on_error="raise") or counts it as skipped."""
@@ -181,6 +199,14 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        # As a Python list: negative indices count from the end, and IndexError past it (which also ends `for`).
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"LlavaDataset indices must be integers, not {type(index).__name__}.") from None
+        if not -len(self.records) <= index < len(self.records):
+            raise IndexError(f"LlavaDataset index {index} is out of range for {len(self.records)} records.")
+        index %= len(self.records)
         for position in (*range(index, len(self.records)), *range(index)):
             record = self.records[position]
             image = record.get("image")
@@ -292,6 +318,8 @@ class VisualRWKVDataCollator:
         return input_ids, labels
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("VisualRWKVDataCollator: the batch holds no samples.")
         rows, images = [], []
         for sample in samples:
             try:

@@ -20,6 +20,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
+from .loading import StrictLoadingMixin
 from .ops import WKV6
 from .ops.loss import causal_lm_loss
 from .ops.mixing import relu_squared, slot_lerp
@@ -235,7 +236,7 @@ class VisualRWKVCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-class VisualRWKVTextPreTrainedModel(PreTrainedModel):
+class VisualRWKVTextPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: VisualRWKVTextConfig
     base_model_prefix = "model"
     # `loss_function` (transformers' property) returns this unless set otherwise: transformers' causal-LM loss

@@ -17,6 +17,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_visualrwkv import VisualRWKVConfig
+from .loading import StrictLoadingMixin
 from .modeling_rwkv6 import VisualRWKVTextModel, positions_to_keep
 from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
@@ -57,7 +58,7 @@ class VisualRWKVConditionalGenerationOutput(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-class VisualRWKVPreTrainedModel(PreTrainedModel):
+class VisualRWKVPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: VisualRWKVConfig
     base_model_prefix = "model"
     # `loss_function` (transformers' property) returns this unless set otherwise: transformers' causal-LM loss
