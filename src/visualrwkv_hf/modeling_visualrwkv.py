@@ -5,6 +5,7 @@ in the block's scan order (see `scanning.py`): each sample's own patch span is r
 restored at its output.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -345,6 +346,12 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         self, pixel_values: torch.FloatTensor, return_dict: bool = False
     ) -> torch.FloatTensor | BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, return_dict=return_dict)
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        # transformers expands (for beams, several sequences per prompt) the image features it is given in place:
+        # expanding copies keeps features passed in by the user reusable for the next call
+        copies = {modality: copy.copy(outputs) for modality, outputs in mm_encoder_output.items()}
+        return super()._expand_multimodal_outputs(input_ids, copies, expand_size, inputs_embeds)
 
     def prepare_inputs_for_generation(
         self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
