@@ -368,6 +368,19 @@ def test_a_cache_without_recurrent_layers_is_refused():
         model(random_ids(1, 4), cache=DynamicCache(config=tiny_config(num_hidden_layers=2)))
 
 
+def test_a_cache_filled_under_inference_mode_gets_a_clear_error_outside_it():
+    model = tiny_model()
+    ids = random_ids(1, 9)
+    with torch.inference_mode():
+        cache = model(ids[:, :5]).cache
+    with pytest.raises(ValueError, match=r"filled under `torch.inference_mode\(\)`.*copy.deepcopy"):
+        model.generate(ids, cache=cache, max_new_tokens=2)
+    reused = greedy(model, ids, cache=copy.deepcopy(cache))  # a copy holds ordinary tensors
+    with torch.inference_mode():
+        assert_same_generation(greedy(model, ids, cache=cache), reused)
+    assert_same_generation(reused, greedy(model, ids))
+
+
 @torch.no_grad()
 def test_past_key_values_works_exactly_as_cache():
     model = tiny_model()

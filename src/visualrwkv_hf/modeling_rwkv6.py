@@ -215,6 +215,13 @@ def check_cache(cache: Cache, num_layers: int) -> None:
             f"{type(cache).__name__} with {len(layers)} layers {kinds}. A `DynamicCache()` without the config "
             "holds attention layers."
         )
+    state = layers[0].conv_states[0]
+    if state is not None and state.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "This cache was filled under `torch.inference_mode()`, and torch allows no in-place update of its tensors "
+            "outside it: continue it under `torch.inference_mode()` too (`generate` alone runs under "
+            "`torch.no_grad()`), or pass `copy.deepcopy(cache)`, whose tensors are ordinary ones."
+        )
     if any(layer.record_past for layer in layers):
         raise ValueError(
             "Assisted / speculative decoding (`assistant_model`, `prompt_lookup_num_tokens`, ...) is not supported: "
