@@ -368,6 +368,19 @@ def test_a_cache_without_recurrent_layers_is_refused():
         model(random_ids(1, 4), cache=DynamicCache(config=tiny_config(num_hidden_layers=2)))
 
 
+@torch.no_grad()
+def test_beam_search_from_a_cache_needs_its_rows_repeated():
+    model = tiny_model()
+    ids = random_ids(1, 12)
+    cache = model(ids[:, :7]).cache
+    beams = dict(max_new_tokens=4, num_beams=3, do_sample=False)
+    expected = r"holds 1 rows, this call 3.*reorder_cache\(torch.arange\(1\).repeat_interleave\(3\)\)"
+    with pytest.raises(ValueError, match=expected):
+        model.generate(ids, cache=copy.deepcopy(cache), **beams)
+    cache.reorder_cache(torch.arange(1).repeat_interleave(3))
+    assert torch.equal(model.generate(ids, cache=cache, **beams), model.generate(ids, **beams))
+
+
 def test_a_cache_filled_under_inference_mode_gets_a_clear_error_outside_it():
     model = tiny_model()
     ids = random_ids(1, 9)

@@ -204,7 +204,7 @@ def positions_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.T
     return hidden_states[:, logits_to_keep]
 
 
-def check_cache(cache: Cache, num_layers: int) -> None:
+def check_cache(cache: Cache, num_layers: int, batch_size: int) -> None:
     """Refuses a cache the blocks cannot continue from, with the reason, instead of failing inside a block."""
     layers = getattr(cache, "layers", None) or []
     if len(layers) != num_layers or not all(isinstance(layer, LinearAttentionLayer) for layer in layers):
@@ -216,6 +216,13 @@ def check_cache(cache: Cache, num_layers: int) -> None:
             "holds attention layers."
         )
     state = layers[0].conv_states[0]
+    if state is not None and state.shape[0] != batch_size:
+        rows = state.shape[0]
+        raise ValueError(
+            f"The cache holds {rows} rows, this call {batch_size}: a cache continues the rows it was filled with. "
+            "Beam search and `num_return_sequences` run several rows per prompt; repeat the cache's rows to match "
+            f"first: `cache.reorder_cache(torch.arange({rows}).repeat_interleave({max(batch_size // rows, 1)}))`."
+        )
     if state is not None and state.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(
             "This cache was filled under `torch.inference_mode()`, and torch allows no in-place update of its tensors "
@@ -385,7 +392,7 @@ class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
         if not use_cache:
             cache = None
         if cache is not None:
-            check_cache(cache, len(self.blocks))
+            check_cache(cache, len(self.blocks), inputs_embeds.shape[0])
 
         padding_mask = None
         if attention_mask is not None:

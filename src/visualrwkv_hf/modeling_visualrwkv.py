@@ -237,7 +237,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is not None and pixel_values is not None:
             raise ValueError(
-                "Pass the images either as `pixel_values` or as pre-computed features in `mm_encoder_outputs`, not both."
+                "Pass the images either as `pixel_values` or as pre-computed features in `mm_encoder_outputs`, not "
+                "both."
             )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -367,8 +368,9 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             **kwargs,
         )
         if is_first_iteration:
-            check_prompt_continues_cache(kwargs.get("cache"), kwargs.get("next_sequence_length"))
-            self.drop_images_already_in_cache(model_inputs, input_ids, inputs_embeds, kwargs.get("next_sequence_length"))
+            next_sequence_length = kwargs.get("next_sequence_length")
+            check_prompt_continues_cache(kwargs.get("cache"), next_sequence_length)
+            self.drop_images_already_in_cache(model_inputs, input_ids, inputs_embeds, next_sequence_length)
         # After the prefill every row feeds one real token: the mask carries no more information.
         elif model_inputs.get("cache") is not None:
             model_inputs["attention_mask"] = None
