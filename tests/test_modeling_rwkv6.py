@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -257,3 +259,161 @@ def test_generation_stops_at_the_eos_token():
     stop = free[3]
     stopped = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=stop)[0, 5:].tolist()
     assert stopped == free[: free.index(stop) + 1]
+
+
+# ---------------------------------------------------------------------------------------------- the cache contract
+
+
+def greedy(model, ids, **kwargs):
+    """Greedy generation with the per-step logits and the cache returned."""
+    return model.generate(
+        ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
+
+
+def assert_same_generation(reused, fresh):
+    assert torch.equal(reused.sequences, fresh.sequences)
+    for reused_logits, fresh_logits in zip(reused.logits, fresh.logits, strict=True):
+        torch.testing.assert_close(reused_logits, fresh_logits, rtol=1e-5, atol=1e-5)
+
+
+def left_padded(rows):
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def test_the_cache_counts_every_position_it_has_seen_padding_included():
+    model = tiny_model()
+    ids, mask = left_padded([random_ids(1, 7)[0], random_ids(1, 3, seed=2)[0]])
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
+    assert cache.get_seq_length() == 7
+    for token in range(3):
+        model(torch.full((2, 1), token + 1), cache=cache)
+    model(random_ids(2, 4), cache=cache)
+    assert cache.get_seq_length() == 7 + 3 + 4
+    assert all(layer.get_seq_length() == 14 for layer in cache.layers)
+
+
+@torch.no_grad()
+def test_generate_builds_the_cache_and_returns_it_counted():
+    model = tiny_model()
+    assert model._supports_default_dynamic_cache()
+    out = greedy(model, random_ids(2, 9))
+    assert isinstance(out.cache, DynamicCache)
+    # every position but the last generated token has been fed
+    assert out.cache.get_seq_length() == out.sequences.shape[1] - 1
+
+
+@torch.no_grad()
+def test_prompt_reuse_with_a_copied_cache_equals_a_fresh_generate():
+    model = tiny_model()
+    prefix = random_ids(1, 9)
+    prefix_cache = model(prefix).cache  # prefilled once
+    for seed in (3, 4):  # two different continuations of the same prefix
+        prompt = torch.cat([prefix, random_ids(1, 5, seed=seed)], 1)
+        assert_same_generation(greedy(model, prompt, cache=copy.deepcopy(prefix_cache)), greedy(model, prompt))
+    assert prefix_cache.get_seq_length() == 9  # the copies were used, not the original
+
+
+@torch.no_grad()
+def test_prompt_reuse_in_a_left_padded_batch_equals_a_fresh_generate():
+    model = tiny_model()
+    ids, mask = left_padded([random_ids(1, 8)[0], random_ids(1, 3, seed=2)[0], random_ids(1, 6, seed=3)[0]])
+    prefix_cache = model(ids, attention_mask=mask).cache
+    prompt = torch.cat([ids, random_ids(3, 4, seed=5)], 1)
+    prompt_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    reused = greedy(model, prompt, attention_mask=prompt_mask, cache=copy.deepcopy(prefix_cache))
+    assert_same_generation(reused, greedy(model, prompt, attention_mask=prompt_mask))
+    # padding between the cached prefix and the new tokens (rows with follow-ups of different lengths) is exact too
+    gap_mask = prompt_mask.clone()
+    gap_mask[1, ids.shape[1] : ids.shape[1] + 2] = 0
+    reused = greedy(model, prompt, attention_mask=gap_mask, cache=copy.deepcopy(prefix_cache))
+    assert_same_generation(reused, greedy(model, prompt, attention_mask=gap_mask))
+
+
+@torch.no_grad()
+def test_the_returned_cache_continues_a_conversation_exactly():
+    model = tiny_model()
+    conversation, cache = random_ids(1, 7), None
+    for turn in range(3):
+        out = greedy(model, conversation, cache=cache)
+        if cache is not None:
+            assert_same_generation(out, greedy(model, conversation))
+        # the answer (the last token is not in the cache yet), then the next question
+        conversation, cache = torch.cat([out.sequences, random_ids(1, 4, seed=10 + turn)], 1), out.cache
+
+
+@torch.no_grad()
+def test_a_consumed_cache_is_refused():
+    model = tiny_model()
+    prompt = random_ids(1, 8)
+    cache = model(prompt[:, :5]).cache
+    model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)  # updates `cache` in place
+    with pytest.raises(ValueError, match=r"already seen 11 positions, but the prompt has 8.*copy.deepcopy"):
+        model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False)
+
+
+@torch.no_grad()
+def test_a_cache_without_recurrent_layers_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"one recurrent `LinearAttentionLayer` per block \(3\).*0 layers"):
+        model(random_ids(1, 4), cache=DynamicCache())
+    with pytest.raises(ValueError, match="per block"):
+        model(random_ids(1, 4), cache=DynamicCache(config=tiny_config(num_hidden_layers=2)))
+
+
+@torch.no_grad()
+def test_beam_search_from_a_cache_needs_its_rows_repeated():
+    model = tiny_model()
+    ids = random_ids(1, 12)
+    cache = model(ids[:, :7]).cache
+    beams = dict(max_new_tokens=4, num_beams=3, do_sample=False)
+    expected = r"holds 1 rows, this call 3.*reorder_cache\(torch.arange\(1\).repeat_interleave\(3\)\)"
+    with pytest.raises(ValueError, match=expected):
+        model.generate(ids, cache=copy.deepcopy(cache), **beams)
+    cache.reorder_cache(torch.arange(1).repeat_interleave(3))
+    assert torch.equal(model.generate(ids, cache=cache, **beams), model.generate(ids, **beams))
+
+
+def test_a_cache_filled_under_inference_mode_gets_a_clear_error_outside_it():
+    model = tiny_model()
+    ids = random_ids(1, 9)
+    with torch.inference_mode():
+        cache = model(ids[:, :5]).cache
+    with pytest.raises(ValueError, match=r"filled under `torch.inference_mode\(\)`.*copy.deepcopy"):
+        model.generate(ids, cache=cache, max_new_tokens=2)
+    reused = greedy(model, ids, cache=copy.deepcopy(cache))  # a copy holds ordinary tensors
+    with torch.inference_mode():
+        assert_same_generation(greedy(model, ids, cache=cache), reused)
+    assert_same_generation(reused, greedy(model, ids))
+
+
+@torch.no_grad()
+def test_past_key_values_works_exactly_as_cache():
+    model = tiny_model()
+    ids = random_ids(2, 11)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        cache = model(ids[:, :6], past_key_values=DynamicCache(config=model.config)).cache
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        as_past = model(ids[:, 6:], past_key_values=copy.deepcopy(cache))
+    as_cache = model(ids[:, 6:], cache=copy.deepcopy(cache))
+    torch.testing.assert_close(as_past.logits, as_cache.logits, rtol=0, atol=0)
+    torch.testing.assert_close(as_past.logits, model(ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
+    with pytest.warns(FutureWarning, match="cache_params"):
+        assert model.model(ids[:, 6:], cache_params=copy.deepcopy(cache)).cache.get_seq_length() == 11
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        reused = greedy(model, ids, past_key_values=copy.deepcopy(cache))
+    assert_same_generation(reused, greedy(model, ids))
+
+
+@torch.no_grad()
+def test_prompt_lookup_decoding_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="stateful.*cannot be rolled back"):
+        model.generate(random_ids(1, 8), prompt_lookup_num_tokens=2, max_new_tokens=3)

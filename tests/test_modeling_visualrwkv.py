@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from transformers import (
     CLIPVisionModel,
     SiglipVisionModel,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visualrwkv_hf import (
     VisualRWKVConfig,
@@ -454,3 +457,162 @@ def test_beam_search_with_images_cached_equals_uncached():
     ids, attention_mask = left_pad([prompt(2, 3, 17, seed=1), prompt(5, 1, 17, seed=2)])
     kwargs = dict(attention_mask=attention_mask, pixel_values=images(2), num_beams=3, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+
+
+def greedy(model, ids, **kwargs):
+    """Greedy generation with the per-step logits and the cache returned."""
+    return model.generate(
+        ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
+
+
+def assert_same_generation(reused, fresh):
+    assert torch.equal(reused.sequences, fresh.sequences)
+    for reused_logits, fresh_logits in zip(reused.logits, fresh.logits, strict=True):
+        torch.testing.assert_close(reused_logits, fresh_logits, rtol=1e-4, atol=1e-4)
+
+
+def text(length, seed):
+    return torch.randint(1, IMAGE, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def count_vision_tower_runs(model):
+    runs = []
+    model.model.vision_tower.register_forward_hook(lambda *args: runs.append(1))
+    return runs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scan_mode", ["bidirectional", "multidirectional"])
+def test_image_prefix_state_is_reused_across_questions(scan_mode):
+    # image first: the prompt up to the end of the image span is the same for every question
+    model = tiny_model(scan_mode=scan_mode)
+    prefix, pixel_values = prompt(2, 0, 17), images(1)
+    prefix_cache = model(prefix, pixel_values=pixel_values).cache
+    runs = count_vision_tower_runs(model)
+    for seed in (3, 4):
+        ids = torch.cat([prefix, text(6, seed)], 1)
+        before = len(runs)
+        reused = greedy(model, ids, cache=copy.deepcopy(prefix_cache))  # no image: it is in the state
+        assert len(runs) == before
+        assert_same_generation(reused, greedy(model, ids, pixel_values=pixel_values))
+        # the prompt's images may be passed as they are: the one already in the state is not read again
+        reused = greedy(model, ids, pixel_values=pixel_values, cache=copy.deepcopy(prefix_cache))
+        assert_same_generation(reused, greedy(model, ids, pixel_values=pixel_values))
+
+
+@torch.no_grad()
+def test_padded_batch_image_prefix_reuse_equals_a_fresh_generate():
+    model = tiny_model(scan_mode="multidirectional")
+    rows = [prompt(2, 1, 17, seed=1), prompt(4, 0, 0, seed=4), prompt(5, 2, 17, seed=5)]
+    prefix, mask = left_pad(rows)
+    pixel_values = images(2, seed=7)
+    prefix_cache = model(prefix, attention_mask=mask, pixel_values=pixel_values).cache
+    ids = torch.cat([prefix, text(3, 8).repeat(3, 1)], 1)
+    ids_mask = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
+    reused = greedy(model, ids, attention_mask=ids_mask, cache=copy.deepcopy(prefix_cache))
+    assert_same_generation(reused, greedy(model, ids, attention_mask=ids_mask, pixel_values=pixel_values))
+
+
+@torch.no_grad()
+def test_an_image_in_the_new_part_is_read_while_a_cached_one_is_skipped():
+    model = tiny_model()
+    # row 0's image is in the cached prefix, row 1's comes after it
+    prefix = torch.cat([prompt(2, 0, 17, seed=1), text(19, 2)])
+    ids = torch.cat([prefix, torch.cat([text(20, 3), prompt(1, 2, 17, seed=4)])], 1)
+    pixel_values = images(2, seed=9)
+    prefix_cache = model(prefix, pixel_values=pixel_values[:1]).cache
+    reused = greedy(model, ids, pixel_values=pixel_values, cache=copy.deepcopy(prefix_cache))
+    assert_same_generation(reused, greedy(model, ids, pixel_values=pixel_values))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pass_image_again", [False, True])
+def test_the_returned_cache_continues_an_image_conversation_exactly(pass_image_again):
+    model = tiny_model()
+    pixel_values = images(1)
+    conversation, cache = prompt(3, 4, 17), None
+    for turn in range(2):
+        kwargs = {"pixel_values": pixel_values} if cache is None or pass_image_again else {}
+        out = greedy(model, conversation, cache=cache, **kwargs)
+        if cache is not None:
+            assert_same_generation(out, greedy(model, conversation, pixel_values=pixel_values))
+        conversation, cache = torch.cat([out.sequences, text(5, 20 + turn)], 1), out.cache
+
+
+@torch.no_grad()
+def test_image_features_passed_back_skip_the_vision_tower():
+    model = tiny_model(scan_mode="multidirectional")
+    ids, pixel_values = prompt(3, 4, 17), images(1)
+    features = model.get_image_features(pixel_values, return_dict=True)
+    torch.testing.assert_close(features.pooler_output, model.get_image_features(pixel_values), rtol=0, atol=0)
+    runs = count_vision_tower_runs(model)
+    from_features = model(ids, mm_encoder_outputs={"image": features})
+    from_pixels = model(ids, pixel_values=pixel_values)
+    assert len(runs) == 1
+    torch.testing.assert_close(from_features.logits, from_pixels.logits, rtol=0, atol=0)
+    torch.testing.assert_close(from_features.image_hidden_states, from_pixels.image_hidden_states, rtol=0, atol=0)
+    for seed in (5, 6):  # several questions about one image, the vision tower not run again
+        question = prompt(3, 4, 17, seed=seed)
+        before = len(runs)
+        reused = greedy(model, question, mm_encoder_outputs={"image": features})
+        assert len(runs) == before
+        assert_same_generation(reused, greedy(model, question, pixel_values=pixel_values))
+    # beam search expands the features it is given (a copy of them, so they stay reusable)
+    ids, pixel_values = torch.cat([prompt(2, 5, 17, seed=1), prompt(4, 3, 17, seed=2)]), images(2, seed=3)
+    features = model.get_image_features(pixel_values, return_dict=True)
+    beams = dict(num_beams=3, max_new_tokens=4, do_sample=False)
+    expected = model.generate(ids, pixel_values=pixel_values, **beams)
+    for _ in range(2):
+        assert torch.equal(model.generate(ids, mm_encoder_outputs={"image": features}, **beams), expected)
+    assert features.pooler_output.shape == (2, 17, 32)
+
+
+def test_bad_image_features_get_clear_errors():
+    model = tiny_model()
+    ids, pixel_values = prompt(2, 4, 17), images(1)
+    features = model.get_image_features(pixel_values, return_dict=True)
+    with pytest.raises(ValueError, match="either as `pixel_values` or as pre-computed features"):
+        model(ids, pixel_values=pixel_values, mm_encoder_outputs={"image": features})
+    with pytest.raises(TypeError, match=r"get_image_features\(pixel_values, return_dict=True\)"):
+        model(ids, mm_encoder_outputs={"image": features.pooler_output})
+    with pytest.raises(ValueError, match=r"reads 17 vectors of size 32 per image"):
+        model(ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=torch.zeros(1, 16, 32))})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_pixel_values_are_refused(bad):
+    model = tiny_model()
+    ids, pixel_values = prompt(2, 4, 17), images(2)
+    pixel_values[1, 0, 3, 5] = bad
+    batch = torch.cat([ids, ids])
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\] hold NaN or infinite values"):
+        model(batch, pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.generate(batch, pixel_values=pixel_values, max_new_tokens=2)
+
+
+@torch.no_grad()
+def test_past_key_values_works_exactly_as_cache_with_images():
+    model = tiny_model()
+    ids, pixel_values = prompt(3, 6, 17), images(1)
+    cache = model(ids[:, :22], pixel_values=pixel_values).cache
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        as_past = model(ids[:, 22:], past_key_values=copy.deepcopy(cache))
+    torch.testing.assert_close(as_past.logits, model(ids[:, 22:], cache=copy.deepcopy(cache)).logits, rtol=0, atol=0)
+    torch.testing.assert_close(
+        as_past.logits, model(ids, pixel_values=pixel_values).logits[:, 22:], rtol=1e-4, atol=1e-4
+    )
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        reused = greedy(model, ids, past_key_values=copy.deepcopy(cache))
+    assert_same_generation(reused, greedy(model, ids, pixel_values=pixel_values))
+
+
+@torch.no_grad()
+def test_assisted_decoding_with_images_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(prompt(2, 4, 17), pixel_values=images(1), prompt_lookup_num_tokens=2, max_new_tokens=3)

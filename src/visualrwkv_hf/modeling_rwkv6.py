@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
 from .loading import StrictLoadingMixin
@@ -39,22 +40,20 @@ def mask_padding(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None)
 def token_shift(
     hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, state_idx: int
 ) -> torch.Tensor:
-    """Returns x_{t-1} for every t (the cached last token, or zeros, before t = 0) and caches the new last token."""
-    layer = cache.layers[layer_idx] if cache is not None else None
-    if layer is not None and cache.has_previous_state(layer_idx, state_idx):
-        # Stored as a one-column "conv" state (B, C, 1): the cache layer keeps exactly the last token.
-        conv_state = layer.conv_states[state_idx]
-        # A copy: the cached column is overwritten in place below.
-        previous = conv_state[..., -1].to(hidden_states.dtype, copy=True).unsqueeze(1)
-        # The decode step: the shift is just the cached token (no concatenation), and the state is overwritten in
-        # place directly; `update_conv_state` would concatenate old and new first.
-        shifted = previous if hidden_states.shape[1] == 1 else torch.cat([previous, hidden_states[:, :-1]], dim=1)
-        conv_state.copy_(hidden_states[:, -1:].transpose(1, 2))
-        return shifted
-    shifted = F.pad(hidden_states[:, :-1], (0, 0, 1, 0))
-    if layer is not None:
-        cache.update_conv_state(hidden_states[:, -1:].transpose(1, 2), layer_idx, state_idx, conv_kernel_size=1)
-    return shifted
+    """
+    Returns x_{t-1} for every t (the cached last token, or zeros, before t = 0) and caches the new last token.
+
+    Every position goes through the cache layer's `update_conv_state`, which keeps the last one (a one-column "conv"
+    state (B, C, 1)) and, for state 0, counts them: `cache.get_seq_length()` is then the number of positions the
+    cache has seen (padding included), which `generate` relies on to feed only the unseen part of a prompt.
+    """
+    if cache is None or not cache.has_previous_state(layer_idx, state_idx):
+        if cache is not None:
+            cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, state_idx, conv_kernel_size=1)
+        return F.pad(hidden_states[:, :-1], (0, 0, 1, 0))
+    # (B, C, 1 + T): the cached last token, then this call's positions; one copy, as the shift itself needs
+    window = cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, state_idx, conv_kernel_size=1)
+    return window[..., :-1].transpose(1, 2).to(hidden_states.dtype)
 
 
 class VisualRWKVTimeMix(nn.Module):
@@ -206,6 +205,55 @@ def positions_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.T
     return hidden_states[:, logits_to_keep]
 
 
+def check_cache(cache: Cache, num_layers: int, batch_size: int) -> None:
+    """Refuses a cache the blocks cannot continue from, with the reason, instead of failing inside a block."""
+    layers = getattr(cache, "layers", None) or []
+    if len(layers) != num_layers or not all(isinstance(layer, LinearAttentionLayer) for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise ValueError(
+            f"`cache` must hold one recurrent `LinearAttentionLayer` per block ({num_layers}), as "
+            "`DynamicCache(config=model.config)` builds (or pass none: the model creates it); got a "
+            f"{type(cache).__name__} with {len(layers)} layers {kinds}. A `DynamicCache()` without the config "
+            "holds attention layers."
+        )
+    state = layers[0].conv_states[0]
+    if state is not None and state.shape[0] != batch_size:
+        rows = state.shape[0]
+        raise ValueError(
+            f"The cache holds {rows} rows, this call {batch_size}: a cache continues the rows it was filled with. "
+            "Beam search and `num_return_sequences` run several rows per prompt; repeat the cache's rows to match "
+            f"first: `cache.reorder_cache(torch.arange({rows}).repeat_interleave({max(batch_size // rows, 1)}))`."
+        )
+    if state is not None and state.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "This cache was filled under `torch.inference_mode()`, and torch allows no in-place update of its tensors "
+            "outside it: continue it under `torch.inference_mode()` too (`generate` alone runs under "
+            "`torch.no_grad()`), or pass `copy.deepcopy(cache)`, whose tensors are ordinary ones."
+        )
+    if any(layer.record_past for layer in layers):
+        raise ValueError(
+            "Assisted / speculative decoding (`assistant_model`, `prompt_lookup_num_tokens`, ...) is not supported: "
+            "RWKV is stateful, and its recurrent state cannot be rolled back to drop rejected draft tokens. "
+            "Generate without it."
+        )
+
+
+def check_prompt_continues_cache(cache: Cache | None, next_sequence_length) -> None:
+    """
+    `generate` continues a cache with the prompt positions it has not seen (`next_sequence_length`, None when the
+    prompt holds only new tokens): at least one must be left, or the cache has already been used past this prompt.
+    """
+    if cache is None or next_sequence_length is None or int(next_sequence_length) > 0:
+        return
+    seen = int(cache.get_seq_length())
+    raise ValueError(
+        f"The cache has already seen {seen} positions, but the prompt has {seen + int(next_sequence_length)}: "
+        "`generate` feeds only the positions of the prompt the cache has not seen, so the prompt must be the whole "
+        "sequence (what the cache has seen, then new tokens). `generate` and `forward` update a cache in place; to "
+        "start several prompts from one cache, pass `copy.deepcopy(cache)` each time."
+    )
+
+
 @dataclass
 class VisualRWKVTextModelOutput(ModelOutput):
     """
@@ -244,8 +292,12 @@ class VisualRWKVTextPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     _loss_function = staticmethod(causal_lm_loss)
     _no_split_modules = ["VisualRWKVBlock"]
     supports_gradient_checkpointing = True
-    # Recurrent: no cache cropping, so assisted / speculative decoding refuses cleanly.
-    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
+        # lives in `DynamicCache(config=...)` (`LinearAttentionLayer`s), which `generate` then builds itself.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -298,6 +350,8 @@ class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -315,7 +369,9 @@ class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
             attention_mask: (batch, seq) with 1 for real tokens and 0 for padding; padded positions leave every token
                 shift and WKV state untouched, so a left-padded row computes exactly what it computes alone. May
                 also cover cached positions (batch, past + seq): only its last `seq` columns are used.
-            cache: Recurrent state from a previous call; created when `use_cache` and none is given.
+            cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
+                given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it, as in
+                transformers' models.
             block_gather_indices: Per block, the order in which it reads the positions (see `run_block_in_order`),
                 or None to read them as they are. VisualRWKV uses it for image scanning.
         """
@@ -336,6 +392,8 @@ class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
+        if cache is not None:
+            check_cache(cache, len(self.blocks), inputs_embeds.shape[0])
 
         padding_mask = None
         if attention_mask is not None:
@@ -395,11 +453,15 @@ class VisualRWKVForCausalLM(VisualRWKVTextPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
+        if is_first_iteration:
+            check_prompt_continues_cache(kwargs.get("cache"), kwargs.get("next_sequence_length"))
         # After the prefill every row feeds one real token: the mask carries no more information.
-        if model_inputs.get("cache") is not None and not is_first_iteration:
+        elif model_inputs.get("cache") is not None:
             model_inputs["attention_mask"] = None
         return model_inputs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -5,6 +5,7 @@ in the block's scan order (see `scanning.py`): each sample's own patch span is r
 restored at its output.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -13,12 +14,14 @@ from torch import nn
 from transformers import AutoModel
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_visualrwkv import VisualRWKVConfig
 from .loading import StrictLoadingMixin
-from .modeling_rwkv6 import VisualRWKVTextModel, positions_to_keep
+from .modeling_rwkv6 import VisualRWKVTextModel, check_prompt_continues_cache, positions_to_keep
 from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
 
@@ -67,8 +70,12 @@ class VisualRWKVPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["VisualRWKVBlock"]
     supports_gradient_checkpointing = True
-    # Recurrent: no cache cropping, so assisted / speculative decoding refuses cleanly.
-    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
+        # lives in `DynamicCache(config=text_config)` (`LinearAttentionLayer`s), which `generate` then builds itself.
+        return True
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
@@ -101,12 +108,18 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.language_model.set_input_embeddings(new_embeddings)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None, return_dict: bool = False
+    ) -> torch.FloatTensor | BaseModelOutputWithPooling | None:
         """
         Image features as the language model sees them, (images, num_image_tokens, hidden): the selected vision
         hidden state (no post-layernorm), the patches row-major (grid-pooled if configured), then the cls token, then
-        the projector.
+        the projector. With `return_dict`, in the `pooler_output` of a `BaseModelOutputWithPooling`: the form
+        `mm_encoder_outputs={"image": ...}` takes, to reuse them instead of running the vision tower again. None
+        without images (`generate` encodes the images before the prefill and hands on `pixel_values=None` too).
         """
+        if pixel_values is None:
+            return None
         config = self.config
         rows, cols = config.patch_grid
         patch_size = config.vision_config.patch_size
@@ -115,6 +128,12 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this vision "
                 f"encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
+            )
+        nonfinite = ~torch.isfinite(pixel_values).flatten(1).all(1)
+        if bool(nonfinite.any()):
+            raise ValueError(
+                f"`pixel_values` of image(s) {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values; "
+                "expected finite normalized pixels, as the model's image processor makes them."
             )
         vision_outputs = self.vision_tower(
             pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
@@ -128,7 +147,30 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             kernel = rows // config.grid_size
             patch_grid = patches.transpose(1, 2).unflatten(2, (rows, cols))  # (images, hidden, rows, cols)
             patches = F.avg_pool2d(patch_grid, kernel).flatten(2).transpose(1, 2)
-        return self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
+        image_features = self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
+        return BaseModelOutputWithPooling(pooler_output=image_features) if return_dict else image_features
+
+    def pre_encoded_image_features(self, image_outputs: BaseModelOutputWithPooling) -> torch.FloatTensor:
+        """
+        (images, num_image_tokens, hidden) from `mm_encoder_outputs["image"]`: the `pooler_output` of
+        `get_image_features(..., return_dict=True)`, a tensor or (as transformers' generation may hand them on) a
+        list of tensors, holding whole images.
+        """
+        features = getattr(image_outputs, "pooler_output", None)
+        if features is None:
+            raise TypeError(
+                "`mm_encoder_outputs['image']` must be what `model.get_image_features(pixel_values, return_dict=True)` "
+                f"returns (the features in its `pooler_output`), got {type(image_outputs).__name__}."
+            )
+        if isinstance(features, (list, tuple)):
+            features = torch.cat([feature.reshape(-1, feature.shape[-1]) for feature in features])
+        num_tokens, hidden = self.config.num_image_tokens, self.config.text_config.hidden_size
+        if features.shape[-1] != hidden or features.numel() % (num_tokens * hidden):
+            raise ValueError(
+                f"The pre-encoded image features are {tuple(features.shape)}; this model reads {num_tokens} vectors of "
+                f"size {hidden} per image, as its `get_image_features` returns them."
+            )
+        return features.reshape(-1, num_tokens, hidden)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
@@ -163,6 +205,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             )
         return torch.where(has_image, starts, -1)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -173,6 +217,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> tuple | VisualRWKVModelOutput:
         """
@@ -182,27 +227,41 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             pixel_values: One image per row that holds placeholders, in row order; needed whenever the call holds
                 placeholders (with a cache, only the call that holds the image span, usually the prefill).
             attention_mask: (batch, seq) 1 for real tokens, 0 for (left) padding.
-            cache: Recurrent state from a previous call; created when `use_cache` and none is given.
+            cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
+                given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
+            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
+                `pixel_values`: the same images' features, computed once and reused without the vision tower.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is not None and pixel_values is not None:
+            raise ValueError(
+                "Pass the images either as `pixel_values` or as pre-computed features in `mm_encoder_outputs`, not "
+                "both."
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         span_starts = self.image_span_starts(placeholder_mask)
         num_spans = int((span_starts >= 0).sum())
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_outputs is not None:
+            image_features = self.pre_encoded_image_features(image_outputs)
+            num_images = image_features.shape[0]
+        else:
+            image_features = None
+            num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if num_images != num_spans:
             raise ValueError(
                 f"Got {num_images} images for {num_spans} rows with image placeholders: pass one image per row that "
                 f"holds {self.config.num_image_tokens} `image_token_id` ({self.config.image_token_id}) placeholders."
             )
-        image_features = None
         gather_indices = None
         if num_images:
-            image_features = self.get_image_features(pixel_values)
+            if image_features is None:
+                image_features = self.get_image_features(pixel_values)
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             )
@@ -285,12 +344,23 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, return_dict: bool = False
+    ) -> torch.FloatTensor | BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, return_dict=return_dict)
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        # transformers expands (for beams, several sequences per prompt) the image features it is given in place:
+        # expanding copies keeps features passed in by the user reusable for the next call
+        copies = {modality: copy.copy(outputs) for modality, outputs in mm_encoder_output.items()}
+        return super()._expand_multimodal_outputs(input_ids, copies, expand_size, inputs_embeds)
 
     def prepare_inputs_for_generation(
-        self, input_ids, pixel_values=None, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+        self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
     ):
+        # transformers' version hands on the images (`pixel_values`, or the features `generate` computes from them
+        # first, `mm_encoder_outputs`) on the first step only when there is a cache: the steps after the prefill feed
+        # one new text token each; without a cache every step re-runs the whole sequence, image included.
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,
@@ -298,15 +368,43 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        # The image span lies in the prompt: with a cache, the steps after the prefill feed one new text token each,
-        # so the image (and the padding mask) are needed only on the first step; without a cache every step re-runs
-        # the whole sequence, image included.
-        if model_inputs.get("cache") is None or is_first_iteration:
-            model_inputs["pixel_values"] = pixel_values
-        else:
+        if is_first_iteration:
+            next_sequence_length = kwargs.get("next_sequence_length")
+            check_prompt_continues_cache(kwargs.get("cache"), next_sequence_length)
+            self.drop_images_already_in_cache(model_inputs, input_ids, inputs_embeds, next_sequence_length)
+        # After the prefill every row feeds one real token: the mask carries no more information.
+        elif model_inputs.get("cache") is not None:
             model_inputs["attention_mask"] = None
         return model_inputs
 
+    def drop_images_already_in_cache(self, model_inputs: dict, input_ids, inputs_embeds, next_sequence_length) -> None:
+        """
+        Continuing a cache, `generate` feeds only the prompt positions the cache has not seen (the last
+        `next_sequence_length`). An image whose span lies in the part already seen is in the recurrent state: its
+        `pixel_values` / features are not needed again, and are left out of `model_inputs` (the others kept, in
+        order), so the prompt's images can be passed as they are.
+        """
+        if next_sequence_length is None:
+            return
+        # on the first step, `input_ids` is empty when the prompt comes as `inputs_embeds`
+        placeholder_mask = self.model.get_placeholder_mask(input_ids if inputs_embeds is None else None, inputs_embeds)
+        unseen = placeholder_mask[:, placeholder_mask.shape[1] - int(next_sequence_length) :]
+        keep = unseen.any(1)[placeholder_mask.any(1)]  # per image, in row order: its span is still to be read
+        if bool(keep.all()):
+            return
+        # a count that does not match is left for `forward` to report
+        image_outputs = (model_inputs.get("mm_encoder_outputs") or {}).get("image")
+        if image_outputs is not None:
+            features = self.model.pre_encoded_image_features(image_outputs)
+            if len(features) == len(keep):
+                kept = BaseModelOutputWithPooling(pooler_output=features[keep]) if bool(keep.any()) else None
+                model_inputs["mm_encoder_outputs"] = {**model_inputs["mm_encoder_outputs"], "image": kept}
+        pixel_values = model_inputs.get("pixel_values")
+        if pixel_values is not None and len(pixel_values) == len(keep):
+            model_inputs["pixel_values"] = pixel_values[keep] if bool(keep.any()) else None
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -320,6 +418,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> tuple | VisualRWKVConditionalGenerationOutput:
         """
@@ -331,6 +430,8 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
                 the weighted mean `weighted_causal_lm_loss` instead of the mean over valid tokens. The data
                 collator's `loss_reduction="sample"` makes them (1 / the sample's valid label count).
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
+            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
+                `pixel_values`, to reuse an image's features without running the vision tower again.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -342,6 +443,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            mm_encoder_outputs=mm_encoder_outputs,
         )
         logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
