@@ -429,7 +429,7 @@ def test_save_and_load_through_auto_classes_gives_identical_outputs(tmp_path):
 
 def test_loss_accepts_trainer_kwargs_and_gradient_checkpointing_trains():
     model = tiny_model()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     ids, pixel_values = prompt(2, 6, 17), images(1)
     labels = ids.masked_fill(ids == IMAGE, -100)
