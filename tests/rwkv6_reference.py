@@ -63,11 +63,11 @@ def random_blinkdl_rwkv6(
     return sd
 
 
-def reference_rwkv(path):
-    """BlinkDL's `rwkv` package on a .pth, fp32 on CPU: plain PyTorch (no TorchScript, no CUDA kernels)."""
+def reference_rwkv(path, strategy="cpu fp32"):
+    """BlinkDL's `rwkv` package on a .pth, fp32 on CPU by default: plain PyTorch (no TorchScript, no CUDA kernels)."""
     # Read when rwkv.model is first imported, so they must be set before.
     os.environ["RWKV_JIT_ON"] = "0"
     os.environ["RWKV_CUDA_ON"] = "0"
     from rwkv.model import RWKV
 
-    return RWKV(str(path), strategy="cpu fp32", verbose=False)
+    return RWKV(str(path), strategy=strategy, verbose=False)

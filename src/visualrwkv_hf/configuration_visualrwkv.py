@@ -59,6 +59,15 @@ class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
         layer_norm_epsilon: Epsilon of the LayerNorms.
         wkv_chunk_size: Chunk length (a power of two) of the torch parallel WKV form used for sequences (prefill and
             training) when the compiled kernel is not in use; 16 measured fastest on CPUs.
+        rescale_every: The float16 overflow guard of BlinkDL's inference (`RESCALE_LAYER`, 6 for fp16) and
+            transformers' RWKV-4: in float16 inference (float16 activations or float16 autocast, in `eval()` mode)
+            the residual stream is halved after every `rescale_every`-th block, and block `i` scales its time-mix
+            and channel-mix outputs by 2^-(i // rescale_every) (on the inputs of their output projections, so the
+            weights themselves never change). Released models' residual streams grow past float16's largest value
+            (65504) in the later layers; with the guard they stay finite. The final LayerNorm undoes the scale up to
+            its epsilon (each halving weighs it 4x more, negligible at the residual's size), so the result is within
+            float16 rounding of the unscaled one. Float32, bfloat16 and training (`train()` mode) never rescale:
+            their outputs are bit-identical whatever the value. 0 turns the guard off.
     """
 
     model_type = "visualrwkv_text"
@@ -75,6 +84,7 @@ class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     wkv_chunk_size: int = 16
+    rescale_every: int = 6
     use_cache: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = None
@@ -104,6 +114,11 @@ class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
         for name in ("intermediate_size", "time_mix_extra_dim", "time_decay_extra_dim", "wkv_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.rescale_every < 0:
+            raise ValueError(
+                f"`rescale_every` must be 0 (no float16 rescaling) or a positive number of blocks, got "
+                f"{self.rescale_every}."
+            )
         if self.wkv_chunk_size & (self.wkv_chunk_size - 1):
             raise ValueError(f"`wkv_chunk_size` must be a power of two, got {self.wkv_chunk_size}.")
         if self.tie_word_embeddings:

@@ -88,8 +88,13 @@ class VisualRWKVTimeMix(nn.Module):
         self.wkv = WKV6()
 
     def forward(
-        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_scale: float = 1.0,
     ) -> torch.Tensor:
+        """`output_scale`: a power of two the output is scaled by (the float16 guard, see `VisualRWKVBlock`)."""
         B, T, C = hidden_states.shape
         H, N = self.num_heads, self.head_size
         layer = cache.layers[self.layer_idx] if cache is not None else None
@@ -127,9 +132,12 @@ class VisualRWKVTimeMix(nn.Module):
         if cache is not None:
             cache.update_recurrent_state(state, self.layer_idx, 0)
         # y stays float32 through the GroupNorm: rounding it first costs far more than the recurrence's own error.
-        y = F.group_norm(
-            y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps
-        ).view(B, T, C)
+        # The output scale rides on its affine parameters: scaling by a power of two is exact, so this equals
+        # scaling the output projection's weight (BlinkDL's way) at no extra pass over y.
+        weight, bias = self.ln_x.weight.float(), self.ln_x.bias.float()
+        if output_scale != 1.0:
+            weight, bias = weight * output_scale, bias * output_scale
+        y = F.group_norm(y.reshape(B * T, C), H, weight, bias, self.ln_x.eps).view(B, T, C)
         return self.att_output(y.to(g.dtype) * g)
 
 
@@ -147,11 +155,18 @@ class VisualRWKVChannelMix(nn.Module):
         self.ffn_value = nn.Linear(F_, C, bias=False)
 
     def forward(
-        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        output_scale: float = 1.0,
     ) -> torch.Tensor:
+        """`output_scale`: a power of two the output is scaled by (the float16 guard, see `VisualRWKVBlock`)."""
         x = mask_padding(hidden_states, padding_mask)
         dx = token_shift(x, cache, self.layer_idx, 1) - x
         k = relu_squared(self.ffn_key(torch.addcmul(x, dx, self.time_maa_k)))
+        if output_scale != 1.0:
+            k = k * output_scale  # before the value projection, whose own output may be past the float16 range
         return torch.sigmoid(self.ffn_receptance(torch.addcmul(x, dx, self.time_maa_r))) * self.ffn_value(k)
 
 
@@ -168,13 +183,37 @@ class VisualRWKVBlock(GradientCheckpointingLayer):
         self.feed_forward = VisualRWKVChannelMix(config, layer_idx)
 
     def forward(
-        self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        rescale_every: int = 0,
     ) -> torch.Tensor:
+        """
+        `rescale_every` > 0: the float16 overflow guard (`VisualRWKVTextConfig.rescale_every`). The residual stream
+        arrives at scale 2^-k, k = layer_idx // rescale_every; both mixers' outputs are scaled to match, and the
+        stream is halved after every `rescale_every`-th block. The mixers see it through LayerNorms, which undo the
+        scale, so the cached token-shift and WKV states are those of the unscaled model.
+        """
+        scale = 0.5 ** (self.layer_idx // rescale_every) if rescale_every else 1.0
         if self.pre_norm is not None:
             hidden_states = self.pre_norm(hidden_states)
-        hidden_states = hidden_states + self.attention(self.attn_norm(hidden_states), cache, padding_mask)
-        hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states), cache, padding_mask)
+        hidden_states = hidden_states + self.attention(self.attn_norm(hidden_states), cache, padding_mask, scale)
+        hidden_states = hidden_states + self.feed_forward(self.ffn_norm(hidden_states), cache, padding_mask, scale)
+        if rescale_every and (self.layer_idx + 1) % rescale_every == 0:
+            hidden_states = hidden_states * 0.5
         return hidden_states
+
+
+def fp16_rescale_every(config: VisualRWKVTextConfig, hidden_states: torch.Tensor, training: bool) -> int:
+    """The float16 guard's period for a forward pass: `config.rescale_every` in float16 inference, else 0 (off)."""
+    if training or not config.rescale_every:
+        return 0
+    device_type = hidden_states.device.type
+    float16 = hidden_states.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    )
+    return config.rescale_every if float16 else 0
 
 
 def run_block_in_order(
@@ -183,18 +222,19 @@ def run_block_in_order(
     cache: Cache | None,
     padding_mask: torch.Tensor | None,
     gather_index: torch.LongTensor | None,
+    rescale_every: int = 0,
 ) -> torch.Tensor:
     """
     Runs `block` reading the positions in the order `gather_index` (a (batch, seq) permutation: step t reads position
     `gather_index[b, t]`; None: as they are), so its token shifts and recurrence follow that order, and returns each
-    output at its original position.
+    output at its original position. `rescale_every`: the float16 guard's period (see `VisualRWKVBlock.forward`).
     """
     if gather_index is None:
-        return block(hidden_states, cache, padding_mask)
+        return block(hidden_states, cache, padding_mask, rescale_every)
     index = gather_index[:, :, None].expand_as(hidden_states)
     if padding_mask is not None:
         padding_mask = padding_mask.gather(1, gather_index)
-    outputs = block(hidden_states.gather(1, index), cache, padding_mask)
+    outputs = block(hidden_states.gather(1, index), cache, padding_mask, rescale_every)
     return torch.empty_like(outputs).scatter_(1, index, outputs)
 
 
@@ -260,7 +300,9 @@ class VisualRWKVTextModelOutput(ModelOutput):
     Args:
         last_hidden_state: Output of the final LayerNorm, (batch, seq, hidden).
         cache: Recurrent state after the last position; pass it back with the next tokens to continue.
-        hidden_states: With `output_hidden_states`, the embeddings and every block's output.
+        hidden_states: With `output_hidden_states`, the embeddings and every block's output. Under the float16 guard
+            (`config.rescale_every`) block `i`'s output is returned as it flows, divided by
+            2^((i + 1) // rescale_every).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -275,7 +317,8 @@ class VisualRWKVCausalLMOutput(ModelOutput):
         loss: Next-token cross-entropy, when `labels` are given.
         logits: Head outputs, (batch, seq, vocab), float32.
         cache: Recurrent state after the last position.
-        hidden_states: With `output_hidden_states`, the embeddings and every block's output.
+        hidden_states: With `output_hidden_states`, the embeddings and every block's output (under the float16
+            guard, scaled as in `VisualRWKVTextModelOutput`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -408,8 +451,11 @@ class VisualRWKVTextModel(VisualRWKVTextPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         gather_indices = block_gather_indices if block_gather_indices is not None else [None] * len(self.blocks)
+        rescale_every = fp16_rescale_every(self.config, hidden_states, self.training)
         for block, gather_index in zip(self.blocks, gather_indices, strict=True):
-            hidden_states = run_block_in_order(block, hidden_states, cache, padding_mask, gather_index)
+            hidden_states = run_block_in_order(
+                block, hidden_states, cache, padding_mask, gather_index, rescale_every
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_out(hidden_states)
