@@ -33,7 +33,8 @@ class VisualRWKVModelOutput(ModelOutput):
         last_hidden_state: Output of the language model's final LayerNorm, (batch, seq, hidden).
         cache: Recurrent state after the last position; pass it back with the next tokens to continue.
         hidden_states: With `output_hidden_states`, the input embeddings (image features merged) and every block's
-            output, in the original position order.
+            output, in the original position order (under the float16 guard, as they flow: scaled, see
+            `VisualRWKVTextConfig.rescale_every`).
         image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
     """
 
@@ -50,7 +51,8 @@ class VisualRWKVConditionalGenerationOutput(ModelOutput):
         loss: Next-token cross-entropy, when `labels` are given.
         logits: Head outputs, (batch, seq, vocab), float32.
         cache: Recurrent state after the last position.
-        hidden_states: With `output_hidden_states`, the input embeddings and every block's output.
+        hidden_states: With `output_hidden_states`, the input embeddings and every block's output (scaled under the
+            float16 guard, see `VisualRWKVTextConfig.rescale_every`).
         image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
     """
 
