@@ -5,7 +5,7 @@ and count whose answers need both the image and the question), trains a tiny Vis
 plain `transformers.Trainer`, saves it, and answers held-out questions through `pipeline("image-text-to-text")`.
 
 There are no pretrained weights offline, so the vision tower is a tiny CLIP trained from scratch together with the
-rest; unlike the original recipe (spec section 6) it is NOT frozen. The canvas is a 3 x 3 grid of cells of one patch
+rest; unlike the paper's recipe (a frozen CLIP) it is NOT frozen. The canvas is a 3 x 3 grid of cells of one patch
 each, so every object lies inside one vision patch and the language model reads all 9 patches plus the cls token.
 
 Every answer is one word from a set of four per question type, drawn uniformly, so guessing from the question alone
