@@ -139,7 +139,8 @@ class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
         return ["linear_attention"] * self.num_hidden_layers
 
 
-# Where the processor puts the image in the prompt (as in the paper and the original code); "middle" is the sandwich prompt.
+# Where the processor puts the image in the prompt (the paper's and the original code's names); "middle" is the
+# sandwich prompt.
 IMAGE_POSITIONS = ("first", "middle", "last")
 
 # The released models' vision tower: CLIP ViT-L/14 at 336 px (24 x 24 patches), the last layer without
