@@ -437,3 +437,40 @@ def test_without_ground_truth_answers_are_written_unscored(model_dir, tmp_path, 
     assert run_eval(model_dir, "vqav2", files, output) == 0
     assert "not scored" in capsys.readouterr().out
     assert len(answer_lines(output)) == 5 and not scores_path(output).exists()
+
+
+def perfect_answer(benchmark: str, truth) -> str:
+    """An answer the benchmark's ground truth counts right (VQA: the first human answer)."""
+    if benchmark == "scienceqa":
+        return "ABCDE"[truth["answer"]]
+    return truth[0] if isinstance(truth, list) else truth
+
+
+@pytest.mark.parametrize(
+    "benchmark, expected",
+    [
+        # Question i has i + 1 of 10 humans saying "red": VQA accuracy 0.3, 0.6, 0.9, 1, 1 -> mean 76%.
+        ("vqav2", {"accuracy": 76.0}),
+        ("textvqa", {"accuracy": 100.0}),
+        ("gqa", {"accuracy": 100.0}),
+        ("scienceqa", {"accuracy": 100.0, "image_accuracy": 100.0, "image_questions": 3}),
+        ("pope", {"accuracy": 100.0, "precision": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 50.0}),
+        ("mme", {"perception": 200.0, "cognition": 200.0}),
+    ],
+)
+def test_a_finished_answers_file_is_scored_without_generating(benchmark, expected, model_dir, tmp_path, capsys):
+    """Answers equal to the ground truth, written as a finished run: the rerun only scores them, with the numbers
+    worked out by hand from the synthetic annotations (the ground truth is matched to the right questions)."""
+    files = FORMATS[benchmark](tmp_path)
+    questions = load_questions(files["questions"])
+    truth = load_ground_truth(benchmark, questions, files["answers"])
+    output = write_jsonl(tmp_path / "run.jsonl", [
+        {"question_id": q.question_id, "prompt": q.text, "text": perfect_answer(benchmark, truth[q.key]),
+         "model_id": "m"} for q in questions
+    ])
+    if benchmark == "vqav2":  # written as a model might: normalised to "red"
+        output = write_jsonl(output, [{**line, "text": "Red."} for line in answer_lines(output)])
+    assert run_eval(model_dir, benchmark, files, output) == 0
+    assert f"(0 new, {len(questions)} from an earlier run)" in capsys.readouterr().out
+    scores = json.loads(scores_path(output).read_text())
+    assert {key: scores[key] for key in expected} == pytest.approx(expected)
