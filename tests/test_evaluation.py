@@ -212,7 +212,8 @@ def scienceqa_files(root: Path) -> dict:
         choices = ["red", "blue", "green"][: 2 + i % 2]
         text = f"Context: none\n{q}\nOptions: " + " ".join(f"({'ABC'[j]}) {c}" for j, c in enumerate(choices))
         text += "\nAnswer with the option's letter from the given choices directly."
-        record = {"id": str(100 + i), "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "A"}]}
+        conversations = [{"from": "human", "value": text}, {"from": "gpt", "value": "A"}]
+        record = {"id": str(100 + i), "conversations": conversations}
         if i % 2 == 0:  # ScienceQA mixes questions with and without an image
             record["image"] = f"{100 + i}/image.png"
             record["conversations"][0]["value"] = "<image>\n" + text
@@ -252,8 +253,8 @@ def mme_files(root: Path) -> dict:
         qa_dir = release / subtask / "questions_answers_YN" if has_subfolders else release / subtask
         write_images(image_dir, [image])
         qa_dir.mkdir(parents=True, exist_ok=True)
-        pairs = [(f"Is there a train in this image? Please answer yes or no.", "Yes"),
-                 (f"Is there a bed in this image? Please answer yes or no.", "No")]
+        pairs = [("Is there a train in this image? Please answer yes or no.", "Yes"),
+                 ("Is there a bed in this image? Please answer yes or no.", "No")]
         (qa_dir / (Path(image).stem + ".txt")).write_text("".join(f"{q}\t{a}\n" for q, a in pairs))
         for question, _ in pairs:
             image_path = f"{subtask}/images/{image}" if has_subfolders else f"{subtask}/{image}"

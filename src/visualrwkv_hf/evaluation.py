@@ -53,7 +53,9 @@ DEFAULT_MAX_NEW_TOKENS = 128  # the official evaluate.py's
 # ---------------------------------------------------------------------------------------------------------------------
 # Answer normalisation of the VQA evaluation
 
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PUNCTUATION = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+)
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
     "eight": "8", "nine": "9", "ten": "10",
@@ -163,7 +165,9 @@ def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
     answers. `predictions` are answers (read by `pope_yes_no`), `labels` "yes" or "no". An undefined ratio (no
     "yes" predicted, or no "yes" label) is 0."""
     if len(predictions) != len(labels) or not labels:
-        raise ValueError(f"POPE needs one label per prediction; got {len(predictions)} predictions, {len(labels)} labels.")
+        raise ValueError(
+            f"POPE needs one label per prediction; got {len(predictions)} predictions, {len(labels)} labels."
+        )
     said_yes = [pope_yes_no(prediction) == "yes" for prediction in predictions]
     is_yes = [check_yes_no(label, "POPE label") == "yes" for label in labels]
     true_positive = sum(p and t for p, t in zip(said_yes, is_yes))
@@ -631,7 +635,7 @@ def _prompt_batch(processor, batch: list[Question], images_dir: Path | None):
         else:
             images.append([])
         conversations.append([{"role": "user", "content": content}])
-    prompts = [processor.apply_chat_template(conversation, add_generation_prompt=True) for conversation in conversations]
+    prompts = [processor.apply_chat_template(messages, add_generation_prompt=True) for messages in conversations]
     has_images = any(images)
     return processor(images=images if has_images else None, text=prompts, padding=True, return_tensors="pt")
 
