@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from visualrwkv_hf import demo
-from visualrwkv_hf.evaluation import LLAVA_SHORT_ANSWER, Question, _prompt_batch
+from visualrwkv_hf.evaluation import LLAVA_SHORT_ANSWER, Question, prompt_inputs
 
 
 def make_questions(count: int, folder) -> list[Question]:
@@ -45,7 +45,7 @@ def make_questions(count: int, folder) -> list[Question]:
 def answer(model, processor, questions, folder, batch_size: int, use_cache: bool, max_new_tokens: int):
     answers = []
     for start in range(0, len(questions), batch_size):
-        inputs = _prompt_batch(processor, questions[start:start + batch_size], folder)
+        inputs = prompt_inputs(processor, questions[start:start + batch_size], folder)
         with torch.no_grad():
             generated = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,

@@ -623,7 +623,8 @@ def scores_path(output: Path) -> Path:
 # The runner
 
 
-def _prompt_batch(processor, batch: list[Question], images_dir: Path | None):
+def prompt_inputs(processor, batch: list[Question], images_dir: Path | None):
+    """The model inputs of a batch of questions, left-padded: each question one user turn with its image."""
     from .processing_visualrwkv import load_rgb_image
 
     conversations, images = [], []
@@ -646,7 +647,7 @@ def answer_batch(model, processor, batch: list[Question], images_dir: Path | Non
 
     from .convert_rwkv6 import EOS_TOKEN_ID
 
-    inputs = _prompt_batch(processor, batch, images_dir).to(model.device)
+    inputs = prompt_inputs(processor, batch, images_dir).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
@@ -748,6 +749,8 @@ def run_evaluation(
 __all__ = [
     "BENCHMARKS",
     "Question",
+    "answer_batch",
+    "format_scores",
     "gqa_exact_match",
     "load_ground_truth",
     "load_questions",
@@ -756,8 +759,11 @@ __all__ = [
     "normalize_vqa_answer",
     "pope_metrics",
     "pope_yes_no",
+    "prompt_inputs",
+    "read_answers",
     "run_evaluation",
-    "score_answers",
     "scienceqa_choice",
+    "score_answers",
+    "scores_path",
     "vqa_accuracy",
 ]
