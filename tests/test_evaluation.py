@@ -295,7 +295,7 @@ def test_ground_truth_from_the_official_files(benchmark, tmp_path):
     assert set(truth) == {question.key for question in questions}
     first = truth[questions[0].key]
     expected = {"vqav2": ["red"] + ["blue"] * 9, "gqa": "yes", "textvqa": ["stop"] * 10,
-                "scienceqa": {"answer": 0, "choices": 2}, "pope": "yes", "mme": "Yes"}[benchmark]
+                "scienceqa": {"answer": 0, "choices": 2}, "pope": "yes", "mme": "yes"}[benchmark]
     assert first == expected
 
 
@@ -475,3 +475,21 @@ def test_a_finished_answers_file_is_scored_without_generating(benchmark, expecte
     assert f"(0 new, {len(questions)} from an earlier run)" in capsys.readouterr().out
     scores = json.loads(scores_path(output).read_text())
     assert {key: scores[key] for key in expected} == pytest.approx(expected)
+
+
+def test_annotations_in_another_format_are_refused_before_generation(model_dir, tmp_path, capsys):
+    files = textvqa_files(tmp_path)
+    files["answers"].write_text(json.dumps({"data": [{"question": "what?"}]}))  # no image_id, no answers
+    output = tmp_path / "run.jsonl"
+    assert run_eval(model_dir, "textvqa", files, output) == 1
+    error = capsys.readouterr().err
+    assert "is not in textvqa's annotation format" in error and "docs/evaluation.md" in error
+    assert not output.exists()
+
+
+def test_pope_labels_must_be_yes_or_no(tmp_path):
+    files = pope_files(tmp_path)
+    label_file = files["answers"] / "coco_pope_random.json"
+    label_file.write_text(label_file.read_text().replace('"label": "no"', '"label": "maybe"'))
+    with pytest.raises(ValueError, match="POPE label must be 'yes' or 'no', got 'maybe'"):
+        load_ground_truth("pope", load_questions(files["questions"]), files["answers"])

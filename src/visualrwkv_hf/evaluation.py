@@ -351,6 +351,8 @@ def load_ground_truth(benchmark: str, questions: list[Question], answers: str | 
         if not all(field in question.record for question in questions):
             return None
         truth = {question.key: question.record[field] for question in questions}
+        if benchmark in ("pope", "mme"):
+            truth = {key: check_yes_no(label, f"{benchmark} {field}") for key, label in truth.items()}
         if benchmark == "scienceqa":  # inline ScienceQA answers are option letters
             for question in questions:
                 letter = question.record[field]
@@ -366,7 +368,13 @@ def load_ground_truth(benchmark: str, questions: list[Question], answers: str | 
         raise FileNotFoundError(f"Answers not found: {path}")
     loader = {"vqav2": _vqa_truth, "textvqa": _textvqa_truth, "gqa": _gqa_truth, "scienceqa": _scienceqa_truth,
               "pope": _pope_truth, "mme": _mme_truth}[benchmark]
-    return loader(questions, path)
+    try:
+        return loader(questions, path)
+    except (KeyError, TypeError, AttributeError) as error:  # an entry without the field a format has
+        raise ValueError(
+            f"{path} is not in {benchmark}'s annotation format ({type(error).__name__}: {error}); see "
+            "docs/evaluation.md for the files --answers takes."
+        ) from None
 
 
 def _missing(path: Path, question: Question) -> ValueError:
@@ -459,7 +467,7 @@ def _pope_truth(questions: list[Question], path: Path) -> dict:
                     f"{path}: label for {label['text']!r} does not match question {question.question_id!r} "
                     f"({question.text!r}, question file line {question.line}); the files are not of the same split."
                 )
-            truth[question.key] = label["label"]
+            truth[question.key] = check_yes_no(label["label"], "POPE label")
     return truth
 
 
@@ -484,7 +492,7 @@ def _mme_truth(questions: list[Question], path: Path) -> dict:
         asked = _strip_suffix(question.text)
         for form in (asked, asked + " Please answer yes or no.", asked + "  Please answer yes or no."):
             if form in pairs:
-                truth[question.key] = pairs[form]
+                truth[question.key] = check_yes_no(pairs[form], f"MME answer in {qa_file}")
                 break
         else:
             raise ValueError(f"{qa_file} has no line for the question {asked!r} (question file line {question.line}).")
