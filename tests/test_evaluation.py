@@ -49,6 +49,7 @@ from visualrwkv_hf.evaluation import (
         ("1,000", "1000"),
         ("hi-fi", "hi fi"),  # a mark inside a word separates
         ("left - right", "left right"),  # a mark next to a space goes
+        ("x-y/-z", "x y z"),  # ... next to a space in the answer as given, not after "/" became a space
         ("What?", "what"),
         ("  yes \n", "yes"),
     ],

@@ -96,13 +96,15 @@ _CONTRACTIONS = {spelling: word for word in _CONTRACTED for spelling in _apostro
 def _strip_punctuation(text: str) -> str:
     # A mark next to a space (or any mark in a text holding a digit-comma-digit number) is removed, otherwise it
     # separates words; a period goes unless a digit follows it (a decimal point).
-    remove = re.search(r"\d,\d", text) is not None
+    # Whether a mark is next to a space is read from the text as given, not as earlier marks left it.
+    remove_all = re.search(r"\d,\d", text) is not None
+    stripped = text
     for mark in _PUNCTUATION:
-        if remove or mark + " " in text or " " + mark in text:
-            text = text.replace(mark, "")
+        if remove_all or mark + " " in text or " " + mark in text:
+            stripped = stripped.replace(mark, "")
         else:
-            text = text.replace(mark, " ")
-    return re.sub(r"\.(?!\d)", "", text)
+            stripped = stripped.replace(mark, " ")
+    return re.sub(r"\.(?!\d)", "", stripped)
 
 
 def normalize_vqa_answer(answer: str) -> str:
