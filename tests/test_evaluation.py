@@ -25,6 +25,7 @@ from visualrwkv_hf.evaluation import (
     pope_metrics,
     pope_yes_no,
     read_answers,
+    run_evaluation,
     score_answers,
     scienceqa_choice,
     scores_path,
@@ -494,3 +495,11 @@ def test_pope_labels_must_be_yes_or_no(tmp_path):
     label_file.write_text(label_file.read_text().replace('"label": "no"', '"label": "maybe"'))
     with pytest.raises(ValueError, match="POPE label must be 'yes' or 'no', got 'maybe'"):
         load_ground_truth("pope", load_questions(files["questions"]), files["answers"])
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path, capsys):
+    files = gqa_files(tmp_path)
+    assert run_eval(tmp_path / "nothing", "gqa", files, tmp_path / "run.jsonl") == 1
+    assert "is not a model folder (no config.json)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must be positive"):
+        run_evaluation(tmp_path, "gqa", files["questions"], files["images"], tmp_path / "run.jsonl", batch_size=0)

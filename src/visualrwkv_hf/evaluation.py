@@ -705,7 +705,9 @@ def run_evaluation(
     before the model loads: a bad file fails in seconds, not after hours of generation."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
 
     check_benchmark(benchmark)
     if batch_size < 1 or max_new_tokens < 1:
@@ -716,6 +718,7 @@ def run_evaluation(
             f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
             "`visualrwkv convert --checkpoint X.pth --output DIR`."
         )
+    config = VisualRWKVConfig.from_pretrained(model_dir)  # a folder of another model type fails here, early
     questions = load_questions(questions_file)
     images = check_images(questions, images_dir)
     truth = load_ground_truth(benchmark, questions, answers)
@@ -726,7 +729,7 @@ def run_evaluation(
         output.parent.mkdir(parents=True, exist_ok=True)
         processor = AutoProcessor.from_pretrained(model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
+        model = VisualRWKVForConditionalGeneration.from_pretrained(model_dir, config=config).to(device).eval()
         with open(output, "a", encoding="utf-8") as file, tqdm(
             total=len(questions), initial=len(done), desc=benchmark, unit="q", disable=not progress
         ) as bar:
