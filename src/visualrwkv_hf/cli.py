@@ -1,4 +1,4 @@
-"""The `visualrwkv` command line: `demo`, `chat`, `convert`, `convert-rwkv6` and `lm-demo`.
+"""The `visualrwkv` command line: `demo`, `chat`, `eval`, `convert`, `convert-rwkv6` and `lm-demo`.
 
 A user's mistake (a bad argument, a missing or unreadable file, a full disk) ends the command with one line on stderr
 saying what was wrong, never a traceback: argument values are checked by the parser (exit 2), everything found while
@@ -176,6 +176,18 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """Answers a LLaVA-1.5 benchmark's questions with a converted folder and scores them (see `evaluation.py`)."""
+    from .evaluation import run_evaluation
+
+    run_evaluation(
+        args.model, args.benchmark, args.questions, args.images, args.output, answers=args.answers,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        device=check_device(args.device) if args.device else None, progress=not args.no_progress,
+    )
+    return 0
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     value = int(text)
@@ -250,6 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     chat_parser.set_defaults(run=chat)
+
+    from .evaluation import BENCHMARKS, DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+    eval_parser = commands.add_parser(
+        "eval", help="answer a benchmark's LLaVA-1.5 question file (resumable) and score the answers"
+    )
+    eval_parser.add_argument("--model", required=True, help="a folder written by `visualrwkv convert`")
+    eval_parser.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    eval_parser.add_argument("--questions", required=True, help="the LLaVA question file (.jsonl, or .json list)")
+    eval_parser.add_argument("--images", help="the folder the question file's image paths are relative to")
+    eval_parser.add_argument(
+        "--answers", help="ground truth: the official annotation file or folder (see docs/evaluation.md)"
+    )
+    eval_parser.add_argument(
+        "--output", required=True, help="answers JSONL (resumed when it exists); scores go to <stem>.scores.json"
+    )
+    eval_parser.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
+    eval_parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS)
+    eval_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    eval_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    eval_parser.set_defaults(run=evaluate)
 
     convert_parser = commands.add_parser(
         "convert", help="convert an original VisualRWKV-6 checkpoint into a transformers folder"
