@@ -508,7 +508,8 @@ def test_cli_allow_nonfinite(tmp_path, capsys):
 # killed: a conversion interrupted while writing.
 WRITE_AND_WAIT = """
 import sys, time
-from visualrwkv_hf.convert_rwkv6 import atomic_output_dir, convert_blinkdl_to_hf, load_checkpoint, save_hf_text_model
+from visualrwkv_hf.checkpoint_io import atomic_output_dir, load_checkpoint
+from visualrwkv_hf.convert_rwkv6 import convert_blinkdl_to_hf, save_hf_text_model
 config, state_dict = convert_blinkdl_to_hf(load_checkpoint(sys.argv[1]))
 with atomic_output_dir(sys.argv[2]) as staging:
     save_hf_text_model(staging, config, state_dict)

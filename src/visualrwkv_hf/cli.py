@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lm_demo)
 
     from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
-    from .convert_rwkv6 import DTYPES
+    from .checkpoint_io import DTYPES
     from .scanning import SCAN_MODES
 
     chat_parser = commands.add_parser(
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def is_full_disk(error: BaseException) -> bool:
     """Whether a write failed for want of space and the message does not say so yet (the converters' does)."""
-    from .convert_rwkv6 import OutOfSpaceError, no_space_errno
+    from .checkpoint_io import OutOfSpaceError, no_space_errno
 
     return no_space_errno(error) is not None and not isinstance(error, OutOfSpaceError)
 

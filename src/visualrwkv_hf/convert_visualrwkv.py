@@ -33,19 +33,9 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_visualrwkv import VisualRWKVConfig
-from .convert_rwkv6 import (
-    EOS_TOKEN_ID,
-    PAD_TOKEN_ID,
-    atomic_output_dir,
-    check_finite,
-    check_output_dir,
-    check_state_dict,
-    convert_blinkdl_to_hf,
-    load_checkpoint,
-    resolve_dtype,
-    select_prefix,
-)
+from .convert_rwkv6 import EOS_TOKEN_ID, PAD_TOKEN_ID, check_state_dict, convert_blinkdl_to_hf, select_prefix
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
 from .remote_code import add_remote_code

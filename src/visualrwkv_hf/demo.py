@@ -361,7 +361,7 @@ def run_demo(
     """
     import torch
 
-    from .convert_rwkv6 import check_output_dir
+    from .checkpoint_io import check_output_dir
 
     check_output_dir(output, overwrite=overwrite or (output / "sample.png").is_file())
     start = time.perf_counter()
