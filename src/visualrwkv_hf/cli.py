@@ -142,8 +142,8 @@ def chat(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor, TextStreamer
 
     from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
+    from .image_loading import load_rgb_image
     from .convert_rwkv6 import EOS_TOKEN_ID
-    from .processing_visualrwkv import load_rgb_image
 
     if args.temperature is not None and not args.do_sample:
         raise ValueError(
