@@ -143,7 +143,7 @@ def chat(args: argparse.Namespace) -> int:
 
     from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
     from .image_loading import load_rgb_image
-    from .convert_rwkv6 import EOS_TOKEN_ID
+    from .tokenization_rwkv_world import TURN_END_TOKEN_ID
 
     if args.temperature is not None and not args.do_sample:
         raise ValueError(
@@ -169,7 +169,7 @@ def chat(args: argparse.Namespace) -> int:
         model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,
-            eos_token_id=EOS_TOKEN_ID,  # "\n\n" ends the assistant's turn
+            eos_token_id=TURN_END_TOKEN_ID,  # "\n\n" ends the assistant's turn
             streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
             **sampling,
         )

@@ -34,11 +34,7 @@ from .checkpoint_io import (
 )
 from .configuration_visualrwkv import VisualRWKVTextConfig
 from .modeling_rwkv6 import TIME_MIX_SLOTS
-from .tokenization_rwkv_world import RwkvWorldTokenizer
-
-# Generation stops on "\n\n" (the chat turn terminator); id 0 pads.
-EOS_TOKEN_ID = 261
-PAD_TOKEN_ID = 0
+from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
 # Keys whose presence identifies an RWKV-6 file (time_maa_w1 is the x060 data-dependent token shift).
 RWKV6_MARKER_KEYS = ("emb.weight", "blocks.0.att.time_maa_w1")
@@ -286,7 +282,7 @@ def save_hf_text_model(
     config.architectures = ["VisualRWKVForCausalLM"]
     config.save_pretrained(directory)
     save_file(dict(hf_state_dict), directory / "model.safetensors", metadata={"format": "pt"})
-    GenerationConfig(eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)
+    GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)
     RwkvWorldTokenizer().save_pretrained(directory)
 
 

@@ -35,11 +35,11 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_visualrwkv import VisualRWKVConfig
-from .convert_rwkv6 import EOS_TOKEN_ID, PAD_TOKEN_ID, check_state_dict, convert_blinkdl_to_hf, select_prefix
+from .convert_rwkv6 import check_state_dict, convert_blinkdl_to_hf, select_prefix
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
 from .remote_code import add_remote_code
-from .tokenization_rwkv_world import RwkvWorldTokenizer
+from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
 # Key prefixes of the original layout.
 RWKV_PREFIX = "rwkv."
@@ -301,7 +301,7 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
         ("Image scanning (`scan_mode`)", config.scan_mode),
         ("Image position in the prompt (`image_position`)",
          config.image_position + (" (the sandwich prompt)" if config.image_position == "middle" else "")),
-        ("Generation", f'stops at "\\n\\n" (eos {EOS_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
+        ("Generation", f'stops at "\\n\\n" (eos {TURN_END_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
         ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
     ]
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
@@ -368,7 +368,7 @@ def save_visualrwkv_folder(
         model = VisualRWKVForConditionalGeneration(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Keeps what the model's default generation config holds (the image placeholder is never generated).
-    model.generation_config.eos_token_id = EOS_TOKEN_ID
+    model.generation_config.eos_token_id = TURN_END_TOKEN_ID
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.save_pretrained(directory)
     VisualRWKVProcessor(
