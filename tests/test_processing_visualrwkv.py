@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from visualrwkv_hf import demo
 from visualrwkv_hf.configuration_visualrwkv import VisualRWKVConfig
 from visualrwkv_hf.processing_visualrwkv import (
     CHAT_TEMPLATE,
@@ -252,6 +253,25 @@ def test_continue_final_message(processor):
 
 
 # ---------------------------------------------------------------- images, batches
+
+
+def test_prompt_defaults_are_the_model_configs(tmp_path):
+    # One source of truth: the processor, the demo's processor and the saved chat template (which a tokenizer or a
+    # server renders without this package) default to what VisualRWKVConfig says, and a saved processor keeps them.
+    config = VisualRWKVConfig()
+    processor = VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer())
+    assert (processor.image_position, processor.num_image_tokens) == (config.image_position, config.num_image_tokens)
+    _, demo_processor = demo.build_model()
+    assert demo_processor.image_position == config.image_position
+    chat = bus_chat(with_answer=True)
+    assert processor.tokenizer.apply_chat_template(chat, chat_template=CHAT_TEMPLATE, tokenize=False) == (
+        processor.apply_chat_template(chat, image_position=config.image_position)
+    )
+    VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), image_position="last", num_image_tokens=5).save_pretrained(
+        tmp_path
+    )
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert (loaded.image_position, loaded.num_image_tokens) == ("last", 5)
 
 
 def test_image_expands_to_num_image_tokens_contiguous(image):

@@ -46,12 +46,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PaddingStrategy
 
-from .configuration_visualrwkv import IMAGE_POSITIONS
+from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
 from .image_loading import load_rgb_image
 
 IMAGE_TOKEN = "<image>"
-DEFAULT_IMAGE_POSITION = "middle"
-DEFAULT_NUM_IMAGE_TOKENS = 577  # 24 x 24 CLIP-L/14-336 patches + the cls token
 TURN_END = "\n\n"
 GENERATION_PROMPT = "Assistant:"
 TURN_PREFIXES = ("User:", "Assistant:")
@@ -219,9 +217,11 @@ class VisualRWKVProcessor(ProcessorMixin):
             the World vocabulary, inside the model's 65536 rows).
         chat_template: Jinja chat template; defaults to `CHAT_TEMPLATE`.
         image_position: Where the image goes in its turn by default: `"first"`, `"middle"` (the sandwich prompt of
-            the released models) or `"last"`. `apply_chat_template` and `__call__` take it per call too.
-        num_image_tokens: Feature vectors per image (577 for CLIP-L/14-336 with the cls token; fewer with grid
-            pooling); one `"<image>"` expands to this many image token ids.
+            the released models, `VisualRWKVConfig`'s default) or `"last"`. `apply_chat_template` and `__call__`
+            take it per call too.
+        num_image_tokens: Feature vectors per image, the model config's `num_image_tokens`; `None` takes the default
+            `VisualRWKVConfig`'s (577 for CLIP-L/14-336 with the cls token). One `"<image>"` expands to this many
+            image token ids.
     """
 
     def __init__(
@@ -229,12 +229,14 @@ class VisualRWKVProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         chat_template: str | None = None,
-        image_position: str = DEFAULT_IMAGE_POSITION,
-        num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
+        image_position: str = VisualRWKVConfig.image_position,
+        num_image_tokens: int | None = None,
         **kwargs,
     ):
         if tokenizer is None:
             raise ValueError("VisualRWKVProcessor needs a tokenizer (an RwkvWorldTokenizer).")
+        if num_image_tokens is None:
+            num_image_tokens = VisualRWKVConfig().num_image_tokens
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"`num_image_tokens` must be a positive integer, got {num_image_tokens!r}.")
         self.image_position = check_image_position(image_position)
