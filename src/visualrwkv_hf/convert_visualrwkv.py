@@ -24,7 +24,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
+from string import Template
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
@@ -54,6 +56,9 @@ HF_VISION_PREFIX = "model.vision_tower."
 HF_PROJECTOR_KEY = "model.multi_modal_projector.linear.weight"
 CAUSAL_LM_BACKBONE_PREFIX = "model."
 HF_TEXT_BACKBONE_PREFIX = "model.language_model."
+
+# The converted folder's README.md, with ${metadata}, ${title} and ${settings_table} filled by `model_card`.
+MODEL_CARD_TEMPLATE = Template((files(__package__) / "model_card_template.md").read_text(encoding="utf-8"))
 
 # Released sizes, to name the model in its card: (layers, width) -> size.
 RELEASED_SIZES = {(24, 2048): "1.6B", (32, 2560): "3B", (32, 4096): "7B"}
@@ -280,7 +285,8 @@ def image_processor_for(config: VisualRWKVConfig):
 
 
 def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
-    """README.md for a converted folder: what it is, how it was converted, how to use it, the paper's results."""
+    """README.md for a converted folder (`model_card_template.md`): what it is, how it was converted, how to use it,
+    the paper's results."""
     text = config.text_config
     size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
     title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
@@ -305,59 +311,7 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
         ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
     ]
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
-    return f"""---
-{metadata}
----
-
-# {title} for transformers
-
-VisualRWKV ("VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models", Hou, Zeng, Ma, Yu;
-arXiv 2406.13362, COLING 2025) is a vision-language model on the RWKV-6 linear RNN: CLIP image features, projected,
-are read by RWKV-6 blocks that scan the image patches in alternating directions. This folder is the original
-checkpoint converted to a native transformers model by `visualrwkv convert` (package `visualrwkv_hf`).
-
-## Conversion settings
-
-| Setting | Value |
-|---|---|
-{settings_table}
-
-## Usage
-
-```python
-import visualrwkv_hf  # registers VisualRWKV with the Auto classes
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")
-processor = AutoProcessor.from_pretrained("path/to/this/folder")
-inputs = processor(images=Image.open("photo.jpg"), text="What is in the picture?", return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1]:])[0])
-```
-
-Or from the command line: `visualrwkv chat --model path/to/this/folder --image photo.jpg "What is in the picture?"`.
-
-## Results reported in the paper
-
-| Model | VQAv2 | GQA | SQA-IMG | TextVQA | POPE | MME | MMBench | MMBench-CN |
-|---|---|---|---|---|---|---|---|---|
-| VisualRWKV-6 1.6B | 69.4 | 55.2 | 59.1 | 43.6 | 83.2 | 1204.9 | 55.8 | 53.2 |
-| VisualRWKV-6 3B | 71.5 | 59.6 | 65.3 | 48.7 | 83.1 | 1369.2 | 59.5 | 56.3 |
-| VisualRWKV-6 7B | 75.8 | 64.3 | 68.2 | 51.0 | 84.7 | 1387.8 | 65.8 | 63.7 |
-| LLaVA-1.5-7B | 78.5 | 62.0 | 66.8 | 58.2 | 85.9 | 1510.7 | 64.3 | 30.5 |
-
-## Citation
-
-```bibtex
-@inproceedings{{hou2025visualrwkv,
-  title = {{VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models}},
-  author = {{Hou, Haowen and Zeng, Peigen and Ma, Fei and Yu, Fei Richard}},
-  booktitle = {{Proceedings of the 31st International Conference on Computational Linguistics (COLING)}},
-  year = {{2025}}
-}}
-```
-"""
+    return MODEL_CARD_TEMPLATE.substitute(metadata=metadata, title=title, settings_table=settings_table)
 
 
 def save_visualrwkv_folder(
