@@ -352,6 +352,5 @@ __all__ = [
     "check_output_dir",
     "load_checkpoint",
     "no_space_errno",
-    "remove_stale_staging",
     "resolve_dtype",
 ]

@@ -284,4 +284,4 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         return rows * cols + int(self.vision_has_cls_token)
 
 
-__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig", "default_intermediate_size"]
+__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig"]

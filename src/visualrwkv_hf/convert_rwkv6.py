@@ -100,14 +100,6 @@ def rwkv6_parameters(config: VisualRWKVTextConfig) -> list[Rwkv6Parameter]:
     return params
 
 
-def blinkdl_to_hf_keys(config: VisualRWKVTextConfig) -> dict[str, str]:
-    return {p.blinkdl_key: p.hf_key for p in rwkv6_parameters(config)}
-
-
-def hf_to_blinkdl_keys(config: VisualRWKVTextConfig) -> dict[str, str]:
-    return {p.hf_key: p.blinkdl_key for p in rwkv6_parameters(config)}
-
-
 def _sizes(config: VisualRWKVTextConfig) -> str:
     return (
         f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
@@ -314,12 +306,10 @@ def convert_rwkv6_checkpoint(
 
 __all__ = [
     "Rwkv6Parameter",
-    "blinkdl_to_hf_keys",
     "check_state_dict",
     "convert_blinkdl_to_hf",
     "convert_hf_to_blinkdl",
     "convert_rwkv6_checkpoint",
-    "hf_to_blinkdl_keys",
     "rwkv6_config_from_state_dict",
     "rwkv6_parameters",
     "save_hf_text_model",

@@ -427,10 +427,6 @@ __all__ = [
     "convert_original_to_hf",
     "convert_visualrwkv_checkpoint",
     "image_processor_for",
-    "load_vision_config",
     "model_card",
     "push_folder_to_hub",
-    "save_visualrwkv_folder",
-    "vision_sizes",
-    "vision_sizes_from_weights",
 ]
