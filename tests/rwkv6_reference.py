@@ -1,6 +1,7 @@
 """Test helpers: random RWKV-6 checkpoints in BlinkDL's .pth layout, and BlinkDL's `rwkv` package as the oracle."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -61,6 +62,18 @@ def random_blinkdl_rwkv6(
     sd.update(layer_norm("ln_out"))
     sd["head.weight"] = linear(V, C)
     return sd
+
+
+def save_checkpoint(state_dict, path) -> Path:
+    torch.save(state_dict, path)
+    return Path(path)
+
+
+def tiny_checkpoint(seed=0, **overrides) -> dict[str, torch.Tensor]:
+    """A very small x060 state dict for the error, file and round-trip tests (the oracle is not involved)."""
+    kwargs = dict(hidden_size=32, head_size=8, num_layers=2, vocab_size=300, mix_rank=4, decay_rank=6, seed=seed)
+    kwargs.update(overrides)
+    return random_blinkdl_rwkv6(**kwargs)
 
 
 def reference_rwkv(path, strategy="cpu fp32"):

@@ -160,6 +160,15 @@ def test_folder_holds_model_processor_generation_config_and_card(converted):
     assert "`A_rwkv.pth`, `A_visual.pth`" in (converted.pair / "README.md").read_text()
 
 
+def test_model_card_is_the_packaged_template_filled_in(converted):
+    template = (Path(visualrwkv_hf.__file__).parent / "model_card_template.md").read_text(encoding="utf-8")
+    card = (converted.full / "README.md").read_text(encoding="utf-8")
+    assert "$" not in card
+    # Every line of the template but the three filled in is in the card, in order.
+    card_lines = iter(card.splitlines())
+    assert all(line in card_lines for line in template.splitlines() if "${" not in line)
+
+
 def test_released_defaults_are_used_without_flags(converted):
     config = converted.model.config
     assert (config.scan_mode, config.image_position, config.grid_size) == ("bidirectional", "middle", -1)

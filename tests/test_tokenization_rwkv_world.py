@@ -19,6 +19,8 @@ from transformers import AutoTokenizer, TextStreamer
 from visualrwkv_hf.configuration_visualrwkv import VisualRWKVTextConfig
 from visualrwkv_hf.tokenization_rwkv_world import (
     PACKAGED_VOCAB_FILE,
+    PAD_TOKEN_ID,
+    TURN_END_TOKEN_ID,
     VOCAB_FILE_NAME,
     ByteTrieEncoder,
     RwkvWorldTokenizer,
@@ -251,6 +253,13 @@ def test_spec_token_ids(tokenizer):
     assert question_turn[:3] == [11, 24326, 38083] and question_turn[-2:] == [47, 261]
     assert tokenizer.encode("\n") == [11]
     assert tokenizer.encode("") == []
+
+
+def test_turn_end_and_pad_constants_are_the_vocabularys_ids(tokenizer, reference):
+    # The ids generation stops on and pads with, which config, converters and CLI read from here.
+    assert reference.encode("\n\n") == [TURN_END_TOKEN_ID] == tokenizer.encode("\n\n")
+    assert tokenizer.convert_tokens_to_ids("\n\n") == TURN_END_TOKEN_ID
+    assert tokenizer.pad_token_id == PAD_TOKEN_ID
 
 
 def test_special_tokens(tokenizer, reference):

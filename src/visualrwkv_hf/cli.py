@@ -142,8 +142,8 @@ def chat(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor, TextStreamer
 
     from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
-    from .convert_rwkv6 import EOS_TOKEN_ID
-    from .processing_visualrwkv import load_rgb_image
+    from .image_loading import load_rgb_image
+    from .tokenization_rwkv_world import TURN_END_TOKEN_ID
 
     if args.temperature is not None and not args.do_sample:
         raise ValueError(
@@ -169,7 +169,7 @@ def chat(args: argparse.Namespace) -> int:
         model.generate(
             **inputs,
             max_new_tokens=args.max_new_tokens,
-            eos_token_id=EOS_TOKEN_ID,  # "\n\n" ends the assistant's turn
+            eos_token_id=TURN_END_TOKEN_ID,  # "\n\n" ends the assistant's turn
             streamer=TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True),
             **sampling,
         )
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=lm_demo)
 
     from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
-    from .convert_rwkv6 import DTYPES
+    from .checkpoint_io import DTYPES
     from .scanning import SCAN_MODES
 
     chat_parser = commands.add_parser(
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def is_full_disk(error: BaseException) -> bool:
     """Whether a write failed for want of space and the message does not say so yet (the converters' does)."""
-    from .convert_rwkv6 import OutOfSpaceError, no_space_errno
+    from .checkpoint_io import OutOfSpaceError, no_space_errno
 
     return no_space_errno(error) is not None and not isinstance(error, OutOfSpaceError)
 

@@ -7,6 +7,7 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .scanning import SCAN_MODES
+from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -86,9 +87,9 @@ class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
     wkv_chunk_size: int = 16
     rescale_every: int = 6
     use_cache: bool = True
-    pad_token_id: int | None = 0
+    pad_token_id: int | None = PAD_TOKEN_ID
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = 261
+    eos_token_id: int | list[int] | None = TURN_END_TOKEN_ID
     tie_word_embeddings: bool = False
 
     # Per layer, the cache keeps two token-shift vectors (time-mix and channel-mix inputs) as "conv" states.
@@ -283,4 +284,4 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         return rows * cols + int(self.vision_has_cls_token)
 
 
-__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig", "default_intermediate_size"]
+__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig"]

@@ -24,7 +24,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
+from string import Template
 
 import torch
 from huggingface_hub import HfApi, ModelCardData
@@ -33,23 +35,13 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_visualrwkv import VisualRWKVConfig
-from .convert_rwkv6 import (
-    EOS_TOKEN_ID,
-    PAD_TOKEN_ID,
-    atomic_output_dir,
-    check_finite,
-    check_output_dir,
-    check_state_dict,
-    convert_blinkdl_to_hf,
-    load_checkpoint,
-    resolve_dtype,
-    select_prefix,
-)
+from .convert_rwkv6 import check_state_dict, convert_blinkdl_to_hf, select_prefix
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
 from .remote_code import add_remote_code
-from .tokenization_rwkv_world import RwkvWorldTokenizer
+from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
 # Key prefixes of the original layout.
 RWKV_PREFIX = "rwkv."
@@ -64,6 +56,9 @@ HF_VISION_PREFIX = "model.vision_tower."
 HF_PROJECTOR_KEY = "model.multi_modal_projector.linear.weight"
 CAUSAL_LM_BACKBONE_PREFIX = "model."
 HF_TEXT_BACKBONE_PREFIX = "model.language_model."
+
+# The converted folder's README.md, with ${metadata}, ${title} and ${settings_table} filled by `model_card`.
+MODEL_CARD_TEMPLATE = Template((files(__package__) / "model_card_template.md").read_text(encoding="utf-8"))
 
 # Released sizes, to name the model in its card: (layers, width) -> size.
 RELEASED_SIZES = {(24, 2048): "1.6B", (32, 2560): "3B", (32, 4096): "7B"}
@@ -290,7 +285,8 @@ def image_processor_for(config: VisualRWKVConfig):
 
 
 def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
-    """README.md for a converted folder: what it is, how it was converted, how to use it, the paper's results."""
+    """README.md for a converted folder (`model_card_template.md`): what it is, how it was converted, how to use it,
+    the paper's results."""
     text = config.text_config
     size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
     title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
@@ -311,63 +307,11 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
         ("Image scanning (`scan_mode`)", config.scan_mode),
         ("Image position in the prompt (`image_position`)",
          config.image_position + (" (the sandwich prompt)" if config.image_position == "middle" else "")),
-        ("Generation", f'stops at "\\n\\n" (eos {EOS_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
+        ("Generation", f'stops at "\\n\\n" (eos {TURN_END_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
         ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
     ]
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
-    return f"""---
-{metadata}
----
-
-# {title} for transformers
-
-VisualRWKV ("VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models", Hou, Zeng, Ma, Yu;
-arXiv 2406.13362, COLING 2025) is a vision-language model on the RWKV-6 linear RNN: CLIP image features, projected,
-are read by RWKV-6 blocks that scan the image patches in alternating directions. This folder is the original
-checkpoint converted to a native transformers model by `visualrwkv convert` (package `visualrwkv_hf`).
-
-## Conversion settings
-
-| Setting | Value |
-|---|---|
-{settings_table}
-
-## Usage
-
-```python
-import visualrwkv_hf  # registers VisualRWKV with the Auto classes
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/to/this/folder")
-processor = AutoProcessor.from_pretrained("path/to/this/folder")
-inputs = processor(images=Image.open("photo.jpg"), text="What is in the picture?", return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1]:])[0])
-```
-
-Or from the command line: `visualrwkv chat --model path/to/this/folder --image photo.jpg "What is in the picture?"`.
-
-## Results reported in the paper
-
-| Model | VQAv2 | GQA | SQA-IMG | TextVQA | POPE | MME | MMBench | MMBench-CN |
-|---|---|---|---|---|---|---|---|---|
-| VisualRWKV-6 1.6B | 69.4 | 55.2 | 59.1 | 43.6 | 83.2 | 1204.9 | 55.8 | 53.2 |
-| VisualRWKV-6 3B | 71.5 | 59.6 | 65.3 | 48.7 | 83.1 | 1369.2 | 59.5 | 56.3 |
-| VisualRWKV-6 7B | 75.8 | 64.3 | 68.2 | 51.0 | 84.7 | 1387.8 | 65.8 | 63.7 |
-| LLaVA-1.5-7B | 78.5 | 62.0 | 66.8 | 58.2 | 85.9 | 1510.7 | 64.3 | 30.5 |
-
-## Citation
-
-```bibtex
-@inproceedings{{hou2025visualrwkv,
-  title = {{VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models}},
-  author = {{Hou, Haowen and Zeng, Peigen and Ma, Fei and Yu, Fei Richard}},
-  booktitle = {{Proceedings of the 31st International Conference on Computational Linguistics (COLING)}},
-  year = {{2025}}
-}}
-```
-"""
+    return MODEL_CARD_TEMPLATE.substitute(metadata=metadata, title=title, settings_table=settings_table)
 
 
 def save_visualrwkv_folder(
@@ -378,7 +322,7 @@ def save_visualrwkv_folder(
         model = VisualRWKVForConditionalGeneration(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Keeps what the model's default generation config holds (the image placeholder is never generated).
-    model.generation_config.eos_token_id = EOS_TOKEN_ID
+    model.generation_config.eos_token_id = TURN_END_TOKEN_ID
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.save_pretrained(directory)
     VisualRWKVProcessor(
@@ -483,10 +427,6 @@ __all__ = [
     "convert_original_to_hf",
     "convert_visualrwkv_checkpoint",
     "image_processor_for",
-    "load_vision_config",
     "model_card",
     "push_folder_to_hub",
-    "save_visualrwkv_folder",
-    "vision_sizes",
-    "vision_sizes_from_weights",
 ]

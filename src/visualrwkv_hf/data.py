@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .processing_visualrwkv import GENERATION_PROMPT, IMAGE_TOKEN, check_image_position, load_rgb_image
+from .image_loading import load_rgb_image
+from .processing_visualrwkv import GENERATION_PROMPT, IMAGE_TOKEN, check_image_position
 
 logger = logging.getLogger(__name__)
 

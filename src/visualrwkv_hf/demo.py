@@ -189,11 +189,14 @@ def make_splits(
 
 
 def build_model(
-    image_position: str = "middle", scan_mode: str = "bidirectional", seed: int = 0, num_text_layers: int | None = None
+    image_position: str | None = None,
+    scan_mode: str = "bidirectional",
+    seed: int = 0,
+    num_text_layers: int | None = None,
 ):
     """A random tiny VisualRWKV (a CLIP of `VISION_SIZES` on 16-pixel patches, RWKV-6 blocks of `TEXT_SIZES`, the
-    World vocabulary) and its processor, image processor sized for the 48-pixel canvas. `num_text_layers` overrides
-    the number of RWKV-6 blocks."""
+    World vocabulary) and its processor, image processor sized for the 48-pixel canvas. `image_position` None keeps
+    `VisualRWKVConfig`'s default; `num_text_layers` overrides the number of RWKV-6 blocks."""
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -206,7 +209,7 @@ def build_model(
             num_hidden_layers=num_text_layers or TEXT_SIZES["num_hidden_layers"],
         ),
         scan_mode=scan_mode,
-        image_position=image_position,
+        **({} if image_position is None else {"image_position": image_position}),
     )
     torch.manual_seed(seed)
     model = VisualRWKVForConditionalGeneration(config)
@@ -222,7 +225,7 @@ def build_model(
     processor = VisualRWKVProcessor(
         image_processor=image_processor,
         tokenizer=RwkvWorldTokenizer(),
-        image_position=image_position,
+        image_position=config.image_position,
         num_image_tokens=config.num_image_tokens,
     )
     return model, processor
@@ -361,7 +364,7 @@ def run_demo(
     """
     import torch
 
-    from .convert_rwkv6 import check_output_dir
+    from .checkpoint_io import check_output_dir
 
     check_output_dir(output, overwrite=overwrite or (output / "sample.png").is_file())
     start = time.perf_counter()

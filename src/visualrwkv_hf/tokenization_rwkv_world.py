@@ -51,6 +51,9 @@ logger = logging.get_logger(__name__)
 VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
 PACKAGED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), VOCAB_FILE_NAME)
 END_OF_TEXT_TOKEN = "<|endoftext|>"  # id 0: padding and end-of-text
+PAD_TOKEN_ID = 0
+# "\n\n" ends a chat turn: generation stops on it (`generation_config.eos_token_id`), an ordinary token.
+TURN_END_TOKEN_ID = 261
 MODEL_EMBEDDING_ROWS = 65536  # the World vocabulary padded, as every RWKV World model's embedding has it
 
 

@@ -77,4 +77,4 @@ def freeze_for_training(
     return model
 
 
-__all__ = ["LORA_TARGETS", "VISION_TOWER_MODULES", "freeze_for_training", "lora_config"]
+__all__ = ["LORA_TARGETS", "freeze_for_training", "lora_config"]
