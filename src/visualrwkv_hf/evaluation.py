@@ -635,7 +635,7 @@ def scores_path(output: Path) -> Path:
 
 def prompt_inputs(processor, batch: list[Question], images_dir: Path | None):
     """The model inputs of a batch of questions, left-padded: each question one user turn with its image."""
-    from .processing_visualrwkv import load_rgb_image
+    from .image_loading import load_rgb_image
 
     conversations, images = [], []
     for question in batch:
@@ -655,14 +655,14 @@ def answer_batch(model, processor, batch: list[Question], images_dir: Path | Non
     """Greedy answers to a batch of questions, left-padded, with the recurrent cache."""
     import torch
 
-    from .convert_rwkv6 import EOS_TOKEN_ID
+    from .tokenization_rwkv_world import TURN_END_TOKEN_ID
 
     inputs = prompt_inputs(processor, batch, images_dir).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():
         generated = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS_TOKEN_ID,
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=TURN_END_TOKEN_ID,
             pad_token_id=processor.tokenizer.pad_token_id,
         )
     return processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1]:])
