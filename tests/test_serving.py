@@ -177,6 +177,20 @@ def test_requests_in_a_row_and_concurrently(client, pipe):
     assert concurrent == expected
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chats_the_model_cannot_take_are_bad_requests_that_say_why(client, stream):
+    _, openai_chat = chats(0, QUESTIONS[0])
+    image_part = openai_chat[0]["content"][0]
+    for content, message in [
+        ([image_part, image_part, {"type": "text", "text": "Which one?"}], "one image per conversation"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}], "not an image format"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(client, [{"role": "user", "content": content}], stream=stream)
+        assert message in error.value.response.json()["detail"]
+    assert ask(client, openai_chat, stream=stream)[0]  # and the server goes on answering
+
+
 def test_transformers_chat_client(server, folder, pipe, tmp_path):
     """`transformers chat` (which always streams) against the server, driven through stdin; the chat it saves holds
     the pipeline's answer."""

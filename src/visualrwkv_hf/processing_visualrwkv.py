@@ -52,6 +52,7 @@ import io
 import os
 from typing import Any
 
+import jinja2
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -455,7 +456,12 @@ class VisualRWKVProcessor(ProcessorMixin):
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("The conversation is empty: give at least one user message.")
         image_position = check_image_position(image_position or self.image_position)
-        return super().apply_chat_template(conversation, chat_template, image_position=image_position, **kwargs)
+        try:
+            return super().apply_chat_template(conversation, chat_template, image_position=image_position, **kwargs)
+        except jinja2.TemplateError as error:
+            # The template's refusals are the caller's mistake: a ValueError, which servers such as
+            # `transformers serve` answer with HTTP 400 and this message (an HTTP 500 for a jinja2 error).
+            raise ValueError(str(error)) from None
 
     def __call__(self, images=None, text=None, image_position: str | None = None, **kwargs):
         r"""
