@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -62,16 +63,15 @@ def pipe(folder):
     return pipeline("image-text-to-text", model=str(folder))
 
 
-@pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
-    """`visualrwkv serve FOLDER` on a free loopback port; its base URL. Stopped (with its model's process, which
-    exits with it) when the module's tests are done."""
+@contextlib.contextmanager
+def running_server(folder: Path, log_path: Path, *options: str):
+    """`visualrwkv serve FOLDER OPTIONS` on a free loopback port, in a subprocess; its base URL. Stopped on exit,
+    with the processes it started (which exit with it)."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "visualrwkv_hf.cli", "serve", str(folder), "--host", "127.0.0.1", "--port",
-             str(port)],
+             str(port), *options],
             stdout=log, stderr=subprocess.STDOUT, env=OFFLINE_ENV,
         )
     try:
@@ -93,14 +93,24 @@ def server(folder, tmp_path_factory):
         stop(process)
 
 
-@pytest.fixture(scope="module")
-def client(server, folder):
+def openai_client(base_url: str, folder: Path) -> openai.OpenAI:
     """An `openai` client of the server; `client.model` is the model it serves (the folder, as it was started)."""
-    client = openai.OpenAI(base_url=server, api_key="unused", timeout=REQUEST_TIMEOUT, max_retries=0)
+    client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=REQUEST_TIMEOUT, max_retries=0)
     (model,) = client.models.list().data
     assert model.id == str(folder)
     client.model = model.id
     return client
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    with running_server(folder, tmp_path_factory.mktemp("serve-log") / "serve.log") as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(server, folder):
+    return openai_client(server, folder)
 
 
 def data_url(image) -> str:
@@ -189,6 +199,18 @@ def test_chats_the_model_cannot_take_are_bad_requests_that_say_why(client, strea
             ask(client, [{"role": "user", "content": content}], stream=stream)
         assert message in error.value.response.json()["detail"]
     assert ask(client, openai_chat, stream=stream)[0]  # and the server goes on answering
+
+
+def test_several_api_server_processes(folder, pipe, tmp_path):
+    """`--api-server-count 2`: serve spawns two API server processes (fresh interpreters, which unpickle our loader and
+    so import the package) besides the model's; the answers, streamed and not, are the pipeline's text."""
+    pipeline_chat, openai_chat = chats(5, QUESTIONS[1], "Be brief.")
+    expected = pipeline_answer(pipe, pipeline_chat)
+    with running_server(folder, tmp_path / "serve.log", "--api-server-count", "2") as base_url:
+        client = openai_client(base_url, folder)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda index: ask(client, openai_chat, stream=index % 2 == 1)[0], range(4)))
+    assert answers == [expected] * 4
 
 
 def test_transformers_chat_client(server, folder, pipe, tmp_path):
