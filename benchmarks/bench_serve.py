@@ -176,7 +176,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-        tokens_per_chat = {index: generated for _, results in best_levels.values() for index, _, _, generated in results}
+        tokens_per_chat = {
+            index: generated for _, results in best_levels.values() for index, _, _, generated in results
+        }
         tokens = sum(tokens_per_chat[index] for index in range(count))  # the pipeline's too (same chats, greedy)
         print(f"{'pipeline, in-process, one at a time':<40} {count:>8} {tokens:>7} {count / best_pipeline:>10.2f} "
               f"{tokens / best_pipeline:>8.1f} {'-':>12} {'-':>11}")

@@ -29,7 +29,10 @@ from transformers import AutoProcessor, pipeline
 pytest.importorskip("fastapi", reason="`visualrwkv serve` needs the `serve` extra: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai", reason="`visualrwkv serve` needs the `serve` extra: pip install -e '.[serve]'")
 
-from visualrwkv_hf.serving import AnswerStreamer, answer_text  # noqa: E402 (needs fastapi, checked above)
+from transformers.cli.serving import model_manager as serve_model_manager  # noqa: E402 (needs fastapi, checked above)
+from transformers.cli.serving.utils import Modality  # noqa: E402
+
+from visualrwkv_hf.serving import AnswerStreamer, VisualRWKVModelLoader, answer_text  # noqa: E402
 
 
 SERVER_START_TIMEOUT = 120  # seconds: imports and the model's process on a busy 2-core machine
@@ -122,7 +125,9 @@ def data_url(image) -> str:
 def chats(image_seed: int, question: str, system: str | None = None) -> tuple[list[dict], list[dict]]:
     """The same chat for the pipeline (a PIL image) and for the server (the image as a data URL)."""
     image = random_image(image_seed)
-    pipeline_chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    pipeline_chat = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    ]
     openai_chat = [
         {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question},
@@ -233,7 +238,8 @@ def test_transformers_chat_client(server, folder, pipe, tmp_path):
     chat = json.loads(saved)["chat_history"]
     assert chat[0] == {"role": "user", "content": question}
     assert chat[1]["role"] == "assistant"
-    assert chat[1]["content"] == pipeline_answer(pipe, [{"role": "user", "content": [{"type": "text", "text": question}]}])
+    expected = pipeline_answer(pipe, [{"role": "user", "content": [{"type": "text", "text": question}]}])
+    assert chat[1]["content"] == expected
 
 
 def test_serve_help_is_transformers_serves(tmp_path):
@@ -245,7 +251,19 @@ def test_serve_help_is_transformers_serves(tmp_path):
     assert "visualrwkv serve" in result.stdout and "--port" in result.stdout and "--host" in result.stdout
 
 
-# The answer rules, without a server
+# Without a server
+
+
+def test_serve_finds_our_loader_and_keeps_other_models_as_they_were(folder):
+    from transformers import AutoConfig, GPT2Config, LlavaConfig
+
+    assert serve_model_manager.ModelLoader is VisualRWKVModelLoader  # where serve looks it up
+    assert serve_model_manager.ModelLoader.get_model_modality(AutoConfig.from_pretrained(folder)) is Modality.VLM
+    base = VisualRWKVModelLoader.__mro__[1]
+    for config in (
+        GPT2Config(architectures=["GPT2LMHeadModel"]), LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    ):
+        assert VisualRWKVModelLoader.get_model_modality(config) is base.get_model_modality(config) is not None
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,12 @@ class VisualRWKVModelLoader(serve_model_manager.ModelLoader):
     """Serve's model loader, which also loads VisualRWKV folders (with this package's classes, as image-and-text
     models)."""
 
-    @staticmethod
-    def get_model_modality(config, processor=None) -> Modality | None:
+    @classmethod
+    def get_model_modality(cls, config, processor=None) -> Modality | None:
+        # Serve calls it on the class it finds in its module: this one, once installed
         if isinstance(config, VisualRWKVConfig):
             return Modality.VLM
-        return serve_model_manager.ModelLoader.get_model_modality(config, processor)
+        return super().get_model_modality(config, processor)
 
     def _load_model(self, model_id: str, tqdm_class=None, progress_callback=None):
         from transformers import AutoConfig
