@@ -1,4 +1,5 @@
-"""The `visualrwkv` command line: `demo`, `chat`, `eval`, `convert`, `convert-rwkv6` and `lm-demo`.
+"""The `visualrwkv` command line: `demo`, `chat`, `serve`, `eval`, `convert`, `convert-rwkv6` and
+`lm-demo`.
 
 A user's mistake (a bad argument, a missing or unreadable file, a full disk) ends the command with one line on stderr
 saying what was wrong, never a traceback: argument values are checked by the parser (exit 2), everything found while
@@ -188,6 +189,21 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """Runs `transformers serve` (its own options, after `serve`) able to serve VisualRWKV folders; see `serving.py`."""
+    from transformers.utils.import_utils import is_serve_available
+
+    if not is_serve_available():
+        raise ValueError(
+            "`visualrwkv serve` needs transformers' serving dependencies (fastapi, uvicorn, openai): "
+            "pip install 'visualrwkv-hf[serve]'."
+        )
+    from .serving import main as serve_main
+
+    serve_main(args.serve_args)
+    return 0
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     value = int(text)
@@ -326,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also copy this package's code into the folder (auto_map) so it loads with trust_remote_code=True",
     )
     convert_parser.set_defaults(run=convert_visualrwkv)
+
+    serve_parser = commands.add_parser(
+        "serve", add_help=False, prefix_chars="\0",
+        help="transformers' OpenAI-compatible server (`transformers serve`) for VisualRWKV folders; "
+        "`visualrwkv serve --help` lists its options",
+    )
+    serve_parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="`transformers serve`'s arguments")
+    serve_parser.set_defaults(run=serve)
 
     convert = commands.add_parser("convert-rwkv6", help="convert a BlinkDL RWKV-6 .pth into a transformers folder")
     convert.add_argument("--checkpoint", required=True, help="BlinkDL RWKV-6 (x060) .pth file")

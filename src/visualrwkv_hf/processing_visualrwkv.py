@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 
+import jinja2
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -270,7 +271,12 @@ class VisualRWKVProcessor(ProcessorMixin):
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("The conversation is empty: give at least one user message.")
         image_position = check_image_position(image_position or self.image_position)
-        return super().apply_chat_template(conversation, chat_template, image_position=image_position, **kwargs)
+        try:
+            return super().apply_chat_template(conversation, chat_template, image_position=image_position, **kwargs)
+        except jinja2.TemplateError as error:
+            # The template's refusals are the caller's mistake: a ValueError, which servers such as
+            # `transformers serve` answer with HTTP 400 and this message (an HTTP 500 for a jinja2 error).
+            raise ValueError(str(error)) from None
 
     def __call__(self, images=None, text=None, image_position: str | None = None, **kwargs):
         r"""
