@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_pipeline import MAX_NEW_TOKENS, QUESTIONS, random_image, save_tiny_visualrwkv
-from transformers import AutoProcessor, pipeline
+from test_pipeline import MAX_NEW_TOKENS, QUESTIONS, folder, pipe, random_image  # noqa: F401 (fixtures)
+from transformers import AutoProcessor
 
 
 pytest.importorskip("fastapi", reason="`visualrwkv serve` needs the `serve` extra: pip install -e '.[serve]'")
@@ -54,16 +54,6 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_visualrwkv(tmp_path_factory.mktemp("tiny-visualrwkv"))
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    return pipeline("image-text-to-text", model=str(folder))
 
 
 @contextlib.contextmanager
