@@ -34,10 +34,10 @@ MAX_LISTED_PROBLEMS = 8
 logger = logging.getLogger(__name__)
 
 
-def short_list(items: list[str]) -> str:
-    """The first `MAX_LISTED_PROBLEMS` items, comma-separated, and how many more there are."""
-    shown = ", ".join(items[:MAX_LISTED_PROBLEMS])
-    more = len(items) - MAX_LISTED_PROBLEMS
+def short_list(items: list[str], limit: int = MAX_LISTED_PROBLEMS) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
+    shown = ", ".join(items[:limit])
+    more = len(items) - limit
     return shown + (f" and {more} more" if more > 0 else "")
 
 

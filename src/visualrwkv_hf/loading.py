@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from .checkpoint_io import short_list
+
 # "<prefix>.<index>.<rest>": a tensor of one layer of a layer list (blocks, vision encoder layers).
 LAYER_KEY = re.compile(r"^(.*?\.)(\d+)\.")
-LISTED = 6  # entries shown per kind of problem
+LISTED = 6  # entries shown per kind of problem (three kinds can share one message)
 
 
 def summarize_keys(keys: set[str], present: set[str]) -> str:
@@ -27,15 +29,11 @@ def summarize_keys(keys: set[str], present: set[str]) -> str:
             layers[match[1]].append(int(match[2]))
         else:
             tensors.append(key)
-    return listing(
+    return short_list(
         [f"layers {prefix}{{{', '.join(map(str, sorted(set(indices))))}}}" for prefix, indices in layers.items()]
-        + tensors
+        + tensors,
+        LISTED,
     )
-
-
-def listing(entries: list[str]) -> str:
-    more = f" and {len(entries) - LISTED} more" if len(entries) > LISTED else ""
-    return ", ".join(entries[:LISTED]) + more
 
 
 def weight_mismatch(model, loading_info: dict, check_shapes: bool) -> str | None:
@@ -55,7 +53,7 @@ def weight_mismatch(model, loading_info: dict, check_shapes: bool) -> str | None
             f"{key} (weights {tuple(in_weights)}, config {tuple(in_model)})"
             for key, in_weights, in_model in sorted(loading_info["mismatched_keys"])
         ]
-        problems.append(f"shapes differ: {listing(shapes)}")
+        problems.append(f"shapes differ: {short_list(shapes, LISTED)}")
     return "; ".join(problems) or None
 
 
