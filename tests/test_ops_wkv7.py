@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from visualrwkv_hf.ops import wkv7, wkv7_chunked, wkv7_recurrent, wkv7_reference
 from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
 
+# WKV6's tolerance and checks (max abs error relative to the output's max abs value) hold for every WKV7 form too
+from test_ops_wkv6 import FP32_TOL, assert_close, rel_err
 
-FP32_TOL = 2e-5  # max abs error relative to the output's max abs value; the forms reach ~5e-7
 GRAD_TOL = 1e-4
 NAMES = ["r", "w", "k", "v", "a", "b", "initial_state"]
 FASTEST_W = -0.5  # RWKV-7's w = -softplus(-x) - 0.5 <= -0.5: decay >= exp(-e^-0.5) ~ 0.545 per step
@@ -50,18 +51,6 @@ def make_inputs(B, T, H, N, seed=0, decays="rwkv7", with_state=True):
             iclr[..., 1::3] = 0.0
     state = torch.randn(B, H, N, N, generator=g) if with_state else None
     return r, w, k, v, -kk, kk * iclr, state
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def assert_close(result, expected, tol=FP32_TOL):
-    (y, s), (y_ref, s_ref) = result, expected
-    assert y.dtype == torch.float32 and s.dtype == torch.float32
-    assert y.shape == y_ref.shape and s.shape == s_ref.shape
-    assert torch.isfinite(y).all() and torch.isfinite(s).all()
-    assert rel_err(y, y_ref) < tol and rel_err(s, s_ref) < tol
 
 
 def value_major_loop(r, w, k, v, a, b, initial_state=None):
