@@ -264,17 +264,18 @@ def test_generation_stops_at_the_eos_token():
 # ---------------------------------------------------------------------------------------------- the cache contract
 
 
-def greedy(model, ids, **kwargs):
+def greedy(model, ids, max_new_tokens=6, **kwargs):
     """Greedy generation with the per-step logits and the cache returned."""
     return model.generate(
-        ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
+        ids, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        **kwargs,
     )
 
 
-def assert_same_generation(reused, fresh):
+def assert_same_generation(reused, fresh, tol=1e-5):
     assert torch.equal(reused.sequences, fresh.sequences)
     for reused_logits, fresh_logits in zip(reused.logits, fresh.logits, strict=True):
-        torch.testing.assert_close(reused_logits, fresh_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reused_logits, fresh_logits, rtol=tol, atol=tol)
 
 
 def left_padded(rows):

@@ -1,4 +1,5 @@
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from visualrwkv_hf import (
     VisualRWKVTextConfig,
 )
 from visualrwkv_hf.scanning import SCAN_MODES
+
+import test_modeling_rwkv6 as text_model_tests
 
 VOCAB = 97
 IMAGE = 96  # the image placeholder id of the tiny vocabulary
@@ -462,17 +465,9 @@ def test_beam_search_with_images_cached_equals_uncached():
 # ---------------------------------------------------------------------------------------------- reuse
 
 
-def greedy(model, ids, **kwargs):
-    """Greedy generation with the per-step logits and the cache returned."""
-    return model.generate(
-        ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs
-    )
-
-
-def assert_same_generation(reused, fresh):
-    assert torch.equal(reused.sequences, fresh.sequences)
-    for reused_logits, fresh_logits in zip(reused.logits, fresh.logits, strict=True):
-        torch.testing.assert_close(reused_logits, fresh_logits, rtol=1e-4, atol=1e-4)
+# the text model's helpers, with a shorter answer and the image path's looser logit tolerance
+greedy = partial(text_model_tests.greedy, max_new_tokens=5)
+assert_same_generation = partial(text_model_tests.assert_same_generation, tol=1e-4)
 
 
 def text(length, seed):
