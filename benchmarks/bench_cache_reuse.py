@@ -75,7 +75,7 @@ def bench_position(model, processor, image, image_position: str, new_tokens: int
     first = question_inputs(processor, image, QUESTIONS[0], image_position)
     follow_up = question_inputs(processor, image, QUESTIONS[1], image_position)
     ids = follow_up["input_ids"]
-    features = model.get_image_features(first["pixel_values"], return_dict=True)
+    features = model.get_image_features(first["pixel_values"])
 
     def answer(**kwargs):
         return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from rwkv.model import RWKV
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.ops import kernels
 from visualrwkv_hf.convert_rwkv6 import convert_hf_to_blinkdl
 from visualrwkv_hf.ops import wkv6_chunked, wkv6_recurrent
@@ -49,11 +49,11 @@ PREFILL_PIECE = 2048  # long contexts are prefilled in pieces of this many token
 DECODE_WARMUP = 3  # decode steps left out of the timing
 
 
-def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> VisualRWKVForCausalLM:
+def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> Rwkv6ForCausalLM:
     """A random fp32 model whose token shift and decay really depend on the input (random LoRAs, spread decays)."""
     torch.manual_seed(seed)
-    config = VisualRWKVTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers)
-    model = VisualRWKVForCausalLM(config).eval()
+    config = Rwkv6Config(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers)
+    model = Rwkv6ForCausalLM(config).eval()
     with torch.no_grad():
         for block in model.model.blocks:
             attention = block.attention
@@ -66,7 +66,7 @@ def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> VisualRWK
     return model
 
 
-def load_reference(model: VisualRWKVForCausalLM, directory: Path) -> RWKV:
+def load_reference(model: Rwkv6ForCausalLM, directory: Path) -> RWKV:
     path = directory / "bench_rwkv6.pth"
     torch.save(convert_hf_to_blinkdl(model.state_dict(), model.config), path)
     return RWKV(str(path), strategy="cpu fp32", verbose=False)

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked
 from visualrwkv_hf.ops.kernels import WKV6KernelFunction, cuda_kernel_ops
 
@@ -94,9 +94,9 @@ def bench_ops(batches, T, repeats, use_fla):
 
 
 def bench_model(T, repeats):
-    config = VisualRWKVTextConfig(vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_size=64)
+    config = Rwkv6Config(vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_size=64)
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config).to("cuda", torch.bfloat16)
+    model = Rwkv6ForCausalLM(config).to("cuda", torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
     print(f"model level, 12 x 768, vocab 65536, bf16, T={T}; ms, min of {repeats}")
     results = {}

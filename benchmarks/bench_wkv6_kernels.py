@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent
 from visualrwkv_hf.ops.kernels import cpu_kernel_ops
 
@@ -114,12 +114,12 @@ def write_plot(path: str, results: dict) -> None:
 
 
 def bench_model(T, repeats):
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         vocab_size=1024, hidden_size=256, num_hidden_layers=4, head_size=64, time_mix_extra_dim=32,
         time_decay_extra_dim=64,
     )
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config)
+    model = Rwkv6ForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (1, T))
 
     def prefill():

@@ -265,14 +265,14 @@ def test_extension_name_carries_the_flags():
 
 
 def tiny_model():
-    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+    from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         vocab_size=64, hidden_size=128, num_hidden_layers=2, head_size=64, time_mix_extra_dim=8,
         time_decay_extra_dim=16, initializer_range=0.3,
     )
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config).eval()
+    model = Rwkv6ForCausalLM(config).eval()
     with torch.no_grad():  # data-dependent decays, as in a trained model
         for block in model.model.blocks:
             block.attention.time_decay_w1.normal_(0, 0.3)
@@ -306,14 +306,14 @@ def test_model_kernel_equals_torch_path(ops):
 def test_loading_and_switching_modes_logs_no_warning(tmp_path, caplog):
     # transformers kernelizes at from_pretrained and at every train() / eval() with a mapping that has no WKV6: the
     # layer's own forward is already the kernel path, so nothing is wrong and nothing should be said.
-    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+    from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 
     # a vocabulary that holds the default end of turn (261), whose absence would rightly be warned about
-    config = VisualRWKVTextConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, head_size=8)
-    VisualRWKVForCausalLM(config).save_pretrained(tmp_path)
+    config = Rwkv6Config(vocab_size=512, hidden_size=32, num_hidden_layers=2, head_size=8)
+    Rwkv6ForCausalLM(config).save_pretrained(tmp_path)
 
     with caplog.at_level(logging.WARNING):
-        model = VisualRWKVForCausalLM.from_pretrained(tmp_path)
+        model = Rwkv6ForCausalLM.from_pretrained(tmp_path)
         model.train()
         model.eval()
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
