@@ -24,7 +24,6 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6Model
 from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
-from .ops.loss import token_cross_entropy
 from .scanning import block_gather_indices
 
 
@@ -243,34 +242,6 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
-def weighted_causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.LongTensor,
-    loss_weights: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """
-    Next-token cross-entropy averaged with per-label weights: sum(weight * token loss) / sum(weight) over the valid
-    labels (not -100) of this call. With 1 / (the sample's valid label count) as weights this is the original's
-    sample-level loss: each sample's mean, then the mean over the samples.
-
-    Trainer passes `num_items_in_batch` (valid labels of the whole optimizer step: all gradient-accumulation steps
-    and, by default, all processes) and expects losses normalized by it, as token-level ones are. The weighted mean of
-    this call is then scaled by its share of those labels, so the step combines its calls as it combines token-level
-    losses (exactly the sample-level mean for one call per step; otherwise each call's sample-level mean weighted by
-    its share of the valid labels).
-    """
-    # position t predicts label t + 1; the last position predicts nothing (-100), so the logits need no slicing copy
-    target_labels = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
-    valid = target_labels != -100
-    weights = F.pad(loss_weights.to(logits.device, torch.float32), (0, 1))[:, 1:] * valid
-    token_losses = token_cross_entropy(logits.float().flatten(0, 1), target_labels.flatten()).view_as(weights)
-    loss = (weights * token_losses).sum() / weights.sum()
-    if num_items_in_batch is not None:
-        loss = loss * valid.sum() / num_items_in_batch
-    return loss
-
-
 class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGenerationMixin):
     """VisualRWKV with its (untied) language-modelling head."""
 
@@ -356,7 +327,6 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        loss_weights: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
@@ -365,11 +335,9 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
         """
         Args:
             labels: (batch, seq) next-token targets, shifted inside; -100 is ignored (use it for image, prompt and
-                padding positions). Extra keyword arguments (such as Trainer's `num_items_in_batch`) reach
-                `loss_function`.
-            loss_weights: (batch, seq) weight of each label's token loss, aligned with `labels`; given, the loss is
-                the weighted mean `weighted_causal_lm_loss` instead of the mean over valid tokens. The data
-                collator's `loss_reduction="sample"` makes them (1 / the sample's valid label count).
+                padding positions). The loss is `loss_function`, the mean over valid labels; extra keyword arguments
+                (such as Trainer's `num_items_in_batch`) reach it. Other reductions (the original's sample-level
+                loss) go through Trainer's `compute_loss_func` (`ops/loss.py`).
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`, to
                 reuse an image's features without running the vision tower again.
@@ -387,9 +355,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
         loss = None
-        if labels is not None and loss_weights is not None:
-            loss = weighted_causal_lm_loss(logits, labels, loss_weights, kwargs.get("num_items_in_batch"))
-        elif labels is not None:
+        if labels is not None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
@@ -408,5 +374,4 @@ __all__ = [
     "VisualRWKVModel",
     "VisualRWKVMultiModalProjector",
     "VisualRWKVPreTrainedModel",
-    "weighted_causal_lm_loss",
 ]
