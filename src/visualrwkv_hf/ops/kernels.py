@@ -54,6 +54,7 @@ local build or (`repo_id=`) a kernel-builder build of csrc/<op>/ on the Hub, run
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -355,8 +356,9 @@ class KernelRepository:
         self.op, self.repo_id, self.revision = op, repo_id, revision
 
     def _hub_kernel_for(self) -> Callable:
-        from kernels import get_kernel
-
+        # imported by name when called: only Hub builds need `kernels`, and transformers' remote-code loader would
+        # require every package a copied module imports with an import statement
+        get_kernel = importlib.import_module("kernels").get_kernel
         ops = get_kernel(self.repo_id, revision=self.revision).ops
         hub = SimpleNamespace(forward=ops.forward, backward=ops.backward)
 
