@@ -26,6 +26,7 @@ from visualrwkv_hf import (
     VisualRWKVTextConfig,
 )
 from visualrwkv_hf import remote_code
+from visualrwkv_hf.cli import main
 from visualrwkv_hf.ops import kernels, wkv6_compiled
 from visualrwkv_hf.ops.kernels import BACKEND_ENV
 from visualrwkv_hf.remote_code import add_remote_code, flat_name, flattened_source, needed_modules
@@ -239,6 +240,18 @@ def test_without_a_compiler_runs_the_torch_op_without_a_word(folders, tmp_path, 
     assert not extensions.exists()
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert_computes_what_the_package_computes(folders, remote)
+
+
+def test_demo_with_remote_code_writes_a_folder_that_loads_without_the_package(folders, tmp_path, monkeypatch):
+    demo = tmp_path / "demo"
+    arguments = ["demo", "--output", str(demo), "--steps", "1", "--batch-size", "4", "--num-test", "4", "--no-progress"]
+    assert main([*arguments, "--remote-code"]) == 0
+    assert (demo / "kernels.py").is_file() and "auto_map" in read_json(demo / "config.json")
+    _, text = folders
+    remote = run_without_package((demo, text), tmp_path)
+    assert kernel_messages(remote) == []
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert_computes_what_the_package_computes((demo, text), remote)
 
 
 def test_the_kernel_sources_travel_inside_the_kernels_module(folders):
