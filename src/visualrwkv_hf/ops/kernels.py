@@ -234,7 +234,7 @@ class CompiledOp:
         flags = ["-O3", "-DCUDA_KERNEL"] if cflags is None else cflags
         # torch.utils.cpp_extension compiles for this GPU's architecture: part of the name
         tag = "sm_{}{}".format(*torch.cuda.get_device_capability())
-        return {"tag": tag, "extra_cflags": flags, "extra_cuda_cflags": ["-O3", "--use_fast_math", *flags[1:]]}
+        return {"tag": tag, "extra_cflags": flags, "extra_cuda_cflags": [*flags, "--use_fast_math"]}
 
     def extension_name(self, device_type: str, cflags: list[str] | None = None) -> str:
         """The build's name (its cache folder and torch.ops namespace): op, device type, ISA or GPU architecture, and
