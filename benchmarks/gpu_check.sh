@@ -8,16 +8,16 @@
 set -uo pipefail
 PYTHON="${PYTHON:-.venv/bin/python}"
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
-# the private builder raises with nvcc's full output, where cuda_kernel_ops() would only warn
+# build() raises with nvcc's full output, where a call of the op would only warn and run torch
 "$PYTHON" - <<'PY' || exit 1
 import time
 
 import torch
 
-from visualrwkv_hf.ops import kernels
+from visualrwkv_hf.ops import wkv6_compiled
 
 start = time.perf_counter()
-kernels._build_cuda_ops()
+wkv6_compiled.build("cuda")
 print(f"{torch.cuda.get_device_name()}: CUDA WKV6 kernel built and loaded in {time.perf_counter() - start:.0f} s")
 PY
 status=0

@@ -20,7 +20,7 @@ from visualrwkv_hf.ops.kernels import BACKEND_ENV, CompiledOp, KernelFunction
 
 
 def reference_float64(r, k, v, w, u, initial_state=None):
-    """The spec's recurrence step by step in float64 (log-decay clamped at -60, as every form)."""
+    """The RWKV-6 recurrence step by step in float64 (log-decay clamped at -60, as every form)."""
     r, k, v, w, u = (x.double() for x in (r, k, v, w, u))
     B, T, H, N = r.shape
     state = torch.zeros(B, H, N, N, dtype=torch.float64) if initial_state is None else initial_state.double()

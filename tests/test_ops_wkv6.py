@@ -1,4 +1,5 @@
-"""WKV6 forms against an independent float64 loop written from the spec formula (spec section 3)."""
+"""WKV6 forms against an independent float64 loop written from the WKV recurrence of the RWKV-6 paper (Peng et al.,
+2024, "Eagle and Finch")."""
 
 import sys
 

@@ -1,9 +1,12 @@
 """`add_remote_code`: a saved folder with the package's code in it loads with `trust_remote_code=True`, offline, in a
-Python where `visualrwkv_hf` cannot be imported, and computes what the package classes compute."""
+Python where `visualrwkv_hf` cannot be imported, and computes what the package classes compute: with the compiled
+WKV6 kernel built from the sources the folder carries where there is a compiler, with the torch op and not a word
+where there is none."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -23,6 +26,9 @@ from visualrwkv_hf import (
     VisualRWKVForConditionalGeneration,
 )
 from visualrwkv_hf import remote_code
+from visualrwkv_hf.cli import main
+from visualrwkv_hf.ops import kernels, wkv6_compiled
+from visualrwkv_hf.ops.kernels import BACKEND_ENV
 from visualrwkv_hf.remote_code import add_remote_code, flat_name, flattened_source, needed_modules
 
 from test_pipeline import IMAGE_SIZE, QUESTIONS, random_image, save_tiny_visualrwkv
@@ -32,7 +38,7 @@ TEXT_PROMPT = "User: Why is the sky blue?\n\nAssistant:"
 
 # Runs in `python -I` with every sys.path entry that holds the package removed (the editable install adds src/).
 WITHOUT_PACKAGE = r"""
-import importlib.util, json, os, sys
+import importlib.util, json, os, sys, warnings
 sys.path[:] = [entry for entry in sys.path if not os.path.isdir(os.path.join(entry, "visualrwkv_hf"))]
 try:
     import visualrwkv_hf
@@ -49,6 +55,9 @@ from transformers import (
 
 vlm_folder, text_folder, image_path, question, text_prompt, max_new_tokens, output_path = sys.argv[1:]
 max_new_tokens = int(max_new_tokens)
+warnings.simplefilter("always")
+recorded = warnings.catch_warnings(record=True)
+caught = recorded.__enter__()
 model = AutoModelForImageTextToText.from_pretrained(vlm_folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(vlm_folder, trust_remote_code=True)
 inputs = processor(images=Image.open(image_path), text=question, return_tensors="pt")
@@ -63,10 +72,20 @@ text_ids = tokenizer(text_prompt, return_tensors="pt")["input_ids"]
 with torch.no_grad():
     text_logits = text_model(text_ids).logits
 
+recorded.__exit__(None, None, None)
+
+
+def wkv6_op(model):  # the `wkv6_compiled` of the folder's code that `model` runs
+    layer = next(module for module in model.modules() if type(module).__name__ == "WKV6")
+    return sys.modules[type(layer).__module__].wkv6_compiled
+
+
 loaded = [model, processor, processor.tokenizer, pipe.model, text_model, tokenizer]
 torch.save(
     {
         "classes": [type(obj).__module__ + "." + type(obj).__name__ for obj in loaded],
+        "kernel_used": [wkv6_op(m).available("cpu") for m in (model, text_model)],
+        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
         "input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
         "answer": answer["generated_text"], "text_ids": text_ids, "text_logits": text_logits,
     },
@@ -104,7 +123,7 @@ def test_code_files_are_flat_and_import_each_other_by_file_name(folders):
     code_files = sorted(path.name for path in vlm.glob("*.py"))
     assert {"configuration_visualrwkv.py", "configuration_rwkv6.py", "configuration_rwkv_common.py",
             "modeling_visualrwkv.py", "modeling_rwkv6.py", "modeling_rwkv_common.py", "scanning.py", "ops.py",
-            "wkv6.py", "processing_visualrwkv.py", "tokenization_rwkv_world.py"} <= set(code_files)
+            "wkv6.py", "kernels.py", "processing_visualrwkv.py", "tokenization_rwkv_world.py"} <= set(code_files)
     assert "cli.py" not in code_files and "remote_code.py" not in code_files
     for name in code_files:
         source = (vlm / name).read_text(encoding="utf-8")
@@ -147,7 +166,9 @@ def test_adding_twice_changes_nothing(folders):
     assert {path.name: path.read_bytes() for path in vlm.iterdir()} == before
 
 
-def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monkeypatch):
+def run_without_package(folders, tmp_path, **env) -> dict:
+    """Loads both folders in a Python without the package (environment `env` on top of this one) and returns what
+    it computed."""
     vlm, text = folders
     image_path = tmp_path / "image.png"
     random_image(3, size=(IMAGE_SIZE + 9, IMAGE_SIZE + 3)).save(image_path)
@@ -157,6 +178,7 @@ def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monk
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf-home"),
         "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+        **env,
     }
     arguments = [vlm, text, image_path, QUESTIONS[0], TEXT_PROMPT, MAX_NEW_TOKENS, output_path]
     run = subprocess.run(
@@ -165,15 +187,18 @@ def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monk
     )
     assert run.returncode == 0, run.stderr[-4000:]
     remote = torch.load(output_path, weights_only=True)
+    remote.update(image_path=image_path, stderr=run.stderr)
     # Every object came from the folder's code, not from an installed package.
     assert all(name.startswith("transformers_modules.") for name in remote["classes"]), remote["classes"]
+    return remote
 
-    # The folder carries no C++ sources, so its copy runs the torch WKV op: compare against the same op here
-    # (the compiled kernel sums in another order, which moves fp32 logits by more than assert_close's tolerance).
-    monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", "torch")
+
+def assert_computes_what_the_package_computes(folders, remote):
+    """The package's classes on the same folders, with the WKV op in force here, give the remote run's results."""
+    vlm, text = folders
     model = VisualRWKVForConditionalGeneration.from_pretrained(vlm).eval()
     processor = AutoProcessor.from_pretrained(vlm)
-    inputs = processor(images=Image.open(image_path), text=QUESTIONS[0], return_tensors="pt")
+    inputs = processor(images=Image.open(remote["image_path"]), text=QUESTIONS[0], return_tensors="pt")
     assert torch.equal(inputs["input_ids"], remote["input_ids"])
     assert torch.equal(inputs["pixel_values"], remote["pixel_values"])
     with torch.no_grad():
@@ -187,6 +212,58 @@ def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monk
     assert torch.equal(text_ids, remote["text_ids"])
     with torch.no_grad():
         torch.testing.assert_close(text_model(text_ids).logits, remote["text_logits"])
+
+
+def kernel_messages(remote) -> list[str]:
+    """The remote run's warnings and log lines that speak of the WKV kernel or its build."""
+    lines = remote["warnings"] + remote["stderr"].splitlines()
+    return [line for line in lines if re.search(r"kernel|wkv|compil|torch implementation", line, re.IGNORECASE)]
+
+
+def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monkeypatch):
+    remote = run_without_package(folders, tmp_path)
+    # The folder carries the kernel sources: where this machine builds the kernel, the folder's code does too
+    # (from the same sources under the same build name, so it finds the build made here), else both run torch.
+    has_kernel = wkv6_compiled.available("cpu")
+    assert remote["kernel_used"] == [has_kernel, has_kernel]
+    assert kernel_messages(remote) == []
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert_computes_what_the_package_computes(folders, remote)
+
+
+def test_without_a_compiler_runs_the_torch_op_without_a_word(folders, tmp_path, monkeypatch):
+    # neither a compiler nor ninja on PATH, and an empty build cache: nothing can be built
+    no_tools, extensions = tmp_path / "no-tools", tmp_path / "extensions"
+    no_tools.mkdir()
+    remote = run_without_package(folders, tmp_path, PATH=str(no_tools), TORCH_EXTENSIONS_DIR=str(extensions))
+    assert remote["kernel_used"] == [False, False]
+    assert kernel_messages(remote) == []
+    assert not extensions.exists()
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert_computes_what_the_package_computes(folders, remote)
+
+
+def test_demo_with_remote_code_writes_a_folder_that_loads_without_the_package(folders, tmp_path, monkeypatch):
+    demo = tmp_path / "demo"
+    arguments = ["demo", "--output", str(demo), "--steps", "1", "--batch-size", "4", "--num-test", "4", "--no-progress"]
+    assert main([*arguments, "--remote-code"]) == 0
+    assert (demo / "kernels.py").is_file() and "auto_map" in read_json(demo / "config.json")
+    _, text = folders
+    remote = run_without_package((demo, text), tmp_path)
+    assert kernel_messages(remote) == []
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert_computes_what_the_package_computes((demo, text), remote)
+
+
+def test_the_kernel_sources_travel_inside_the_kernels_module(folders):
+    vlm, _ = folders
+    assert not (vlm / "csrc").exists()
+    spec = importlib.util.spec_from_file_location("remote_kernels", vlm / "kernels.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    embedded = copy.EMBEDDED_SOURCES
+    assert sorted(embedded) == wkv6_compiled.files()
+    assert all(embedded[path] == (kernels.CSRC / path).read_text(encoding="utf-8") for path in embedded)
 
 
 def test_refuses_folders_it_cannot_serve(tmp_path):

@@ -19,6 +19,11 @@ from safetensors import SafetensorError
 
 ALLOW_NONFINITE_HELP = "convert even if weights are NaN or infinite (refused by default: the model would compute NaN)"
 
+REMOTE_CODE_HELP = (
+    "also copy this package's code and kernel sources into the folder (auto_map), so it loads with "
+    "trust_remote_code=True where the package is not installed"
+)
+
 # What a command raises for a user's mistake; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, SafetensorError)
 
@@ -32,6 +37,11 @@ def visual_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, progress=not args.no_progress,
         overwrite=args.overwrite,
     )
+    if args.remote_code:
+        from .remote_code import add_remote_code
+
+        add_remote_code(args.output)
+        print(f"Added this package's code to {args.output}/: it loads with trust_remote_code=True without it.")
     return 0
 
 
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     visual.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty --output that no earlier demo wrote"
     )
+    visual.add_argument("--remote-code", action="store_true", help=REMOTE_CODE_HELP)
     visual.set_defaults(run=visual_demo)
 
     demo = commands.add_parser("lm-demo", help="build a tiny random RWKV-6 model, save, reload and generate")
@@ -338,8 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     convert_parser.add_argument(
-        "--remote-code", action="store_true",
-        help="also copy this package's code into the folder (auto_map) so it loads with trust_remote_code=True",
+        "--remote-code", action="store_true", help=REMOTE_CODE_HELP,
     )
     convert_parser.set_defaults(run=convert_visualrwkv)
 

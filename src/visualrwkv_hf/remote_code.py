@@ -7,6 +7,12 @@ WKV ops in a subpackage, so every needed module is copied under a flat name (`op
 `ops/wkv6.py` -> `wkv6.py`, top-level modules keep theirs) and its relative imports are rewritten to those names. The
 modules to copy are found by following the relative imports of the modules that define the Auto classes, so a new
 module of the package travels as soon as one of them imports it.
+
+The compiled ops' C++ / CUDA sources (csrc/) travel too, as text inside the copy of `ops/kernels.py`
+(`EMBEDDED_SOURCES`): transformers copies only a folder's Python files into its modules cache, so files beside them
+would not be found. The copy builds its kernels from that text exactly as the package does (same build names, so a
+machine that built them for one uses them for the other), and runs the torch op without a word where nothing can be
+compiled.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .configuration_rwkv6 import Rwkv6Config
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration, VisualRWKVModel
+from .ops import kernels
 from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
 
@@ -42,6 +49,8 @@ PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 RELATIVE_IMPORT = re.compile(r"^(\s*from\s+)(\.+[\w.]*)(\s+import\b)")
+# the line of `ops/kernels.py` whose copy carries the compiled ops' sources
+EMBEDDED_SOURCES_LINE = "EMBEDDED_SOURCES: dict[str, str] = {}\n"
 
 
 def source_file(module_name: str) -> Path:
@@ -105,6 +114,21 @@ def flattened_source(module_name: str) -> str:
     return "".join(lines)
 
 
+def with_kernel_sources(source: str) -> str:
+    """The source of `ops/kernels.py` with `EMBEDDED_SOURCES` holding every registered op's csrc/ files."""
+    if source.count(EMBEDDED_SOURCES_LINE) != 1:
+        raise ValueError(f"ops/kernels.py must define {EMBEDDED_SOURCES_LINE.strip()!r} once, on a line of its own.")
+    files = sorted({path for op in kernels.COMPILED_OPS.values() for path in op.files()})
+    embedded = "".join(f"    {path!r}: {kernels.read_source(path)!r},\n" for path in files)
+    return source.replace(EMBEDDED_SOURCES_LINE, f"EMBEDDED_SOURCES: dict[str, str] = {{\n{embedded}}}\n")
+
+
+def module_source(module_name: str) -> str:
+    """What a module's copy in a saved folder holds: its flattened source, with the kernel sources in `ops.kernels`."""
+    source = flattened_source(module_name)
+    return with_kernel_sources(source) if module_name == kernels.__name__.split(".", 1)[1] else source
+
+
 def class_reference(cls: type) -> str:
     """`"<flat module>.<class>"`, the form `auto_map` takes."""
     return f"{flat_name(cls.__module__)}.{cls.__name__}"
@@ -122,7 +146,8 @@ def add_remote_code(folder: str | os.PathLike) -> list[str]:
     copies the package modules its classes need, flattened, into `folder` and writes `auto_map` into `config.json`
     (AutoConfig, AutoModel and AutoModelForImageTextToText, or AutoModelForCausalLM for a text model) and, when they
     are present, `processor_config.json` (AutoProcessor) and `tokenizer_config.json` (AutoTokenizer, and
-    AutoProcessor for loaders that look there). The tokenizer's vocabulary file is the one `save_pretrained` wrote.
+    AutoProcessor for loaders that look there). The tokenizer's vocabulary file is the one `save_pretrained` wrote;
+    the compiled ops' sources travel inside the copy of `ops/kernels.py`.
 
     Returns the names of the code files written.
     """
@@ -151,7 +176,7 @@ def add_remote_code(folder: str | os.PathLike) -> list[str]:
     if len(set(flat_names)) != len(flat_names):
         raise ValueError(f"Modules {modules} do not flatten to distinct file names; rename one of them.")
     for module_name in modules:
-        (folder / f"{flat_name(module_name)}.py").write_text(flattened_source(module_name), encoding="utf-8")
+        (folder / f"{flat_name(module_name)}.py").write_text(module_source(module_name), encoding="utf-8")
 
     for json_path, classes in auto_maps.items():
         add_auto_map(

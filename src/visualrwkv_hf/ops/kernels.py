@@ -54,6 +54,7 @@ local build or (`repo_id=`) a kernel-builder build of csrc/<op>/ on the Hub, run
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -233,7 +234,7 @@ class CompiledOp:
         flags = ["-O3", "-DCUDA_KERNEL"] if cflags is None else cflags
         # torch.utils.cpp_extension compiles for this GPU's architecture: part of the name
         tag = "sm_{}{}".format(*torch.cuda.get_device_capability())
-        return {"tag": tag, "extra_cflags": flags, "extra_cuda_cflags": ["-O3", "--use_fast_math", *flags[1:]]}
+        return {"tag": tag, "extra_cflags": flags, "extra_cuda_cflags": [*flags, "--use_fast_math"]}
 
     def extension_name(self, device_type: str, cflags: list[str] | None = None) -> str:
         """The build's name (its cache folder and torch.ops namespace): op, device type, ISA or GPU architecture, and
@@ -355,8 +356,9 @@ class KernelRepository:
         self.op, self.repo_id, self.revision = op, repo_id, revision
 
     def _hub_kernel_for(self) -> Callable:
-        from kernels import get_kernel
-
+        # imported by name when called: only Hub builds need `kernels`, and transformers' remote-code loader would
+        # require every package a copied module imports with an import statement
+        get_kernel = importlib.import_module("kernels").get_kernel
         ops = get_kernel(self.repo_id, revision=self.revision).ops
         hub = SimpleNamespace(forward=ops.forward, backward=ops.backward)
 
