@@ -24,7 +24,8 @@ from .tokenization_rwkv_world import RwkvWorldTokenizer
 from .training import LORA_TARGETS, freeze_for_training, lora_config
 
 AutoConfig.register(Rwkv6Config.model_type, Rwkv6Config, exist_ok=True)
-# Folders saved under an older model type load as the current class (which then saves under the current name).
+# Folders saved under an older model type load as the current class (which then saves under the current name);
+# registered in the mapping itself, as `AutoConfig.register` accepts only the class's own `model_type`.
 for legacy_model_type in Rwkv6Config.legacy_model_types:
     CONFIG_MAPPING.register(legacy_model_type, Rwkv6Config, exist_ok=True)
 AutoModel.register(Rwkv6Config, Rwkv6Model, exist_ok=True)
