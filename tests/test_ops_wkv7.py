@@ -7,7 +7,9 @@ reproduces the layer's projections around the op (token shift, decay, kk, a, the
 its source) to compare the final state and the layer output.
 """
 
+import hashlib
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +356,179 @@ def test_empty_sequence_returns_initial_state(form):
     *inputs, s0 = make_inputs(1, 0, 2, 8)
     y, s = form(*inputs, s0)
     assert y.shape == (1, 0, 2, 8) and torch.equal(s.float(), s0)
+
+
+# --- the compiled kernels (csrc/wkv7): CPU here, CUDA wherever a GPU is present ---------------------------------------
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc" / "wkv7"
+
+
+def build_kernel(device_type):
+    """The kernel for "cpu" or "cuda", built (cached) with the package's CPU flags."""
+    from torch.utils.cpp_extension import load
+
+    from visualrwkv_hf.ops.kernels import cpu_build_flags
+
+    kernel = {"cpu": "wkv7_cpu/wkv7_cpu.cpp", "cuda": "wkv7_cuda/wkv7_cuda.cu"}[device_type]
+    sources = [CSRC / kernel, CSRC / "torch-ext" / "torch_binding.cpp"]
+    flags = cpu_build_flags() if device_type == "cpu" else ["-O3", "-DCUDA_KERNEL"]
+    digest = hashlib.sha256(" ".join(flags + [torch.__version__]).encode())
+    for path in sorted(CSRC.rglob("*.[ch]*")):
+        digest.update(path.read_bytes())
+    name = f"visualrwkv_wkv7_test_{device_type}_{digest.hexdigest()[:12]}"
+    load(name=name, sources=[str(p) for p in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+         extra_cuda_cflags=["-O3", "--use_fast_math", "-DCUDA_KERNEL"], is_python_module=False, verbose=False)
+    return getattr(torch.ops, name)
+
+
+class KernelWKV7(torch.autograd.Function):
+    """Autograd around the kernel's forward / backward (the backward recomputes the states from the inputs)."""
+
+    @staticmethod
+    def forward(ctx, ops, *inputs):
+        ctx.ops = ops
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        return tuple(ops.forward(*inputs))
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_state):
+        inputs = ctx.saved_tensors
+        if grad_y is None:
+            acc = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+            grad_y = torch.zeros(inputs[0].shape, dtype=acc, device=inputs[0].device)
+        *grads, grad_initial = ctx.ops.backward(*inputs, grad_y, grad_state)
+        return None, *grads, (grad_initial if inputs[-1] is not None else None)
+
+
+def kernel_form(ops):
+    return lambda *inputs: KernelWKV7.apply(ops, *inputs)
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    return build_kernel("cpu")
+
+
+KERNEL_CASES = [  # B, T, H, N, decays, with_state
+    (1, 1, 2, 64, "rwkv7", False),  # T = 1
+    (2, 1, 2, 8, "extreme", True),
+    (2, 7, 3, 16, "rwkv7", True),  # T < chunk
+    (2, 16, 2, 16, "extreme", False),  # exactly one chunk of the backward
+    (2, 37, 2, 64, "rwkv7", True),  # odd, ragged last chunk
+    (2, 45, 2, 16, "extreme", True),
+    (1, 60, 2, 16, "general", True),  # RWKV-6-like decays, w = +100, a full reset
+    (2, 33, 3, 5, "rwkv7", True),  # head size of no vector width
+    (1, 600, 2, 32, "rwkv7", True),  # long
+]
+
+
+def assert_kernel_matches_reference(ops, B, T, H, N, decays, with_state, device="cpu"):
+    inputs = make_inputs(B, T, H, N, seed=20 + T + N, decays=decays, with_state=with_state)
+    g = torch.Generator().manual_seed(21)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    on_device = [None if x is None else x.to(device) for x in inputs]
+    y, s = kernel_form(ops)(*on_device)
+    assert y.device.type == device
+    assert_close((y.cpu(), s.cpu()), wkv7_reference(*inputs))
+    got = grads_of(kernel_form(ops), on_device, grad_y.to(device), grad_s.to(device), torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        if g_ref is None:
+            assert g_got is None
+            continue
+        assert torch.isfinite(g_got).all(), name
+        assert rel_err(g_got.cpu(), g_ref) < GRAD_TOL, (name, rel_err(g_got.cpu(), g_ref))
+
+
+@pytest.mark.parametrize("B,T,H,N,decays,with_state", KERNEL_CASES)
+def test_cpu_kernel_matches_float64_reference(cpu_ops, B, T, H, N, decays, with_state):
+    assert_kernel_matches_reference(cpu_ops, B, T, H, N, decays, with_state)
+
+
+def test_cpu_kernel_repeated_key_with_full_erasure(cpu_ops):
+    # singular transitions (iclr = 1 on one unit key, decays ~1): the backward never inverts a step
+    B, T, H, N = 1, 70, 2, 16
+    r, w, k, v, _, _, s0 = make_inputs(B, T, H, N, seed=15)
+    kk = F.normalize(torch.randn(B, 1, H, N, generator=torch.Generator().manual_seed(16)), dim=-1).expand(B, T, H, N)
+    inputs = [r, torch.full_like(w, -21.0), k, v, -kk, kk.contiguous(), s0]
+    assert_close(kernel_form(cpu_ops)(*inputs), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(17)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    got = grads_of(kernel_form(cpu_ops), inputs, grad_y, grad_s, torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert rel_err(g_got, g_ref) < GRAD_TOL, (name, rel_err(g_got, g_ref))
+
+
+@pytest.mark.parametrize("N", [4, 16])
+def test_cpu_kernel_gradcheck_float64(cpu_ops, N):
+    # float64 inputs run the kernel in float64: finite differences against its backward, across two chunks
+    inputs = make_inputs(2, 19, 1, N, seed=22, decays="extreme")
+    leaves = [x.double().requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(kernel_form(cpu_ops), leaves, fast_mode=True)
+
+
+def test_cpu_kernel_gradients_finite_past_the_decay_clamp(cpu_ops):
+    r, w, k, v, a, b, s0 = make_inputs(1, 33, 2, 8, seed=10)
+    w[..., :3] = 100.0
+    w = w.requires_grad_()
+    y, s = kernel_form(cpu_ops)(r, w, k, v, a, b, s0)
+    (y.sum() + s.sum()).backward()
+    assert torch.isfinite(w.grad).all()
+    assert (w.grad[..., :3] == 0).all()  # past the clamp the decay is constant, as in the torch forms
+
+
+def test_cpu_kernel_matches_chunked_form(cpu_ops):
+    inputs = make_inputs(2, 90, 2, 64, seed=23)
+    assert_close(kernel_form(cpu_ops)(*inputs), wkv7_chunked(*inputs), tol=1e-5)
+
+
+def test_cpu_kernel_prefix_then_continuation_equals_full_run(cpu_ops):
+    r, w, k, v, a, b, s0 = make_inputs(2, 90, 2, 16, seed=5)
+    run = kernel_form(cpu_ops)
+    y_full, s_full = run(r, w, k, v, a, b, s0)
+    y_a, s_a = run(*(x[:, :41] for x in (r, w, k, v, a, b)), s0)
+    y_b, s_b = run(*(x[:, 41:] for x in (r, w, k, v, a, b)), s_a)
+    assert_close((torch.cat([y_a, y_b], 1), s_b), (y_full, s_full), tol=1e-5)
+
+
+def test_cpu_kernel_gradient_of_final_state_only(cpu_ops):
+    # y unused (a prefill whose outputs are dropped): the backward gets no y gradient
+    inputs = make_inputs(1, 20, 2, 16, seed=24)
+    grad_s = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(25))
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    (kernel_form(cpu_ops)(*leaves)[1] * grad_s).sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in inputs]
+    (wkv7_reference(*ref)[1] * grad_s.double()).sum().backward()
+    assert ref[0].grad is None and not leaves[0].grad.any()  # r reaches only y
+    for name, x, x_ref in zip(NAMES[1:], leaves[1:], ref[1:]):
+        assert rel_err(x.grad, x_ref.grad) < GRAD_TOL, name
+
+
+def test_cpu_kernel_empty_sequence_passes_the_state_through(cpu_ops):
+    inputs = make_inputs(2, 0, 2, 8)
+    leaves = [x.requires_grad_() for x in inputs]
+    y, s = kernel_form(cpu_ops)(*leaves)
+    assert y.shape == (2, 0, 2, 8) and torch.equal(s, inputs[-1])
+    grad_s = torch.randn_like(s)
+    (s * grad_s).sum().backward()
+    assert torch.equal(leaves[-1].grad, grad_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_half_inputs(cpu_ops, dtype):
+    # fp32 math and state on the rounded inputs: the reference sees exactly those; gradients in the inputs' dtype
+    B, T, H, N = 2, 40, 2, 16
+    *low, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in low] + [s0]
+    y, s = kernel_form(cpu_ops)(*inputs)
+    assert y.dtype == s.dtype == torch.float32
+    assert_close((y, s), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    y, s = kernel_form(cpu_ops)(*leaves)
+    ((y * grad_y).sum() + (s * grad_s).sum()).backward()
+    for name, x, ref in zip(NAMES, leaves, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert x.grad.dtype == x.dtype, name
+        # rounding the gradient itself to 8 / 11 bits
+        assert rel_err(x.grad, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name

@@ -23,11 +23,11 @@
 #include <torch/all.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
+#include "../wkv7_checks.h"
 #include "wkv7_cpu.h"
 
 namespace {
@@ -211,7 +211,7 @@ void backward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* initial_stat
   const Dims& dims = in.dims;
   const int64_t N = dims.N, NN = N * N, T = dims.T, chunks = (T + kChunk - 1) / kChunk;
   ChunkRows<acc_t> rows(N, std::min(kChunk, std::max<int64_t>(T, 1)));
-  std::vector<acc_t> checkpoints(chunks * NN), states((kChunk + 1) * NN), sa(kChunk * N), scratch(7 * N);
+  std::vector<acc_t> checkpoints(chunks * NN), states((kChunk + 1) * NN), sa(kChunk * N), scratch(2 * N);
   for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
     // pass 1: the state entering each chunk
     acc_t* S = states.data();
@@ -245,21 +245,6 @@ void backward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* initial_stat
                       rows.b + row, rows.dy + row, out, N);
       }
     }
-  }
-}
-
-void check_inputs(const torch::Tensor& r, const torch::Tensor& w, const torch::Tensor& k, const torch::Tensor& v,
-                  const torch::Tensor& a, const torch::Tensor& b, const std::optional<torch::Tensor>& initial_state) {
-  TORCH_CHECK(r.dim() == 4, "wkv7: r must be (batch, time, heads, head_size)");
-  for (const torch::Tensor* x : {&w, &k, &v, &a, &b}) {
-    TORCH_CHECK(x->sizes() == r.sizes(), "wkv7: r, w, k, v, a, b must have the same shape");
-    TORCH_CHECK(x->scalar_type() == r.scalar_type(), "wkv7: r, w, k, v, a, b must have the same dtype");
-  }
-  if (initial_state.has_value()) {
-    const auto& s = *initial_state;
-    TORCH_CHECK(s.dim() == 4 && s.size(0) == r.size(0) && s.size(1) == r.size(2) && s.size(2) == r.size(3) &&
-                    s.size(3) == r.size(3),
-                "wkv7: initial_state must be (batch, heads, head_size, head_size)");
   }
 }
 
@@ -297,7 +282,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv7_forward_cpu(const torch::Tensor& r
                                                           const torch::Tensor& k, const torch::Tensor& v,
                                                           const torch::Tensor& a, const torch::Tensor& b,
                                                           const std::optional<torch::Tensor>& initial_state) {
-  check_inputs(r, w, k, v, a, b, initial_state);
+  wkv7_check_inputs(r, w, k, v, a, b, initial_state);
   const Dims dims = dims_of(r);
   const auto acc = r.options().dtype(acc_dtype(r));
   const auto c = prepare(r, w, k, v, a, b);
@@ -319,8 +304,8 @@ WKV7Grads wkv7_backward_cpu(const torch::Tensor& r, const torch::Tensor& w, cons
                             const torch::Tensor& v, const torch::Tensor& a, const torch::Tensor& b,
                             const std::optional<torch::Tensor>& initial_state, const torch::Tensor& grad_y,
                             const std::optional<torch::Tensor>& grad_final_state) {
-  check_inputs(r, w, k, v, a, b, initial_state);
-  TORCH_CHECK(grad_y.sizes() == r.sizes(), "wkv7: grad_y must have the shape of r");
+  wkv7_check_inputs(r, w, k, v, a, b, initial_state);
+  wkv7_check_grad_y(r, grad_y);
   const Dims dims = dims_of(r);
   const auto acc = r.options().dtype(acc_dtype(r));
   const auto c = prepare(r, w, k, v, a, b);
