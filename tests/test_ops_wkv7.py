@@ -9,6 +9,8 @@ its source) to compare the final state and the layer output.
 
 import hashlib
 import importlib.util
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -532,3 +534,92 @@ def test_cpu_kernel_half_inputs(cpu_ops, dtype):
         assert x.grad.dtype == x.dtype, name
         # rounding the gradient itself to 8 / 11 bits
         assert rel_err(x.grad, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit) on the PATH")
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    """The CUDA source compiles (every dtype and head size, for sm_80) where there is nvcc but maybe no GPU, with the
+    flags torch's extension builder adds."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    includes = include_paths("cpu")
+    # a CPU-only torch ships c10/cuda's headers but not the one its CUDA build generates, which defines one macro
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in includes):
+        stub = tmp_path / "include" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(tmp_path / "include"))
+    command = [
+        NVCC, "-std=c++17", "-O3", "--use_fast_math", "-DCUDA_KERNEL", *COMMON_NVCC_FLAGS,
+        "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", *(f"-I{p}" for p in includes),
+        "-c", str(CSRC / "wkv7_cuda" / "wkv7_cuda.cu"), "-o", str(tmp_path / "wkv7_cuda.o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    return build_kernel("cuda")
+
+
+CUDA_CASES = [  # B, T, H, N, decays, with_state: head sizes the kernel is instantiated for
+    (1, 1, 2, 64, "rwkv7", False),
+    (2, 7, 3, 16, "rwkv7", True),
+    (2, 16, 2, 32, "extreme", False),
+    (2, 37, 2, 64, "rwkv7", True),
+    (2, 45, 2, 16, "extreme", True),
+    (1, 60, 2, 16, "general", True),
+    (1, 600, 2, 32, "rwkv7", True),
+    (1, 50, 1, 128, "rwkv7", True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,T,H,N,decays,with_state", CUDA_CASES)
+def test_cuda_kernel_matches_float64_reference(cuda_ops, B, T, H, N, decays, with_state):
+    assert_kernel_matches_reference(cuda_ops, B, T, H, N, decays, with_state, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_half_inputs(cuda_ops, dtype):
+    B, T, H, N = 2, 40, 2, 64
+    *low, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in low] + [s0]
+    y, s = kernel_form(cuda_ops)(*(x.cuda() for x in inputs))
+    assert y.dtype == s.dtype == torch.float32
+    assert_close((y.cpu(), s.cpu()), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    leaves = [x.cuda().requires_grad_() for x in inputs]
+    y, s = kernel_form(cuda_ops)(*leaves)
+    ((y * grad_y.cuda()).sum() + (s * grad_s.cuda()).sum()).backward()
+    for name, x, ref in zip(NAMES, leaves, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert x.grad.dtype == x.dtype, name
+        assert rel_err(x.grad.cpu(), ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+@needs_cuda
+def test_cuda_kernel_prefix_then_continuation_and_empty(cuda_ops):
+    r, w, k, v, a, b, s0 = (x.cuda() for x in make_inputs(2, 90, 2, 64, seed=5))
+    run = kernel_form(cuda_ops)
+    y_full, s_full = run(r, w, k, v, a, b, s0)
+    y_a, s_a = run(*(x[:, :41] for x in (r, w, k, v, a, b)), s0)
+    y_b, s_b = run(*(x[:, 41:] for x in (r, w, k, v, a, b)), s_a)
+    assert_close((torch.cat([y_a, y_b], 1).cpu(), s_b.cpu()), (y_full.cpu(), s_full.cpu()), tol=1e-5)
+    y0, s0_out = run(*(x[:, :0] for x in (r, w, k, v, a, b)), s0)
+    assert y0.shape == (2, 0, 2, 64) and torch.equal(s0_out, s0)
+
+
+@needs_cuda
+def test_cuda_kernel_rejects_head_sizes_it_has_no_instance_for(cuda_ops):
+    inputs = [x.cuda() for x in make_inputs(1, 4, 2, 8, seed=1)]
+    with pytest.raises(RuntimeError, match="head size must be 16, 32, 64 or 128"):
+        kernel_form(cuda_ops)(*inputs)
