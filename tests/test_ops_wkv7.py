@@ -7,7 +7,6 @@ reproduces the layer's projections around the op (token shift, decay, kk, a, the
 its source) to compare the final state and the layer output.
 """
 
-import hashlib
 import importlib.util
 import shutil
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visualrwkv_hf.ops import wkv7, wkv7_chunked, wkv7_recurrent, wkv7_reference
+from visualrwkv_hf.ops import WKV7, set_wkv_backend, wkv7, wkv7_chunked, wkv7_compiled, wkv7_recurrent, wkv7_reference
+from visualrwkv_hf.ops.kernels import BACKEND_ENV, KernelFunction
 from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
 
 # WKV6's tolerance and checks (max abs error relative to the output's max abs value) hold for every WKV7 form too
@@ -330,7 +330,7 @@ def test_chunked_function_gradcheck_float64(L):
     assert torch.autograd.gradcheck(_ChunkedWKV7.apply, inputs)
 
 
-@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7, wkv7_reference])
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7, wkv7_reference, wkv7_compiled])
 def test_bad_inputs_raise(form):
     r, w, k, v, a, b, s0 = make_inputs(2, 5, 2, 8, seed=12)
     with pytest.raises(ValueError, match="r, w, k, v, a, b must all have shape"):
@@ -365,51 +365,19 @@ def test_empty_sequence_returns_initial_state(form):
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "wkv7"
 
 
-def build_kernel(device_type):
-    """The kernel for "cpu" or "cuda", built (cached) with the package's CPU flags."""
-    from torch.utils.cpp_extension import load
-
-    from visualrwkv_hf.ops.kernels import cpu_build_flags
-
-    kernel = {"cpu": "wkv7_cpu/wkv7_cpu.cpp", "cuda": "wkv7_cuda/wkv7_cuda.cu"}[device_type]
-    sources = [CSRC / kernel, CSRC / "torch-ext" / "torch_binding.cpp"]
-    flags = cpu_build_flags() if device_type == "cpu" else ["-O3", "-DCUDA_KERNEL"]
-    digest = hashlib.sha256(" ".join(flags + [torch.__version__]).encode())
-    for path in sorted(CSRC.rglob("*.[ch]*")):
-        digest.update(path.read_bytes())
-    name = f"visualrwkv_wkv7_test_{device_type}_{digest.hexdigest()[:12]}"
-    load(name=name, sources=[str(p) for p in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         extra_cuda_cflags=["-O3", "--use_fast_math", "-DCUDA_KERNEL"], is_python_module=False, verbose=False)
-    return getattr(torch.ops, name)
-
-
-class KernelWKV7(torch.autograd.Function):
-    """Autograd around the kernel's forward / backward (the backward recomputes the states from the inputs)."""
-
-    @staticmethod
-    def forward(ctx, ops, *inputs):
-        ctx.ops = ops
-        ctx.save_for_backward(*inputs)
-        ctx.set_materialize_grads(False)
-        return tuple(ops.forward(*inputs))
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_state):
-        inputs = ctx.saved_tensors
-        if grad_y is None:
-            acc = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
-            grad_y = torch.zeros(inputs[0].shape, dtype=acc, device=inputs[0].device)
-        *grads, grad_initial = ctx.ops.backward(*inputs, grad_y, grad_state)
-        return None, *grads, (grad_initial if inputs[-1] is not None else None)
-
-
 def kernel_form(ops):
-    return lambda *inputs: KernelWKV7.apply(ops, *inputs)
+    """The kernel `ops` with the package's autograd wrapper (whatever device its inputs are on)."""
+    return lambda *inputs: KernelFunction.apply(ops, *inputs)
 
 
 @pytest.fixture(scope="module")
 def cpu_ops():
-    return build_kernel("cpu")
+    set_wkv_backend("auto")
+    compiled = wkv7_compiled.kernel_for("cpu", 64)
+    set_wkv_backend(None)
+    if compiled is None:
+        pytest.skip("the WKV7 CPU kernel cannot be built here")
+    return compiled
 
 
 KERNEL_CASES = [  # B, T, H, N, decays, with_state
@@ -536,6 +504,28 @@ def test_cpu_kernel_half_inputs(cpu_ops, dtype):
         assert rel_err(x.grad, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
 
 
+
+def test_compiled_op_and_layer_run_the_cpu_kernel(cpu_ops):
+    # the public op and the model's layer: the kernel's result (bit for bit), within fp32 rounding of the torch form
+    *inputs, s0 = make_inputs(2, 50, 2, 64, seed=26)
+    expected = kernel_form(cpu_ops)(*inputs, s0)
+    for result in (wkv7_compiled(*inputs, s0), WKV7()(*inputs, initial_state=s0)):
+        assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, expected))
+    assert_close(expected, wkv7(*inputs, s0), tol=1e-5)
+
+
+def test_backend_switch_runs_the_torch_form_without_building(monkeypatch):
+    def unexpected_build(device_type, cflags=None):
+        raise AssertionError("the torch backend must not build anything")
+
+    monkeypatch.setattr(wkv7_compiled, "build", unexpected_build)
+    monkeypatch.setattr(wkv7_compiled, "_loaded", {})
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    inputs = make_inputs(1, 9, 2, 16)
+    result = wkv7_compiled(*inputs, chunk_size=8)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, wkv7(*inputs, chunk_size=8)))
+    assert not wkv7_compiled.available("cpu")
+
 NVCC = shutil.which("nvcc")
 
 
@@ -566,7 +556,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def cuda_ops():
-    return build_kernel("cuda")
+    set_wkv_backend("auto")
+    compiled = wkv7_compiled.kernel_for("cuda", 64)
+    set_wkv_backend(None)
+    # on a machine with a GPU the CUDA build is part of the package: a failure fails, never skips
+    assert compiled is not None, "the CUDA WKV7 kernel failed to build (see the warning)"
+    return compiled
 
 
 CUDA_CASES = [  # B, T, H, N, decays, with_state: head sizes the kernel is instantiated for
@@ -619,7 +614,14 @@ def test_cuda_kernel_prefix_then_continuation_and_empty(cuda_ops):
 
 
 @needs_cuda
-def test_cuda_kernel_rejects_head_sizes_it_has_no_instance_for(cuda_ops):
-    inputs = [x.cuda() for x in make_inputs(1, 4, 2, 8, seed=1)]
+def test_cuda_dispatch_and_torch_fallback(cuda_ops):
+    inputs = [x.cuda() for x in make_inputs(2, 30, 2, 64, seed=27)]
+    result = wkv7_compiled(*inputs)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, kernel_form(cuda_ops)(*inputs)))
+    assert_close(tuple(x.cpu() for x in result), wkv7_reference(*(x.cpu() for x in inputs)))
+    # a head size the kernel has no instance for runs the torch form; the kernel itself refuses it
+    odd = [x.cuda() for x in make_inputs(1, 4, 2, 8, seed=1)]
+    assert not wkv7_compiled.available("cuda", 8)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(wkv7_compiled(*odd), wkv7(*odd)))
     with pytest.raises(RuntimeError, match="head size must be 16, 32, 64 or 128"):
-        kernel_form(cuda_ops)(*inputs)
+        kernel_form(cuda_ops)(*odd)
