@@ -5,6 +5,10 @@ The package has no stand-alone WKV7 function on the CPU: its recurrence sits inl
 `RWKV_x070_TMix_seq` (with RWKV_CUDA_ON unset, a per-step loop). The package test runs that layer function and
 reproduces the layer's projections around the op (token shift, decay, kk, a, the GroupNorm and r_k bonus, as read in
 its source) to compare the final state and the layer output.
+
+The compiled kernels (csrc/wkv7, through `wkv7_compiled`) are held to the same reference: the CPU kernel here, the
+CUDA kernel wherever there is a GPU (those tests skip otherwise); the CUDA source is compile-checked wherever nvcc is
+on the PATH, GPU or not.
 """
 
 import importlib.util
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from visualrwkv_hf.ops import WKV7, set_wkv_backend, wkv7, wkv7_chunked, wkv7_compiled, wkv7_recurrent, wkv7_reference
-from visualrwkv_hf.ops.kernels import BACKEND_ENV, KernelFunction
+from visualrwkv_hf.ops.kernels import BACKEND_ENV, CSRC, KernelFunction
 from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
 
 # WKV6's tolerance and checks (max abs error relative to the output's max abs value) hold for every WKV7 form too
@@ -362,9 +366,6 @@ def test_empty_sequence_returns_initial_state(form):
 
 # --- the compiled kernels (csrc/wkv7): CPU here, CUDA wherever a GPU is present ---------------------------------------
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc" / "wkv7"
-
-
 def kernel_form(ops):
     """The kernel `ops` with the package's autograd wrapper (whatever device its inputs are on)."""
     return lambda *inputs: KernelFunction.apply(ops, *inputs)
@@ -545,7 +546,7 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     command = [
         NVCC, "-std=c++17", "-O3", "--use_fast_math", "-DCUDA_KERNEL", *COMMON_NVCC_FLAGS,
         "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", *(f"-I{p}" for p in includes),
-        "-c", str(CSRC / "wkv7_cuda" / "wkv7_cuda.cu"), "-o", str(tmp_path / "wkv7_cuda.o"),
+        "-c", str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_cuda.cu"), "-o", str(tmp_path / "wkv7_cuda.o"),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
