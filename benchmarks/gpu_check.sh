@@ -23,4 +23,10 @@ PY
 status=0
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py -k cuda || status=1
 "$PYTHON" benchmarks/bench_wkv6_cuda.py "$@" || status=1
+# WKV7: the CUDA kernel's build (raising with nvcc's output), its tests against the float64 reference (not the nvcc
+# compile check: the build covers it) and kernel vs chunked torch form at the op level
+"$PYTHON" -c "from visualrwkv_hf.ops import wkv7_compiled; wkv7_compiled.build('cuda'); print('CUDA WKV7 kernel built')" \
+  || status=1
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_wkv7.py -k "cuda and not nvcc" || status=1
+"$PYTHON" benchmarks/bench_wkv7.py --device cuda --forms kernel chunked --lengths 512 4096 --heads 32 || status=1
 exit $status

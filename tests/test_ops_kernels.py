@@ -301,7 +301,7 @@ def test_set_backend_overrides_env(monkeypatch):
 def test_import_builds_nothing():
     code = (
         "import visualrwkv_hf, visualrwkv_hf.ops.kernels as k; "
-        "assert [op._loaded for op in k.COMPILED_OPS.values()] == [{}]; print('ok')"
+        "assert all(op._loaded == {} for op in k.COMPILED_OPS.values()); print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

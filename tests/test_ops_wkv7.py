@@ -5,15 +5,23 @@ The package has no stand-alone WKV7 function on the CPU: its recurrence sits inl
 `RWKV_x070_TMix_seq` (with RWKV_CUDA_ON unset, a per-step loop). The package test runs that layer function and
 reproduces the layer's projections around the op (token shift, decay, kk, a, the GroupNorm and r_k bonus, as read in
 its source) to compare the final state and the layer output.
+
+The compiled kernels (csrc/wkv7, through `wkv7_compiled`) are held to the same reference: the CPU kernel here, the
+CUDA kernel wherever there is a GPU (those tests skip otherwise); the CUDA source is compile-checked wherever nvcc is
+on the PATH, GPU or not.
 """
 
 import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from visualrwkv_hf.ops import wkv7, wkv7_chunked, wkv7_recurrent, wkv7_reference
+from visualrwkv_hf.ops import WKV7, set_wkv_backend, wkv7, wkv7_chunked, wkv7_compiled, wkv7_recurrent, wkv7_reference
+from visualrwkv_hf.ops.kernels import BACKEND_ENV, CSRC, KernelFunction
 from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
 
 # WKV6's tolerance and checks (max abs error relative to the output's max abs value) hold for every WKV7 form too
@@ -326,7 +334,7 @@ def test_chunked_function_gradcheck_float64(L):
     assert torch.autograd.gradcheck(_ChunkedWKV7.apply, inputs)
 
 
-@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7, wkv7_reference])
+@pytest.mark.parametrize("form", [wkv7_chunked, wkv7_recurrent, wkv7, wkv7_reference, wkv7_compiled])
 def test_bad_inputs_raise(form):
     r, w, k, v, a, b, s0 = make_inputs(2, 5, 2, 8, seed=12)
     with pytest.raises(ValueError, match="r, w, k, v, a, b must all have shape"):
@@ -354,3 +362,267 @@ def test_empty_sequence_returns_initial_state(form):
     *inputs, s0 = make_inputs(1, 0, 2, 8)
     y, s = form(*inputs, s0)
     assert y.shape == (1, 0, 2, 8) and torch.equal(s.float(), s0)
+
+
+# --- the compiled kernels (csrc/wkv7): CPU here, CUDA wherever a GPU is present ---------------------------------------
+
+def kernel_form(ops):
+    """The kernel `ops` with the package's autograd wrapper (whatever device its inputs are on)."""
+    return lambda *inputs: KernelFunction.apply(ops, *inputs)
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    set_wkv_backend("auto")
+    compiled = wkv7_compiled.kernel_for("cpu", 64)
+    set_wkv_backend(None)
+    if compiled is None:
+        pytest.skip("the WKV7 CPU kernel cannot be built here")
+    return compiled
+
+
+KERNEL_CASES = [  # B, T, H, N, decays, with_state
+    (1, 1, 2, 64, "rwkv7", False),  # T = 1
+    (2, 1, 2, 8, "extreme", True),
+    (2, 7, 3, 16, "rwkv7", True),  # T < chunk
+    (2, 16, 2, 16, "extreme", False),  # exactly one chunk of the backward
+    (2, 37, 2, 64, "rwkv7", True),  # odd, ragged last chunk
+    (2, 45, 2, 16, "extreme", True),
+    (1, 60, 2, 16, "general", True),  # RWKV-6-like decays, w = +100, a full reset
+    (2, 33, 3, 5, "rwkv7", True),  # head size of no vector width
+    (1, 600, 2, 32, "rwkv7", True),  # long
+]
+
+
+def assert_kernel_matches_reference(ops, B, T, H, N, decays, with_state, device="cpu"):
+    inputs = make_inputs(B, T, H, N, seed=20 + T + N, decays=decays, with_state=with_state)
+    g = torch.Generator().manual_seed(21)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    on_device = [None if x is None else x.to(device) for x in inputs]
+    y, s = kernel_form(ops)(*on_device)
+    assert y.device.type == device
+    assert_close((y.cpu(), s.cpu()), wkv7_reference(*inputs))
+    got = grads_of(kernel_form(ops), on_device, grad_y.to(device), grad_s.to(device), torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        if g_ref is None:
+            assert g_got is None
+            continue
+        assert torch.isfinite(g_got).all(), name
+        assert rel_err(g_got.cpu(), g_ref) < GRAD_TOL, (name, rel_err(g_got.cpu(), g_ref))
+
+
+@pytest.mark.parametrize("B,T,H,N,decays,with_state", KERNEL_CASES)
+def test_cpu_kernel_matches_float64_reference(cpu_ops, B, T, H, N, decays, with_state):
+    assert_kernel_matches_reference(cpu_ops, B, T, H, N, decays, with_state)
+
+
+def test_cpu_kernel_repeated_key_with_full_erasure(cpu_ops):
+    # singular transitions (iclr = 1 on one unit key, decays ~1): the backward never inverts a step
+    B, T, H, N = 1, 70, 2, 16
+    r, w, k, v, _, _, s0 = make_inputs(B, T, H, N, seed=15)
+    kk = F.normalize(torch.randn(B, 1, H, N, generator=torch.Generator().manual_seed(16)), dim=-1).expand(B, T, H, N)
+    inputs = [r, torch.full_like(w, -21.0), k, v, -kk, kk.contiguous(), s0]
+    assert_close(kernel_form(cpu_ops)(*inputs), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(17)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    got = grads_of(kernel_form(cpu_ops), inputs, grad_y, grad_s, torch.float32)
+    for name, g_got, g_ref in zip(NAMES, got, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert rel_err(g_got, g_ref) < GRAD_TOL, (name, rel_err(g_got, g_ref))
+
+
+@pytest.mark.parametrize("N", [4, 16])
+def test_cpu_kernel_gradcheck_float64(cpu_ops, N):
+    # float64 inputs run the kernel in float64: finite differences against its backward, across two chunks
+    inputs = make_inputs(2, 19, 1, N, seed=22, decays="extreme")
+    leaves = [x.double().requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(kernel_form(cpu_ops), leaves, fast_mode=True)
+
+
+def test_cpu_kernel_gradients_finite_past_the_decay_clamp(cpu_ops):
+    r, w, k, v, a, b, s0 = make_inputs(1, 33, 2, 8, seed=10)
+    w[..., :3] = 100.0
+    w = w.requires_grad_()
+    y, s = kernel_form(cpu_ops)(r, w, k, v, a, b, s0)
+    (y.sum() + s.sum()).backward()
+    assert torch.isfinite(w.grad).all()
+    assert (w.grad[..., :3] == 0).all()  # past the clamp the decay is constant, as in the torch forms
+
+
+def test_cpu_kernel_matches_chunked_form(cpu_ops):
+    inputs = make_inputs(2, 90, 2, 64, seed=23)
+    assert_close(kernel_form(cpu_ops)(*inputs), wkv7_chunked(*inputs), tol=1e-5)
+
+
+def test_cpu_kernel_prefix_then_continuation_equals_full_run(cpu_ops):
+    r, w, k, v, a, b, s0 = make_inputs(2, 90, 2, 16, seed=5)
+    run = kernel_form(cpu_ops)
+    y_full, s_full = run(r, w, k, v, a, b, s0)
+    y_a, s_a = run(*(x[:, :41] for x in (r, w, k, v, a, b)), s0)
+    y_b, s_b = run(*(x[:, 41:] for x in (r, w, k, v, a, b)), s_a)
+    assert_close((torch.cat([y_a, y_b], 1), s_b), (y_full, s_full), tol=1e-5)
+
+
+def test_cpu_kernel_gradient_of_final_state_only(cpu_ops):
+    # y unused (a prefill whose outputs are dropped): the backward gets no y gradient
+    inputs = make_inputs(1, 20, 2, 16, seed=24)
+    grad_s = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(25))
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    (kernel_form(cpu_ops)(*leaves)[1] * grad_s).sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in inputs]
+    (wkv7_reference(*ref)[1] * grad_s.double()).sum().backward()
+    assert ref[0].grad is None and not leaves[0].grad.any()  # r reaches only y
+    for name, x, x_ref in zip(NAMES[1:], leaves[1:], ref[1:]):
+        assert rel_err(x.grad, x_ref.grad) < GRAD_TOL, name
+
+
+def test_cpu_kernel_empty_sequence_passes_the_state_through(cpu_ops):
+    inputs = make_inputs(2, 0, 2, 8)
+    leaves = [x.requires_grad_() for x in inputs]
+    y, s = kernel_form(cpu_ops)(*leaves)
+    assert y.shape == (2, 0, 2, 8) and torch.equal(s, inputs[-1])
+    grad_s = torch.randn_like(s)
+    (s * grad_s).sum().backward()
+    assert torch.equal(leaves[-1].grad, grad_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_half_inputs(cpu_ops, dtype):
+    # fp32 math and state on the rounded inputs: the reference sees exactly those; gradients in the inputs' dtype
+    B, T, H, N = 2, 40, 2, 16
+    *low, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in low] + [s0]
+    y, s = kernel_form(cpu_ops)(*inputs)
+    assert y.dtype == s.dtype == torch.float32
+    assert_close((y, s), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    y, s = kernel_form(cpu_ops)(*leaves)
+    ((y * grad_y).sum() + (s * grad_s).sum()).backward()
+    for name, x, ref in zip(NAMES, leaves, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert x.grad.dtype == x.dtype, name
+        # rounding the gradient itself to 8 / 11 bits
+        assert rel_err(x.grad, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+
+def test_compiled_op_and_layer_run_the_cpu_kernel(cpu_ops):
+    # the public op and the model's layer: the kernel's result (bit for bit), within fp32 rounding of the torch form
+    *inputs, s0 = make_inputs(2, 50, 2, 64, seed=26)
+    expected = kernel_form(cpu_ops)(*inputs, s0)
+    for result in (wkv7_compiled(*inputs, s0), WKV7()(*inputs, initial_state=s0)):
+        assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, expected))
+    assert_close(expected, wkv7(*inputs, s0), tol=1e-5)
+
+
+def test_backend_switch_runs_the_torch_form_without_building(monkeypatch):
+    def unexpected_build(device_type, cflags=None):
+        raise AssertionError("the torch backend must not build anything")
+
+    monkeypatch.setattr(wkv7_compiled, "build", unexpected_build)
+    monkeypatch.setattr(wkv7_compiled, "_loaded", {})
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    inputs = make_inputs(1, 9, 2, 16)
+    result = wkv7_compiled(*inputs, chunk_size=8)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, wkv7(*inputs, chunk_size=8)))
+    assert not wkv7_compiled.available("cpu")
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit) on the PATH")
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    """The CUDA source compiles (every dtype and head size, for sm_80) where there is nvcc but maybe no GPU, with the
+    flags torch's extension builder adds."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    includes = include_paths("cpu")
+    # a CPU-only torch ships c10/cuda's headers but not the one its CUDA build generates, which defines one macro
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in includes):
+        stub = tmp_path / "include" / "c10" / "cuda" / "impl"
+        stub.mkdir(parents=True)
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(str(tmp_path / "include"))
+    command = [
+        NVCC, "-std=c++17", "-O3", "--use_fast_math", "-DCUDA_KERNEL", *COMMON_NVCC_FLAGS,
+        "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", *(f"-I{p}" for p in includes),
+        "-c", str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_cuda.cu"), "-o", str(tmp_path / "wkv7_cuda.o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    set_wkv_backend("auto")
+    compiled = wkv7_compiled.kernel_for("cuda", 64)
+    set_wkv_backend(None)
+    # on a machine with a GPU the CUDA build is part of the package: a failure fails, never skips
+    assert compiled is not None, "the CUDA WKV7 kernel failed to build (see the warning)"
+    return compiled
+
+
+CUDA_CASES = [  # B, T, H, N, decays, with_state: head sizes the kernel is instantiated for
+    (1, 1, 2, 64, "rwkv7", False),
+    (2, 7, 3, 16, "rwkv7", True),
+    (2, 16, 2, 32, "extreme", False),
+    (2, 37, 2, 64, "rwkv7", True),
+    (2, 45, 2, 16, "extreme", True),
+    (1, 60, 2, 16, "general", True),
+    (1, 600, 2, 32, "rwkv7", True),
+    (1, 50, 1, 128, "rwkv7", True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,T,H,N,decays,with_state", CUDA_CASES)
+def test_cuda_kernel_matches_float64_reference(cuda_ops, B, T, H, N, decays, with_state):
+    assert_kernel_matches_reference(cuda_ops, B, T, H, N, decays, with_state, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_half_inputs(cuda_ops, dtype):
+    B, T, H, N = 2, 40, 2, 64
+    *low, s0 = make_inputs(B, T, H, N, seed=13)
+    inputs = [x.to(dtype) for x in low] + [s0]
+    y, s = kernel_form(cuda_ops)(*(x.cuda() for x in inputs))
+    assert y.dtype == s.dtype == torch.float32
+    assert_close((y.cpu(), s.cpu()), wkv7_reference(*inputs))
+    g = torch.Generator().manual_seed(14)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    leaves = [x.cuda().requires_grad_() for x in inputs]
+    y, s = kernel_form(cuda_ops)(*leaves)
+    ((y * grad_y.cuda()).sum() + (s * grad_s.cuda()).sum()).backward()
+    for name, x, ref in zip(NAMES, leaves, grads_of(wkv7_reference, inputs, grad_y, grad_s, torch.float64)):
+        assert x.grad.dtype == x.dtype, name
+        assert rel_err(x.grad.cpu(), ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3), name
+
+
+@needs_cuda
+def test_cuda_kernel_prefix_then_continuation_and_empty(cuda_ops):
+    r, w, k, v, a, b, s0 = (x.cuda() for x in make_inputs(2, 90, 2, 64, seed=5))
+    run = kernel_form(cuda_ops)
+    y_full, s_full = run(r, w, k, v, a, b, s0)
+    y_a, s_a = run(*(x[:, :41] for x in (r, w, k, v, a, b)), s0)
+    y_b, s_b = run(*(x[:, 41:] for x in (r, w, k, v, a, b)), s_a)
+    assert_close((torch.cat([y_a, y_b], 1).cpu(), s_b.cpu()), (y_full.cpu(), s_full.cpu()), tol=1e-5)
+    y0, s0_out = run(*(x[:, :0] for x in (r, w, k, v, a, b)), s0)
+    assert y0.shape == (2, 0, 2, 64) and torch.equal(s0_out, s0)
+
+
+@needs_cuda
+def test_cuda_dispatch_and_torch_fallback(cuda_ops):
+    inputs = [x.cuda() for x in make_inputs(2, 30, 2, 64, seed=27)]
+    result = wkv7_compiled(*inputs)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, kernel_form(cuda_ops)(*inputs)))
+    assert_close(tuple(x.cpu() for x in result), wkv7_reference(*(x.cpu() for x in inputs)))
+    # a head size the kernel has no instance for runs the torch form; the kernel itself refuses it
+    odd = [x.cuda() for x in make_inputs(1, 4, 2, 8, seed=1)]
+    assert not wkv7_compiled.available("cuda", 8)
+    assert all(torch.equal(x, x_ref) for x, x_ref in zip(wkv7_compiled(*odd), wkv7(*odd)))
+    with pytest.raises(RuntimeError, match="head size must be 16, 32, 64 or 128"):
+        kernel_form(cuda_ops)(*odd)

@@ -30,6 +30,10 @@ The pairwise decays D_{t-1} / D_s are factorised as exp(G_{t-1}) * exp(-G_s), G 
 chunk start. That is exact up to rounding (each product of factors is one decayed term: no difference of large
 numbers) but each factor must stay representable: `wkv7_chunked` shrinks the chunk so that no chunk's summed
 log-decay exceeds LOG_FACTOR_MAX (e^60 ~ 1e26 is far inside float32's range, products included).
+
+`wkv7_compiled` is the same op through the compiled kernels of csrc/wkv7 (CPU, and CUDA for the head sizes in
+`CUDA_HEAD_SIZES`), with `wkv7` as its fallback and WKV6's switch (see `ops.kernels`); `WKV7` is the stateless layer
+a model calls it through, so `kernels.kernelize` can replace it.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers.integrations import use_kernel_forward_from_hub
 
+from .kernels import BINDING, CompiledOp
 from .wkv6 import LOG_DECAY_MIN, _initial_state, _log_decay
 
 # Largest |summed log-decay| over one chunk: the factors exp(-G) and exp(G) stay within [e^-60, e^60], normal
@@ -309,3 +316,36 @@ def wkv7(
     if r.dim() == 4 and r.shape[1] == 1:
         return wkv7_recurrent(r, w, k, v, a, b, initial_state)
     return wkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size)
+
+
+# head sizes the CUDA kernel is instantiated for (a thread's rows of the state live in registers); others use torch
+CUDA_HEAD_SIZES = (16, 32, 64, 128)
+
+wkv7_compiled = CompiledOp(
+    "wkv7",
+    sources={"cpu": ["wkv7/wkv7_cpu/wkv7_cpu.cpp", f"wkv7/{BINDING}"],
+             "cuda": ["wkv7/wkv7_cuda/wkv7_cuda.cu", f"wkv7/{BINDING}"]},
+    headers=["wkv7/wkv7_checks.h", "wkv7/wkv7_cpu/wkv7_cpu.h", "wkv7/wkv7_cuda/wkv7_cuda.h"],
+    fallback=wkv7,
+    check_inputs=_check_inputs,
+    layer_name="WKV7",
+    cuda_head_sizes=CUDA_HEAD_SIZES,
+)
+
+
+@use_kernel_forward_from_hub("WKV7")
+class WKV7(nn.Module):
+    """The WKV7 recurrence as a stateless layer, so `kernels.kernelize` can swap its forward per device and mode."""
+
+    def forward(
+        self,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        initial_state: torch.Tensor | None = None,
+        chunk_size: int = 32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return wkv7_compiled(r, w, k, v, a, b, initial_state, chunk_size=chunk_size)

@@ -1,0 +1,12 @@
+"""WKV7 (RWKV-7 time mixing recurrence, the generalised delta rule) kernels, as kernel-builder packages them:
+`ops.forward` / `ops.backward`.
+
+r, w, k, v, a, b: (B, T, H, N) fp32 / bf16 / fp16; state (B, H, N, N) fp32, key-major; w is the raw log-log decay
+(per-step log-decay -exp(w), clamped at -60). y and the final state are fp32. The autograd wrapper and the layer are
+visualrwkv_hf's (`ops.kernels.KernelFunction`): map the model's "WKV7" layer to this build with
+`visualrwkv_hf.ops.wkv7_compiled.repository("<org>/wkv7")`.
+"""
+
+from ._ops import ops
+
+__all__ = ["ops"]
