@@ -239,7 +239,7 @@ def build_app(chat: WebChat, title: str = "VisualRWKV"):
         start = time.perf_counter()
         for update in chat.answer(conversation, question):
             if isinstance(update, Conversation):
-                yield update.messages(), update, f"Answered in {time.perf_counter() - start:.1f} s.", ""
+                yield update.messages(), update, f"Answered in {time.perf_counter() - start:.2f} s.", ""
             else:
                 yield conversation.messages(question, update), conversation, ANSWERING, ""
 
@@ -254,14 +254,14 @@ def build_app(chat: WebChat, title: str = "VisualRWKV"):
             with gr.Column(scale=2):
                 # PNG: the examples reach the model with the pixels they were drawn with (Gradio's default is WebP)
                 image = gr.Image(
-                    label="Image", type="filepath", format="png", sources=["upload", "clipboard"], height=320,
+                    label="Image", type="filepath", format="png", sources=["upload", "clipboard"], height=400,
                     elem_id="image",
                 )
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
                 # The answer exactly as the model wrote it (no Markdown); no "share" button (it needs the Hub)
                 chatbot = gr.Chatbot(
-                    label="Chat", height=320, render_markdown=False, buttons=["copy", "copy_all"],
+                    label="Chat", height=400, render_markdown=False, buttons=["copy", "copy_all"],
                     feedback_options=None, elem_id="chat",
                 )
                 question = gr.Textbox(
