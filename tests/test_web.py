@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -158,9 +159,22 @@ def test_a_turn_leaves_the_conversation_it_continued_unchanged(web_chat):
 
 
 def test_a_missing_folder_is_one_line_on_stderr(tmp_path, capsys):
-    assert main(["web", "--model", str(tmp_path / "missing")]) == 1
+    assert main(["web", "--model", str(tmp_path / "missing"), "--port", str(free_port())]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "is not a model folder (no config.json)" in error
+
+
+def test_a_port_in_use_is_one_line_on_stderr_before_the_model_loads(tmp_path, capsys):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert main(["web", "--model", str(tmp_path / "missing"), "--port", str(port)]) == 1
+    error = capsys.readouterr().err
+    assert error == (
+        f"error: Cannot listen on 127.0.0.1:{port} (Address already in use): another program may be using the port; "
+        "pass another --port (or --host).\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ in the browser

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -286,11 +287,27 @@ def build_app(chat: WebChat, title: str = "VisualRWKV"):
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses, before anything loads, an address the app could not listen on (Gradio's own message is about its
+    `launch()` arguments)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        raise OSError(
+            f"Cannot listen on {host}:{port} ({error.strerror or error}): another program may be using the port; "
+            "pass another --port (or --host)."
+        ) from None
+
+
 def serve_web(
     model_dir: str | Path, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "cpu",
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> None:
     """Loads the folder and serves the app at http://host:port until interrupted."""
+    check_port(host, port)
     chat = load_web_chat(model_dir, device, max_new_tokens)  # a bad folder fails before Gradio's imports
     import gradio as gr
 
