@@ -236,15 +236,17 @@ class ChatPage:
     def find(self, selector: str):
         return self.browser.find_element(By.CSS_SELECTOR, selector)
 
+    # Read in one script each, so that the page cannot re-render an element between finding and reading it.
     def status(self) -> str:
-        return self.find("#status").get_attribute("textContent").strip()
+        return self.browser.execute_script("return document.querySelector('#status').textContent").strip()
 
     def chat(self) -> list[tuple[str, str]]:
         """The chat's messages, as (who, text)."""
-        return [
-            (element.get_attribute("data-testid"), element.get_attribute("textContent"))
-            for element in self.browser.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user], #chat [data-testid=bot]")
-        ]
+        messages = self.browser.execute_script(
+            "return [...document.querySelectorAll('#chat [data-testid=user], #chat [data-testid=bot]')]"
+            ".map(element => [element.dataset.testid, element.textContent])"
+        )
+        return [tuple(message) for message in messages]
 
     def upload(self, path: Path) -> None:
         self.find("#image input[type=file]").send_keys(str(path))

@@ -213,7 +213,7 @@ def build_app(chat: WebChat, title: str = "VisualRWKV"):
     """The Gradio app: image (upload, paste or example) and chat side by side, a question box, Send and Clear."""
     import gradio as gr
 
-    def error_text(error: Exception) -> str:
+    def error_text(error: str | Exception) -> str:
         return f"**Error:** {error}"
 
     def on_image(payload: dict | None):
@@ -275,7 +275,10 @@ def build_app(chat: WebChat, title: str = "VisualRWKV"):
             [[example, text] for example, text in example_images()], inputs=[image, question],
             label="Examples (the demo's shapes)", elem_id="examples",
         )
-        ask = {"fn": on_ask, "inputs": [question, conversation], "outputs": [chatbot, conversation, status, question]}
+        ask = {
+            "fn": on_ask, "inputs": [question, conversation], "outputs": [chatbot, conversation, status, question],
+            "concurrency_id": "answer",  # Send and Enter share one queue: one answer is generated at a time
+        }
         asking = [send.click(**ask), question.submit(**ask)]
         # preprocess=False: the upload reaches `read_upload` as it is, so that a file Pillow cannot open gets
         # `load_rgb_image`'s message instead of failing inside Gradio's own image conversion.
