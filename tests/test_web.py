@@ -342,6 +342,8 @@ def test_clear_starts_the_conversation_again_on_the_same_image(page, image_file,
     assert fresh != recomputed_answers(model, pipe.processor, image, QUESTIONS)[1]  # so that the test tells them apart
     page.upload(image_file)
     page.wait_for_image()
+    page.find("#send").click()  # nothing typed yet
+    page.wait_for(lambda: page.status() == "Error: type a question first.", "the empty question's error", 30)
     page.ask(QUESTIONS[0])
     page.find("#clear").click()
     page.wait_for(lambda: not page.chat(), "the chat to be cleared", 30)
