@@ -18,13 +18,23 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
-.PHONY: install demo test bench lock test-latest
+.PHONY: install demo test bench lock test-latest browser
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/visualrwkv demo
 
-test: $(VENV)/.installed
+# tests/test_web.py drives the web app in headless Chromium: installed from Debian's packages when missing, as root
+# with apt-get; anywhere else (or if the install fails) those tests skip, saying why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing chromium and chromium-driver for the browser tests (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+	    >/dev/null || echo "Could not install chromium: the browser tests will skip"; \
+	else echo "No chromium/chromedriver, and not root with apt-get to install them: the browser tests will skip"; fi
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest tests
 
 $(VENV)/.bench-installed: $(VENV)/.installed
@@ -41,7 +51,7 @@ lock: $(VENV)/.bench-installed
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 # The whole suite against the newest release of every dependency but torch (upgraded on each run).
-test-latest:
+test-latest: browser
 	$(PYTHON) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_LATEST)/bin/python -m pip install --quiet "$(TORCH_SPEC)"

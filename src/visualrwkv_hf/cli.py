@@ -1,4 +1,4 @@
-"""The `visualrwkv` command line: `demo`, `chat`, `serve`, `eval`, `convert`, `convert-rwkv6` and
+"""The `visualrwkv` command line: `demo`, `chat`, `web`, `serve`, `eval`, `convert`, `convert-rwkv6` and
 `lm-demo`.
 
 A user's mistake (a bad argument, a missing or unreadable file, a full disk) ends the command with one line on stderr
@@ -187,6 +187,21 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def web(args: argparse.Namespace) -> int:
+    """Serves the browser chat app (Gradio) on a converted folder until interrupted; see `web.py`."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ValueError("`visualrwkv web` needs Gradio: pip install 'visualrwkv-hf[web]'.")
+    from .web import serve_web
+
+    device = check_device(args.device) if args.device else "cuda" if torch.cuda.is_available() else "cpu"
+    serve_web(args.model, host=args.host, port=args.port, device=device, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Answers a LLaVA-1.5 benchmark's questions with a converted folder and scores them (see `evaluation.py`)."""
     from .evaluation import run_evaluation
@@ -289,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     chat_parser.set_defaults(run=chat)
+
+    from .web import DEFAULT_HOST, DEFAULT_MAX_NEW_TOKENS as WEB_MAX_NEW_TOKENS, DEFAULT_PORT
+
+    web_parser = commands.add_parser(
+        "web", help="chat about images in the browser (Gradio): streamed answers, follow-up questions"
+    )
+    web_parser.add_argument(
+        "--model", required=True, help="a folder written by `visualrwkv convert` or `visualrwkv demo`"
+    )
+    web_parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
+    web_parser.add_argument("--port", type=positive_int, default=DEFAULT_PORT)
+    web_parser.add_argument("--max-new-tokens", type=positive_int, default=WEB_MAX_NEW_TOKENS)
+    web_parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    web_parser.set_defaults(run=web)
 
     from .evaluation import BENCHMARKS, DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 
