@@ -152,7 +152,8 @@ def chat(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoProcessor, TextStreamer
 
-    from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
+    from . import VisualRWKVForConditionalGeneration
+    from .loading import visualrwkv_folder_config
     from .image_loading import load_rgb_image
     from .tokenization_rwkv_world import TURN_END_TOKEN_ID
 
@@ -163,12 +164,7 @@ def chat(args: argparse.Namespace) -> int:
         )
     device = check_device(args.device) if args.device else "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
-            "`visualrwkv convert --checkpoint X.pth --output DIR`."
-        )
-    config = VisualRWKVConfig.from_pretrained(model_dir)  # refuses a folder of another model type, naming it
+    config = visualrwkv_folder_config(model_dir)
     image = load_rgb_image(Path(args.image))
     processor = AutoProcessor.from_pretrained(model_dir)
     model = VisualRWKVForConditionalGeneration.from_pretrained(model_dir, config=config).to(device).eval()

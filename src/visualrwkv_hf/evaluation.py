@@ -707,18 +707,14 @@ def run_evaluation(
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
-    from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
+    from . import VisualRWKVForConditionalGeneration
+    from .loading import visualrwkv_folder_config
 
     check_benchmark(benchmark)
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be positive, got {batch_size} and {max_new_tokens}.")
     model_dir, output = Path(model_dir), Path(output)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a model folder (no config.json): convert a checkpoint first with "
-            "`visualrwkv convert --checkpoint X.pth --output DIR`."
-        )
-    config = VisualRWKVConfig.from_pretrained(model_dir)  # a folder of another model type fails here, early
+    config = visualrwkv_folder_config(model_dir)  # early: before any question is read
     questions = load_questions(questions_file)
     images = check_images(questions, images_dir)
     truth = load_ground_truth(benchmark, questions, answers)

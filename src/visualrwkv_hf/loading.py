@@ -8,8 +8,10 @@ gives fluent garbage, so these are errors here, naming the layers, tensors and s
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
+from pathlib import Path
 
 from .checkpoint_io import short_list
 
@@ -83,3 +85,17 @@ class StrictLoadingMixin:
                 "`num_hidden_layers` and the sizes) against the checkpoint."
             )
         return (model, loading_info) if output_loading_info else model
+
+
+def visualrwkv_folder_config(model_dir: str | os.PathLike):
+    """The `VisualRWKVConfig` of a model folder the commands (`chat`, `eval`, `web`) are pointed at; a path that holds
+    no config.json, or a folder of another model type, is refused in one line saying what to do."""
+    from .configuration_visualrwkv import VisualRWKVConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a model folder (no config.json): run `visualrwkv demo` (or `make demo`) for a "
+            "trained demo model, or convert a checkpoint with `visualrwkv convert --checkpoint X.pth --output DIR`."
+        )
+    return VisualRWKVConfig.from_pretrained(model_dir)  # refuses a folder of another model type, naming it

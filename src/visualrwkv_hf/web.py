@@ -174,15 +174,10 @@ def load_web_chat(model_dir: str | Path, device: str, max_new_tokens: int = DEFA
     """A `WebChat` on a folder written by `visualrwkv convert` or `visualrwkv demo`."""
     from transformers import AutoProcessor
 
-    from . import VisualRWKVConfig, VisualRWKVForConditionalGeneration
+    from . import VisualRWKVForConditionalGeneration
+    from .loading import visualrwkv_folder_config
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a model folder (no config.json): run `visualrwkv demo` (or `make demo`) or convert "
-            "a checkpoint with `visualrwkv convert --checkpoint X.pth --output DIR`."
-        )
-    config = VisualRWKVConfig.from_pretrained(model_dir)  # refuses a folder of another model type, naming it
+    config = visualrwkv_folder_config(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     model = VisualRWKVForConditionalGeneration.from_pretrained(model_dir, config=config).to(device).eval()
     return WebChat(model, processor, max_new_tokens)
