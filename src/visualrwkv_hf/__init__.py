@@ -9,9 +9,11 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .configuration_rwkv7 import Rwkv7Config
 from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
 from .data import LlavaDataset, VisualRWKVDataCollator
 from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model, Rwkv7PreTrainedModel
 from .modeling_visualrwkv import (
     VisualRWKVForConditionalGeneration,
     VisualRWKVModel,
@@ -26,6 +28,11 @@ AutoModel.register(VisualRWKVTextConfig, VisualRWKVTextModel, exist_ok=True)
 AutoModelForCausalLM.register(VisualRWKVTextConfig, VisualRWKVForCausalLM, exist_ok=True)
 AutoTokenizer.register(VisualRWKVTextConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 
+AutoConfig.register(Rwkv7Config.model_type, Rwkv7Config, exist_ok=True)
+AutoModel.register(Rwkv7Config, Rwkv7Model, exist_ok=True)
+AutoModelForCausalLM.register(Rwkv7Config, Rwkv7ForCausalLM, exist_ok=True)
+AutoTokenizer.register(Rwkv7Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+
 AutoConfig.register(VisualRWKVConfig.model_type, VisualRWKVConfig, exist_ok=True)
 AutoModel.register(VisualRWKVConfig, VisualRWKVModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisualRWKVConfig, VisualRWKVForConditionalGeneration, exist_ok=True)
@@ -35,6 +42,10 @@ AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
 __all__ = [
     "LORA_TARGETS",
     "LlavaDataset",
+    "Rwkv7Config",
+    "Rwkv7ForCausalLM",
+    "Rwkv7Model",
+    "Rwkv7PreTrainedModel",
     "RwkvWorldTokenizer",
     "VisualRWKVConfig",
     "VisualRWKVDataCollator",
