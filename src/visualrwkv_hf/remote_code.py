@@ -17,8 +17,10 @@ import os
 import re
 from pathlib import Path
 
+from .configuration_rwkv7 import Rwkv7Config
 from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
 from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration, VisualRWKVModel
 from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
@@ -36,6 +38,11 @@ MODEL_AUTO_CLASSES = {
         "AutoConfig": VisualRWKVTextConfig,
         "AutoModel": VisualRWKVTextModel,
         "AutoModelForCausalLM": VisualRWKVForCausalLM,
+    },
+    Rwkv7Config.model_type: {
+        "AutoConfig": Rwkv7Config,
+        "AutoModel": Rwkv7Model,
+        "AutoModelForCausalLM": Rwkv7ForCausalLM,
     },
 }
 PROCESSOR_CONFIG = "processor_config.json"
@@ -118,7 +125,7 @@ def add_auto_map(json_path: Path, auto_map: dict) -> None:
 
 def add_remote_code(folder: str | os.PathLike) -> list[str]:
     """
-    Makes a saved VisualRWKV (or RWKV-6 text) folder loadable with `trust_remote_code=True` without this package:
+    Makes a saved VisualRWKV (or RWKV-6 / RWKV-7 language model) folder loadable with `trust_remote_code=True` without this package:
     copies the package modules its classes need, flattened, into `folder` and writes `auto_map` into `config.json`
     (AutoConfig, AutoModel and AutoModelForImageTextToText, or AutoModelForCausalLM for a text model) and, when they
     are present, `processor_config.json` (AutoProcessor) and `tokenizer_config.json` (AutoTokenizer, and
