@@ -290,9 +290,12 @@ def export_rwkv7_checkpoint(
     state_dict = model.state_dict()
     out_dtype = resolve_dtype(dtype, state_dict)
     blinkdl = convert_hf_to_blinkdl({k: v.to(out_dtype) for k, v in state_dict.items()}, model.config)
-    partial = output.with_name(f".{output.name}.partial")
-    torch.save(blinkdl, partial)
-    os.replace(partial, output)
+    partial = output.with_name(f".{output.name}.partial")  # the file appears complete or not at all
+    try:
+        torch.save(blinkdl, partial)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     return output
 
 
