@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from visualrwkv_hf import Rwkv7Config, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv7Config
 
 
 @pytest.mark.parametrize(
@@ -71,6 +71,6 @@ def test_save_and_load_round_trip_through_auto_config(tmp_path):
 
 
 def test_a_folder_of_another_model_type_is_refused(tmp_path):
-    VisualRWKVTextConfig(hidden_size=64, head_size=16).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"`visualrwkv_text` configuration, not a `visualrwkv_rwkv7` one"):
+    Rwkv6Config(hidden_size=64, head_size=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`visualrwkv_rwkv6` configuration, not a `visualrwkv_rwkv7` one"):
         Rwkv7Config.from_pretrained(tmp_path)

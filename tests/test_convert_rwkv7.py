@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from visualrwkv_hf import Rwkv7ForCausalLM
+from visualrwkv_hf import Rwkv6ForCausalLM, Rwkv7ForCausalLM
 from visualrwkv_hf.cli import main
 from visualrwkv_hf.convert_rwkv7 import (
     convert_blinkdl_to_hf,
@@ -287,9 +287,7 @@ def test_cli_script_reports_user_errors_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("family", ["rwkv6", "rwkv7"])
 def test_visualrwkv_convert_tells_the_families_apart_by_their_keys(family, tmp_path, capsys):
-    from visualrwkv_hf import VisualRWKVForCausalLM
-
-    make, expected = (tiny_rwkv6_checkpoint, VisualRWKVForCausalLM) if family == "rwkv6" else (tiny_checkpoint, Rwkv7ForCausalLM)
+    make, expected = (tiny_rwkv6_checkpoint, Rwkv6ForCausalLM) if family == "rwkv6" else (tiny_checkpoint, Rwkv7ForCausalLM)
     checkpoint = save_checkpoint(make(), tmp_path / "model.pth")
     assert main(["convert", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "hf"), "--no-progress"]) == 0
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")) is expected

@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-from .configuration_visualrwkv import ModelTypeCheckMixin, check_model_type
+from .configuration_rwkv_common import ModelTypeCheckMixin, RecurrentLayersMixin
 from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID
 
 # (factor, power) of each LoRA's rank formula in BlinkDL's x070 training code, by config field.
@@ -23,7 +23,7 @@ def default_low_rank_dim(hidden_size: int, factor: float, power: float) -> int:
 
 
 @strict
-class Rwkv7Config(ModelTypeCheckMixin, PreTrainedConfig):
+class Rwkv7Config(ModelTypeCheckMixin, RecurrentLayersMixin, PreTrainedConfig):
     r"""
     Configuration of an RWKV-7 ("Goose", x070) language model, as BlinkDL's RWKV-7 World / G1 models and the
     VisualRWKV-7 language model.
@@ -48,6 +48,7 @@ class Rwkv7Config(ModelTypeCheckMixin, PreTrainedConfig):
             training); one-token steps run the step form.
     """
 
+    # Not fla's "rwkv7", which flash-linear-attention registers for its own classes.
     model_type = "visualrwkv_rwkv7"
 
     vocab_size: int = 65536
@@ -69,11 +70,8 @@ class Rwkv7Config(ModelTypeCheckMixin, PreTrainedConfig):
     eos_token_id: int | list[int] | None = TURN_END_TOKEN_ID
     tie_word_embeddings: bool = False
 
-    # Per layer, the cache keeps two token-shift vectors (time-mix and channel-mix inputs) as "conv" states.
-    number_of_conv_states = 2
-
     def __post_init__(self, **kwargs):
-        check_model_type(type(self), kwargs.get("model_type"), "This")
+        self.pop_model_type(kwargs)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -103,11 +101,6 @@ class Rwkv7Config(ModelTypeCheckMixin, PreTrainedConfig):
     @property
     def group_norm_epsilon(self) -> float:
         return self.layer_norm_epsilon * self.head_size_divisor**2
-
-    @property
-    def layer_types(self) -> list[str]:
-        # Read by transformers' DynamicCache to build one recurrent (LinearAttentionLayer) cache layer per block.
-        return ["linear_attention"] * self.num_hidden_layers
 
 
 __all__ = ["Rwkv7Config"]

@@ -5,35 +5,36 @@ a decay, an in-context learning rate `a` and an output gate from low-rank MLPs, 
 ("v-first"), the WKV7 generalised delta rule (`ops/wkv7.py`), a per-head GroupNorm and a per-head r.k bonus; the
 channel-mix is a squared-ReLU feed-forward without receptance.
 
-Recurrent state lives in transformers' `DynamicCache` exactly as for RWKV-6 (one `LinearAttentionLayer` per block:
-conv state 0 the last time-mix input, conv state 1 the last channel-mix input, recurrent state 0 the float32 WKV
-matrix (B, H, N, N), key-major: BlinkDL's state is its transpose). v-first needs no state: it is block 0's value of
-the same token.
+The recurrent state is laid out as RWKV-6's, through `modeling_rwkv_common`'s accessors (per block, in transformers'
+`DynamicCache`: the two token-shift vectors and the float32 WKV matrix (B, H, N, N), key-major: BlinkDL's state is
+its transpose). v-first needs no state: it is block 0's value of the same token.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rwkv7 import Rwkv7Config
-from .loading import StrictLoadingMixin
-from .modeling_rwkv6 import (
-    VisualRWKVCausalLMOutput,
-    VisualRWKVTextModelOutput,
-    check_cache,
-    check_prompt_continues_cache,
+from .modeling_rwkv_common import (
+    CHANNEL_MIX_SHIFT,
+    TIME_MIX_SHIFT,
+    RecurrentGenerationMixin,
+    RwkvPreTrainedModel,
     mask_padding,
-    positions_to_keep,
+    previous_wkv_state,
+    recurrent_backbone_inputs,
+    store_wkv_state,
     token_shift,
 )
 from .ops import wkv7
-from .ops.loss import causal_lm_loss
 from .ops.mixing import relu_squared
 
 # Order of the static token-shift mixes x_r .. x_g, stacked so that one pass computes every mixed input.
@@ -88,14 +89,9 @@ class Rwkv7TimeMix(nn.Module):
         """Returns the output and v-first (block 0's value, which block 0 computes and the others read)."""
         B, T, C = hidden_states.shape
         H, N = self.num_heads, self.head_size
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        # Read the WKV state before token_shift marks this layer as having a previous state.
-        initial_state = None
-        if layer is not None and layer.is_recurrent_states_initialized[0] and cache.has_previous_state(self.layer_idx, 0):
-            initial_state = layer.recurrent_states[0]
-
+        initial_state = previous_wkv_state(cache, self.layer_idx)  # before the token shift marks the layer as seen
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, 0) - x
+        dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT) - x
         mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
         x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, dx, mixes[:, None, None]).unbind(0)
 
@@ -123,8 +119,7 @@ class Rwkv7TimeMix(nn.Module):
             *(t.view(B, T, H, N) for t in (r, w, k, v, -kk, b)), initial_state=initial_state,
             chunk_size=self.chunk_size,
         )
-        if cache is not None:
-            cache.update_recurrent_state(state, self.layer_idx, 0)
+        store_wkv_state(cache, self.layer_idx, state)
         # y stays float32 through the GroupNorm and the bonus: rounding it first costs more than the recurrence's error
         y = F.group_norm(y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         bonus = (r * k * self.r_k.view(C)).view(B, T, H, N).sum(-1, keepdim=True, dtype=torch.float32)
@@ -147,7 +142,7 @@ class Rwkv7ChannelMix(nn.Module):
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, 1) - x
+        dx = token_shift(x, cache, self.layer_idx, CHANNEL_MIX_SHIFT) - x
         return self.ffn_value(relu_squared(self.ffn_key(torch.addcmul(x, dx, self.x_k))))
 
 
@@ -178,19 +173,11 @@ class Rwkv7Block(GradientCheckpointingLayer):
         return hidden_states, v_first
 
 
-class Rwkv7PreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+class Rwkv7PreTrainedModel(RwkvPreTrainedModel):
     config: Rwkv7Config
-    base_model_prefix = "model"
-    # `loss_function` (transformers' property) returns this unless set otherwise (ops/loss.py)
-    _loss_function = staticmethod(causal_lm_loss)
     _no_split_modules = ["Rwkv7Block"]
-    supports_gradient_checkpointing = True
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
-        # lives in `DynamicCache(config=...)` (`LinearAttentionLayer`s), which `generate` then builds itself.
-        return True
+    # `output_hidden_states=True` returns the embeddings, then every block's output
+    _can_record_outputs = {"hidden_states": Rwkv7Block}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -244,6 +231,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.embeddings = new_embeddings
 
+    # The last hidden state stays the last block's output (before `norm_out`), as for RWKV-6.
+    @capture_outputs(tie_last_hidden_states=False)
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
@@ -253,10 +242,8 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> tuple | VisualRWKVTextModelOutput:
+    ) -> BaseModelOutputWithPast:
         """
         Args:
             attention_mask: (batch, seq) with 1 for real tokens and 0 for padding; padded positions leave every token
@@ -265,51 +252,16 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        inputs_embeds, cache, padding_mask = recurrent_backbone_inputs(
+            self, input_ids, inputs_embeds, attention_mask, cache, use_cache
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings(input_ids)
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("The input sequence is empty: RWKV needs at least one token per call.")
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
-        if cache is not None:
-            check_cache(cache, len(self.blocks), inputs_embeds.shape[0])
-
-        padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != inputs_embeds.shape[0]:
-                raise ValueError(
-                    f"`attention_mask` must be (batch, seq) = {tuple(inputs_embeds.shape[:2])}, got {tuple(attention_mask.shape)}."
-                )
-            padding_mask = attention_mask[:, -inputs_embeds.shape[1] :]
-            if bool(padding_mask.all()):
-                padding_mask = None  # nothing padded: skip the masking work
-
         hidden_states, v_first = inputs_embeds, None
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.blocks:
             hidden_states, v_first = block(hidden_states, v_first, cache, padding_mask)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        hidden_states = self.norm_out(hidden_states)
-
-        output = VisualRWKVTextModelOutput(
-            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states
-        )
-        return output if return_dict else output.to_tuple()
+        return BaseModelOutputWithPast(last_hidden_state=self.norm_out(hidden_states), cache=cache)
 
 
-class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
+class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, RecurrentGenerationMixin):
     """RWKV-7 with its (untied) language-modelling head."""
 
     _tied_weights_keys = {}
@@ -332,23 +284,7 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def prepare_inputs_for_generation(
-        self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
-    ):
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
-        )
-        if is_first_iteration:
-            check_prompt_continues_cache(kwargs.get("cache"), kwargs.get("next_sequence_length"))
-        # After the prefill every row feeds one real token: the mask carries no more information.
-        elif model_inputs.get("cache") is not None:
-            model_inputs["attention_mask"] = None
-        return model_inputs
-
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
@@ -359,37 +295,30 @@ class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> tuple | VisualRWKVCausalLMOutput:
+    ) -> CausalLMOutputWithPast:
         """
         Args:
             labels: (batch, seq) next-token targets, shifted inside; -100 is ignored. Extra keyword arguments (such
                 as Trainer's `num_items_in_batch`) reach `loss_function`.
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            **kwargs,
         )
-        logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = VisualRWKVCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
-        return output if return_dict else output.to_tuple()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
 
 
 __all__ = [

@@ -17,9 +17,10 @@ import os
 import re
 from pathlib import Path
 
+from .configuration_rwkv6 import Rwkv6Config
 from .configuration_rwkv7 import Rwkv7Config
-from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
-from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .configuration_visualrwkv import VisualRWKVConfig
+from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
 from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration, VisualRWKVModel
 from .processing_visualrwkv import VisualRWKVProcessor
@@ -34,10 +35,9 @@ MODEL_AUTO_CLASSES = {
         "AutoModel": VisualRWKVModel,
         "AutoModelForImageTextToText": VisualRWKVForConditionalGeneration,
     },
-    VisualRWKVTextConfig.model_type: {
-        "AutoConfig": VisualRWKVTextConfig,
-        "AutoModel": VisualRWKVTextModel,
-        "AutoModelForCausalLM": VisualRWKVForCausalLM,
+    **{
+        model_type: {"AutoConfig": Rwkv6Config, "AutoModel": Rwkv6Model, "AutoModelForCausalLM": Rwkv6ForCausalLM}
+        for model_type in (Rwkv6Config.model_type, *Rwkv6Config.legacy_model_types)
     },
     Rwkv7Config.model_type: {
         "AutoConfig": Rwkv7Config,
