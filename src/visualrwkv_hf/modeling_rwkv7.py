@@ -92,7 +92,7 @@ class Rwkv7TimeMix(nn.Module):
         initial_state = previous_wkv_state(cache, self.layer_idx)  # before the token shift marks the layer as seen
         x = mask_padding(hidden_states, padding_mask)
         dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT) - x
-        mixes = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
+        mixes = torch.stack([getattr(self, f"x_{slot}") for slot in TIME_MIX_SLOTS])
         x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, dx, mixes[:, None, None]).unbind(0)
 
         r = self.att_receptance(x_r)
