@@ -11,9 +11,11 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_rwkv6 import Rwkv6Config
+from .configuration_rwkv7 import Rwkv7Config
 from .configuration_visualrwkv import VisualRWKVConfig
 from .data import LlavaDataset, VisualRWKVDataCollator
 from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
+from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model
 from .modeling_visualrwkv import (
     VisualRWKVForConditionalGeneration,
     VisualRWKVModel,
@@ -32,6 +34,11 @@ AutoModel.register(Rwkv6Config, Rwkv6Model, exist_ok=True)
 AutoModelForCausalLM.register(Rwkv6Config, Rwkv6ForCausalLM, exist_ok=True)
 AutoTokenizer.register(Rwkv6Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 
+AutoConfig.register(Rwkv7Config.model_type, Rwkv7Config, exist_ok=True)
+AutoModel.register(Rwkv7Config, Rwkv7Model, exist_ok=True)
+AutoModelForCausalLM.register(Rwkv7Config, Rwkv7ForCausalLM, exist_ok=True)
+AutoTokenizer.register(Rwkv7Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+
 AutoConfig.register(VisualRWKVConfig.model_type, VisualRWKVConfig, exist_ok=True)
 AutoModel.register(VisualRWKVConfig, VisualRWKVModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisualRWKVConfig, VisualRWKVForConditionalGeneration, exist_ok=True)
@@ -44,6 +51,9 @@ __all__ = [
     "Rwkv6Config",
     "Rwkv6ForCausalLM",
     "Rwkv6Model",
+    "Rwkv7Config",
+    "Rwkv7ForCausalLM",
+    "Rwkv7Model",
     "RwkvWorldTokenizer",
     "VisualRWKVConfig",
     "VisualRWKVDataCollator",

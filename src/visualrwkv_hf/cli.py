@@ -1,5 +1,5 @@
-"""The `visualrwkv` command line: `demo`, `chat`, `web`, `serve`, `eval`, `convert`, `convert-rwkv6` and
-`lm-demo`.
+"""The `visualrwkv` command line: `demo`, `chat`, `web`, `serve`, `eval`, `convert`, `convert-rwkv6`,
+`convert-rwkv7` and `lm-demo`.
 
 A user's mistake (a bad argument, a missing or unreadable file, a full disk) ends the command with one line on stderr
 saying what was wrong, never a traceback: argument values are checked by the parser (exit 2), everything found while
@@ -87,10 +87,14 @@ def lm_demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
-def convert_rwkv6(args: argparse.Namespace) -> int:
-    from .convert_rwkv6 import convert_rwkv6_checkpoint
+def convert_language_model(args: argparse.Namespace) -> int:
+    """`convert-rwkv6` / `convert-rwkv7`: a BlinkDL language-model .pth into a transformers folder."""
+    if args.family == "rwkv7":
+        from .convert_rwkv7 import convert_rwkv7_checkpoint as convert_checkpoint
+    else:
+        from .convert_rwkv6 import convert_rwkv6_checkpoint as convert_checkpoint
 
-    output = convert_rwkv6_checkpoint(
+    output = convert_checkpoint(
         args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
         allow_nonfinite=args.allow_nonfinite,
     )
@@ -98,8 +102,49 @@ def convert_rwkv6(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of `convert` that only a VisualRWKV checkpoint has a use for.
+VISUAL_ONLY_OPTIONS = ("visual", "vision_config", "scan_mode", "image_position", "grid_size")
+
+
+def checkpoint_family(path: str) -> str:
+    """"rwkv6" or "rwkv7" for a BlinkDL language-model .pth (read from its keys, without loading the tensors where
+    the file allows memory-mapping), else "visualrwkv": that converter then says what the file is or lacks."""
+    import torch
+
+    from .convert_rwkv6 import RWKV6_MARKER_KEYS
+    from .convert_rwkv7 import RWKV7_MARKER_KEYS
+
+    try:
+        keys = torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+    except Exception:  # unreadable, not a zip-format file, not a dict: the converter reports it properly
+        return "visualrwkv"
+    for family, markers in (("rwkv6", RWKV6_MARKER_KEYS), ("rwkv7", RWKV7_MARKER_KEYS)):
+        if all(key in keys for key in markers):
+            return family
+    return "visualrwkv"
+
+
 def convert_visualrwkv(args: argparse.Namespace) -> int:
-    from .convert_visualrwkv import convert_visualrwkv_checkpoint
+    from .convert_visualrwkv import convert_visualrwkv_checkpoint, push_folder_to_hub
+
+    family = checkpoint_family(args.checkpoint) if args.checkpoint else "visualrwkv"
+    if family != "visualrwkv":
+        given = [f"--{name.replace('_', '-')}" for name in VISUAL_ONLY_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(
+                f"{args.checkpoint} is a plain {family.upper().replace('RWKV', 'RWKV-')} language model, which has no "
+                f"vision part: leave out {', '.join(given)}."
+            )
+        args.family = family
+        convert_language_model(args)
+        if args.remote_code:
+            from .remote_code import add_remote_code
+
+            add_remote_code(args.output)
+        if args.push_to_hub:
+            push_folder_to_hub(Path(args.output), args.push_to_hub)
+            print(f"Uploaded it to {args.push_to_hub}")
+        return 0
 
     output = convert_visualrwkv_checkpoint(
         args.output,
@@ -337,10 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(run=evaluate)
 
     convert_parser = commands.add_parser(
-        "convert", help="convert an original VisualRWKV-6 checkpoint into a transformers folder"
+        "convert",
+        help="convert an original VisualRWKV-6 checkpoint, or a BlinkDL RWKV-6 / RWKV-7 language model (told apart "
+        "by its keys), into a transformers folder",
     )
     source = convert_parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.weight)")
+    source.add_argument(
+        "--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.weight), or a BlinkDL RWKV-6 / RWKV-7 .pth"
+    )
     source.add_argument("--rwkv", help="the exported pair's RWKV-6 file (<name>_rwkv.pth); needs --visual")
     convert_parser.add_argument("--visual", help="the exported pair's vision file (<name>_visual.pth)")
     convert_parser.add_argument(
@@ -386,19 +435,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="`transformers serve`'s arguments")
     serve_parser.set_defaults(run=serve)
 
-    convert = commands.add_parser("convert-rwkv6", help="convert a BlinkDL RWKV-6 .pth into a transformers folder")
-    convert.add_argument("--checkpoint", required=True, help="BlinkDL RWKV-6 (x060) .pth file")
-    convert.add_argument("--output", required=True, help="output folder (created; must be empty unless --overwrite)")
-    convert.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto",
-        help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
-    )
-    convert.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
-    )
-    convert.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
-    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
-    convert.set_defaults(run=convert_rwkv6)
+    for family, name in (("rwkv6", "RWKV-6 (x060)"), ("rwkv7", "RWKV-7 (x070)")):
+        convert = commands.add_parser(
+            f"convert-{family}", help=f"convert a BlinkDL {name.split()[0]} .pth into a transformers folder"
+        )
+        convert.add_argument("--checkpoint", required=True, help=f"BlinkDL {name} .pth file")
+        convert.add_argument(
+            "--output", required=True, help="output folder (created; must be empty unless --overwrite)"
+        )
+        convert.add_argument(
+            "--dtype", choices=["auto", *DTYPES], default="auto",
+            help="weights dtype; auto (default) keeps the checkpoint's own, exactly",
+        )
+        convert.add_argument(
+            "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
+        )
+        convert.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
+        convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+        convert.set_defaults(run=convert_language_model, family=family)
     return parser
 
 

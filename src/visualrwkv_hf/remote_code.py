@@ -24,8 +24,10 @@ import re
 from pathlib import Path
 
 from .configuration_rwkv6 import Rwkv6Config
+from .configuration_rwkv7 import Rwkv7Config
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
+from .modeling_rwkv7 import Rwkv7ForCausalLM, Rwkv7Model
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration, VisualRWKVModel
 from .ops import kernels
 from .processing_visualrwkv import VisualRWKVProcessor
@@ -43,6 +45,11 @@ MODEL_AUTO_CLASSES = {
     **{
         model_type: {"AutoConfig": Rwkv6Config, "AutoModel": Rwkv6Model, "AutoModelForCausalLM": Rwkv6ForCausalLM}
         for model_type in (Rwkv6Config.model_type, *Rwkv6Config.legacy_model_types)
+    },
+    Rwkv7Config.model_type: {
+        "AutoConfig": Rwkv7Config,
+        "AutoModel": Rwkv7Model,
+        "AutoModelForCausalLM": Rwkv7ForCausalLM,
     },
 }
 PROCESSOR_CONFIG = "processor_config.json"
@@ -142,7 +149,7 @@ def add_auto_map(json_path: Path, auto_map: dict) -> None:
 
 def add_remote_code(folder: str | os.PathLike) -> list[str]:
     """
-    Makes a saved VisualRWKV (or RWKV-6 text) folder loadable with `trust_remote_code=True` without this package:
+    Makes a saved VisualRWKV (or RWKV-6 / RWKV-7 language model) folder loadable with `trust_remote_code=True` without this package:
     copies the package modules its classes need, flattened, into `folder` and writes `auto_map` into `config.json`
     (AutoConfig, AutoModel and AutoModelForImageTextToText, or AutoModelForCausalLM for a text model) and, when they
     are present, `processor_config.json` (AutoProcessor) and `tokenizer_config.json` (AutoTokenizer, and

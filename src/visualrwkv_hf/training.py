@@ -1,9 +1,10 @@
 """Fine-tuning helpers: LoRA target presets and the original VisualRWKV-6 freezing options.
 
-PEFT targets a module when its name ends with a listed name, so the presets below pick the RWKV-6 time-mix
-(attention) Linears, the channel-mix (feed-forward) Linears or the projector. The vision tower is always frozen, as
-in the original: no preset names its layers, and `lora_config` keeps `"all-linear"` (which would otherwise adapt the
-CLIP attention and MLP layers too) off it with `exclude_modules`.
+PEFT targets a module when its name ends with a listed name, so the presets below pick the time-mix (attention)
+Linears, the channel-mix (feed-forward) Linears or the projector; RWKV-7 names its Linears as RWKV-6 does, so the same
+presets adapt it (it has no `att_gate` / `ffn_receptance`, which PEFT then simply does not find). The vision tower is
+always frozen, as in the original: no preset names its layers, and `lora_config` keeps `"all-linear"` (which would
+otherwise adapt the CLIP attention and MLP layers too) off it with `exclude_modules`.
 """
 
 from __future__ import annotations
