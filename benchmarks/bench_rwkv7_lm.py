@@ -52,9 +52,9 @@ from bench_rwkv6_lm import (  # noqa: E402
 )
 
 from visualrwkv_hf import Rwkv7Config, Rwkv7ForCausalLM  # noqa: E402
-from visualrwkv_hf import modeling_rwkv7  # noqa: E402
 from visualrwkv_hf.convert_rwkv7 import convert_hf_to_blinkdl  # noqa: E402
-from visualrwkv_hf.ops import wkv7_recurrent  # noqa: E402
+from visualrwkv_hf.ops import WKV7, wkv7_recurrent  # noqa: E402
+from visualrwkv_hf.ops.kernels import BACKEND_ENV  # noqa: E402
 
 
 def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> Rwkv7ForCausalLM:
@@ -80,24 +80,30 @@ def load_reference(model: Rwkv7ForCausalLM, directory: Path) -> RWKV:
 
 @contextlib.contextmanager
 def wkv_path(path: str):
-    """Routes the model's WKV7 op: "chunked" (the default: the chunked form for sequences, the step form for one
-    token), "step" (the step form at every length, as autograd through a loop would train) or "free" (a stand-in
-    costing a few elementwise adds, wrong values but gradients into every input: the model with it bounds what any
-    WKV op could reach)."""
-    original = modeling_rwkv7.wkv7
+    """Routes the model's WKV7 op: "kernel" (the default: the compiled kernel where it builds), "chunked" (the torch
+    chunked form for sequences, the step form for one token), "step" (the torch step form at every length, as
+    autograd through a loop would train) or "free" (a stand-in costing a few elementwise adds, wrong values but
+    gradients into every input: the model with it bounds what any WKV op could reach)."""
+    original_forward, original_backend = WKV7.forward, os.environ.get(BACKEND_ENV)
     if path == "step":
-        modeling_rwkv7.wkv7 = lambda r, w, k, v, a, b, initial_state=None, chunk_size=None: wkv7_recurrent(
+        WKV7.forward = lambda self, r, w, k, v, a, b, initial_state=None, chunk_size=None: wkv7_recurrent(
             r, w, k, v, a, b, initial_state
         )
     elif path == "free":
-        modeling_rwkv7.wkv7 = lambda r, w, k, v, a, b, initial_state=None, chunk_size=None: (
+        WKV7.forward = lambda self, r, w, k, v, a, b, initial_state=None, chunk_size=None: (
             r + w + k + v + a + b,
             r.new_zeros(r.shape[0], r.shape[2], r.shape[3], r.shape[3]),
         )
+    if path in ("step", "chunked"):
+        os.environ[BACKEND_ENV] = "torch"
     try:
         yield
     finally:
-        modeling_rwkv7.wkv7 = original
+        WKV7.forward = original_forward
+        if original_backend is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = original_backend
 
 
 def on_path(path: str, run):
@@ -170,11 +176,14 @@ def main() -> None:
 
     times = best_of_taking_turns(
         args.repeats,
-        {"ours": prefill, "free": on_path("free", prefill), "rwkv": lambda: reference.forward(prompt, None)},
+        {"ours": prefill, "chunked": on_path("chunked", prefill), "free": on_path("free", prefill),
+         "rwkv": lambda: reference.forward(prompt, None)},
     )
     ratio, to_bound = times["rwkv"] / times["ours"], times["ours"] / times["free"]
     rows.append((f"b. prefill tok/s, T={T}, ours vs rwkv", T / times["ours"], T / times["rwkv"], ratio,
                  f">= 2 or <= 1.1x bound: {bar(ratio >= 2 or to_bound <= 1.1)}"))
+    rows.append((f"b. prefill tok/s, T={T}, torch chunked vs rwkv", T / times["chunked"], T / times["rwkv"],
+                 times["rwkv"] / times["chunked"], ""))
     rows.append((f"b. prefill tok/s, T={T}, free WKV op (bound) vs rwkv", T / times["free"], T / times["rwkv"],
                  times["rwkv"] / times["free"], ""))
     with wkv_path("step"):
@@ -183,7 +192,8 @@ def main() -> None:
                  step_s / times["ours"], ""))
     del model, reference, caches, cache, state
 
-    # c. training step: the chunked form (the default) against autograd through the step form, and the free bound.
+    # c. training step: the kernel (the default) and the torch chunked form against autograd through the step form,
+    # and the free bound.
     train_model = build_model(args.train_layers, args.train_width, args.train_vocab, seed=1).train()
     print(f"model (c): {describe(train_model)}")
     ids = torch.tensor([random_tokens(T, args.train_vocab, seed=17)])
@@ -193,9 +203,11 @@ def main() -> None:
         training_step(train_model, ids)
 
     times = best_of_taking_turns(
-        max(1, args.repeats - 1), {path: on_path(path, train) for path in ("chunked", "free", "step")}
+        max(1, args.repeats - 1), {path: on_path(path, train) for path in ("kernel", "chunked", "free", "step")}
     )
-    rows.append((f"c. train step s, T={T}, ours (chunked) vs step autograd", times["chunked"], times["step"],
+    rows.append((f"c. train step s, T={T}, ours (kernel) vs step autograd", times["kernel"], times["step"],
+                 times["step"] / times["kernel"], ""))
+    rows.append((f"c. train step s, T={T}, torch chunked vs step autograd", times["chunked"], times["step"],
                  times["step"] / times["chunked"], ""))
     rows.append((f"c. train step s, T={T}, free WKV op (bound) vs step", times["free"], times["step"],
                  times["step"] / times["free"], ""))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedConfig
 
 from .checkpoint_io import (
     atomic_output_dir,
@@ -268,10 +268,12 @@ def convert_hf_to_blinkdl(
 
 
 def save_hf_text_model(
-    directory: Path, config: Rwkv6Config, hf_state_dict: Mapping[str, torch.Tensor]
+    directory: Path, config: PreTrainedConfig, hf_state_dict: Mapping[str, torch.Tensor],
+    architecture: str = "Rwkv6ForCausalLM",
 ) -> None:
-    """Writes config, weights, generation config and tokenizer: a folder the Auto classes load."""
-    config.architectures = ["Rwkv6ForCausalLM"]
+    """Writes config, weights, generation config and tokenizer of a World-tokenizer language model (RWKV-6, or
+    RWKV-7 with `architecture="Rwkv7ForCausalLM"`): a folder the Auto classes load."""
+    config.architectures = [architecture]
     config.save_pretrained(directory)
     save_file(dict(hf_state_dict), directory / "model.safetensors", metadata={"format": "pt"})
     GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)

@@ -19,16 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
 from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_rwkv7 import Rwkv7Config
 from .convert_rwkv6 import Rwkv6Parameter as Parameter
-from .convert_rwkv6 import check_state_dict, select_prefix
+from .convert_rwkv6 import check_state_dict, save_hf_text_model, select_prefix
 from .modeling_rwkv7 import TIME_MIX_SLOTS
-from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
 # Keys whose presence identifies an RWKV-7 file (r_k is x070's per-head bonus, x_r its static token-shift mix).
 RWKV7_MARKER_KEYS = ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.x_r")
@@ -238,15 +235,6 @@ def convert_hf_to_blinkdl(
     return {prefix + p.blinkdl_key: hf_state_dict[p.hf_key].reshape(p.blinkdl_shape).contiguous() for p in params}
 
 
-def save_rwkv7_model(directory: Path, config: Rwkv7Config, hf_state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Writes config, weights, generation config and tokenizer: a folder the Auto classes load."""
-    config.architectures = ["Rwkv7ForCausalLM"]
-    config.save_pretrained(directory)
-    save_file(dict(hf_state_dict), directory / "model.safetensors", metadata={"format": "pt"})
-    GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)
-    RwkvWorldTokenizer().save_pretrained(directory)
-
-
 def convert_rwkv7_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -269,7 +257,7 @@ def convert_rwkv7_checkpoint(
     )
     size = sum(t.nbytes for t in hf_state_dict.values())
     with atomic_output_dir(output_dir, overwrite, [checkpoint], size) as staging:
-        save_rwkv7_model(staging, config, hf_state_dict)
+        save_hf_text_model(staging, config, hf_state_dict, architecture="Rwkv7ForCausalLM")
     return output_dir
 
 
@@ -306,5 +294,4 @@ __all__ = [
     "export_rwkv7_checkpoint",
     "rwkv7_config_from_state_dict",
     "rwkv7_parameters",
-    "save_rwkv7_model",
 ]

@@ -34,7 +34,7 @@ from .modeling_rwkv_common import (
     store_wkv_state,
     token_shift,
 )
-from .ops import wkv7
+from .ops import WKV7
 from .ops.mixing import relu_squared
 
 # Order of the static token-shift mixes x_r .. x_g, stacked so that one pass computes every mixed input.
@@ -73,6 +73,7 @@ class Rwkv7TimeMix(nn.Module):
         self.k_k = nn.Parameter(torch.empty(C))
         self.k_a = nn.Parameter(torch.empty(C))
         self.r_k = nn.Parameter(torch.empty(self.num_heads, self.head_size))
+        self.wkv = WKV7()  # the compiled kernel where one builds, the torch forms otherwise
         self.att_receptance = nn.Linear(C, C, bias=False)
         self.att_key = nn.Linear(C, C, bias=False)
         self.att_value = nn.Linear(C, C, bias=False)
@@ -115,7 +116,7 @@ class Rwkv7TimeMix(nn.Module):
             k, b = k.masked_fill(pad, 0), b.masked_fill(pad, 0)
             w = w.masked_fill(pad, float("-inf"))
 
-        y, state = wkv7(
+        y, state = self.wkv(
             *(t.view(B, T, H, N) for t in (r, w, k, v, -kk, b)), initial_state=initial_state,
             chunk_size=self.chunk_size,
         )
