@@ -6,7 +6,10 @@ the math is debugged without a GPU. The CUDA tests skip where there is no GPU; t
 nvcc.
 """
 
-import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +160,132 @@ def test_tf32_rounding():
     x = torch.tensor([1.0, 1.0 + 2**-11, 1.0 + 2**-10 + 2**-11, -(1.0 + 2**-11), 3.0e-39, 1.0 + 2**-12])
     assert tf32(x).tolist() == [1.0, 1.0 + 2**-10, 1.0 + 2**-9, -(1.0 + 2**-10), tf32(x)[4].item(), 1.0]
     assert (tf32(x) - x).abs().max() <= 2**-11 * x.abs().max()
+
+
+# --- the CUDA source: compile checks (wherever nvcc is) ---
+
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "csrc" / "wkv6" / "wkv6_cuda"
+NVCC = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"] if Path(p).exists()),
+                                    None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit)")
+def test_chunked_kernel_compiles_for_hopper_ampere_and_below(tmp_path):
+    """nvcc builds the kernels for sm_90 (H100) and sm_80 (the first with TF32 tensor cores), and the guarded stub
+    for sm_75, without warnings; ptxas reports no spill beyond a few bytes (a register tile that spills would run at
+    local-memory speed)."""
+    archs = ["75", "80", "90"]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-O3", "--use_fast_math", *gencode, "-Xptxas=-v", "-c", str(KERNEL_DIR / "wkv6_chunked.cu"),
+         "-o", str(tmp_path / "wkv6_chunked.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr)]
+    assert spills and max(spills) <= 16, result.stderr
+
+
+# --- the CUDA kernel itself (needs a GPU) ---
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the chunked kernel is CUDA)")
+FORM_ENV = "VISUALRWKV_WKV6_CUDA_FORM"
+CHUNKED_MIN_LENGTH = 64  # kWKV6ChunkedMinLength in wkv6_chunked_op.h
+
+
+@pytest.fixture(scope="module")
+def cuda_build():
+    from visualrwkv_hf.ops import set_wkv6_backend
+    from visualrwkv_hf.ops.kernels import cuda_kernel_ops
+
+    set_wkv6_backend("auto")
+    try:
+        # on a machine with a GPU the CUDA build is part of the package: a failure fails, never skips
+        assert cuda_kernel_ops() is not None, "the CUDA WKV6 kernel failed to build (see the warning)"
+    finally:
+        set_wkv6_backend(None)
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the chunked kernel needs an sm_80+ GPU (TF32 tensor cores)")
+
+
+def cuda_run(form, monkeypatch, inputs, state, grad_y, grad_state):
+    """y, final state and the input gradients of the CUDA op with VISUALRWKV_WKV6_CUDA_FORM=form."""
+    from visualrwkv_hf.ops import wkv6_compiled
+
+    monkeypatch.setenv(FORM_ENV, form)
+    leaves = [x.detach().cuda().requires_grad_() for x in inputs]
+    s0 = None if state is None else state.detach().cuda().requires_grad_()
+    y, s = wkv6_compiled(*leaves, s0)
+    ((y * grad_y.cuda()).sum() + (s * grad_state.cuda()).sum()).backward()
+    return y.cpu(), s.cpu(), [x.grad.cpu() for x in leaves] + ([s0.grad.cpu()] if s0 is not None else [])
+
+
+CUDA_CASES = [  # B, T, H, N, decays, dtype, with_state
+    (1, 1, 2, 64, "per_channel", torch.float32, True),  # T = 1
+    (2, 15, 3, 16, "per_channel", torch.float32, False),  # shorter than a chunk
+    (2, 16, 2, 32, "extreme", torch.float32, True),  # exactly one chunk
+    (1, 333, 4, 64, "per_channel", torch.float32, True),  # ragged end, four value tiles
+    (2, 200, 2, 64, "extreme", torch.float32, True),
+    (1, 1000, 2, 64, "per_channel", torch.float32, False),  # long
+    (2, 100, 2, 64, "per_channel", torch.bfloat16, True),
+    (2, 100, 2, 32, "extreme", torch.float16, True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,T,H,N,decays,dtype,with_state", CUDA_CASES)
+def test_cuda_chunked_matches_float64(cuda_build, monkeypatch, B, T, H, N, decays, dtype, with_state):
+    r, k, v, w, u, s0 = make_inputs(B, T, H, N, seed=T + N, with_state=with_state)
+    inputs = [x.to(dtype) for x in (r, k, v, extreme_decays(w) if decays == "extreme" else w, u)]
+    g = torch.Generator().manual_seed(9)
+    grad_y, grad_s = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    y_ref, s_ref, expected = grads_of(oracle, inputs + [s0], grad_y, grad_s, torch.float64)
+    y, s, got = cuda_run("chunked", monkeypatch, inputs, s0, grad_y, grad_s)
+    # float64 on the same (rounded) inputs: the kernel computes in fp32 whatever the input dtype
+    assert_matches_oracle(y, s, (y_ref, s_ref))
+    for name, g_got, g_ref in zip(NAMES, got, [x for x in expected if x is not None]):
+        assert g_got.dtype == (torch.float32 if name == "initial_state" else dtype)
+        assert torch.isfinite(g_got).all(), name
+        tol = GRAD_TOL if dtype == torch.float32 else (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        assert rel_err(g_got, g_ref) < tol, (name, rel_err(g_got, g_ref))
+
+
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 17, 64, 250])
+def test_cuda_chunked_equals_step_kernel(cuda_build, monkeypatch, T):
+    r, k, v, w, u, s0 = make_inputs(2, T, 3, 64, seed=T)
+    g = torch.Generator().manual_seed(10)
+    grad_y, grad_s = torch.randn(2, T, 3, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    step = cuda_run("step", monkeypatch, [r, k, v, w, u], s0, grad_y, grad_s)
+    chunked = cuda_run("chunked", monkeypatch, [r, k, v, w, u], s0, grad_y, grad_s)
+    for a, b in zip([step[0], step[1], *step[2]], [chunked[0], chunked[1], *chunked[2]]):
+        assert rel_err(b, a) < 1e-4
+
+
+@needs_cuda
+def test_cuda_dispatch_rule_by_length(cuda_build, monkeypatch):
+    """auto: the step kernel below CHUNKED_MIN_LENGTH tokens (decode, short prompts), the chunked kernel from it on;
+    both kernels are deterministic, so "which one ran" shows as bitwise equality with the forced form."""
+    from visualrwkv_hf.ops import wkv6_compiled
+
+    for T, expected in [(1, "step"), (CHUNKED_MIN_LENGTH - 1, "step"), (CHUNKED_MIN_LENGTH, "chunked")]:
+        r, k, v, w, u, s0 = (x.cuda() for x in make_inputs(1, T, 2, 64, seed=T))
+        results = {}
+        for form in ("auto", "step", "chunked"):
+            monkeypatch.setenv(FORM_ENV, form)
+            results[form] = wkv6_compiled(r, k, v, w, u, s0)
+        other = "chunked" if expected == "step" else "step"
+        assert all(torch.equal(a, b) for a, b in zip(results["auto"], results[expected])), T
+        if T > 1:
+            assert not torch.equal(results["auto"][0], results[other][0]), T
+    # head size 128 has no chunked instantiation: auto keeps the step kernel, forcing the chunked one is an error
+    r, k, v, w, u, s0 = (x.cuda() for x in make_inputs(1, 100, 1, 128, seed=1))
+    monkeypatch.setenv(FORM_ENV, "auto")
+    wkv6_compiled(r, k, v, w, u, s0)
+    monkeypatch.setenv(FORM_ENV, "chunked")
+    with pytest.raises(RuntimeError, match="head size 16, 32 or 64"):
+        wkv6_compiled(r, k, v, w, u, s0)
+    monkeypatch.setenv(FORM_ENV, "fast")
+    with pytest.raises(RuntimeError, match="must be auto, step or chunked"):
+        wkv6_compiled(r, k, v, w, u, s0)

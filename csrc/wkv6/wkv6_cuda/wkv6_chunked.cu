@@ -31,14 +31,16 @@
 #include "wkv6_chunked.h"
 
 namespace wkv6_chunked {
-namespace {
+// external linkage (not an anonymous namespace): the sm_75 pass compiles the kernels as stubs and would warn about
+// every helper it leaves unused
+namespace detail {
 
 using namespace nvcuda;
 
-constexpr int L = kChunk;
-constexpr int VT = kValueTile;
-constexpr int kWarps = kThreads / 32;
-constexpr float kMaxW = 4.0943445622221004f;  // ln 60: the per-step log-decay is clamped at -60
+inline constexpr int L = kChunk;
+inline constexpr int VT = kValueTile;
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr float kMaxW = 4.0943445622221004f;  // ln 60: the per-step log-decay is clamped at -60
 
 static_assert(L == 16 && VT == 16, "one WMMA tile per chunk and per value tile");
 
@@ -404,7 +406,9 @@ void launch_backward(int B, int T, int H, const scalar_t* r, const scalar_t* k, 
                                                               dr_tiles, dk_tiles, dlw_tiles, du_tiles, dv);
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 template <typename scalar_t>
 void forward(int B, int T, int H, int N, const scalar_t* r, const scalar_t* k, const scalar_t* v, const scalar_t* w,

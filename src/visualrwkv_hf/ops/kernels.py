@@ -272,11 +272,13 @@ def _build_cuda_ops() -> SimpleNamespace:
     """Build (nvcc, for this process's GPU architecture; cached like the CPU build) and load the CUDA kernel."""
     from torch.utils.cpp_extension import load
 
-    sources = [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.cu", KERNEL_SOURCES / "torch-ext" / "torch_binding.cpp"]
+    cuda = KERNEL_SOURCES / "wkv6_cuda"
+    sources = [cuda / "wkv6_cuda.cu", cuda / "wkv6_chunked.cu", cuda / "wkv6_chunked_op.cu",
+               KERNEL_SOURCES / "torch-ext" / "torch_binding.cpp"]
     flags = ["-O3", "-DCUDA_KERNEL"]
     capability = "sm_{}{}".format(*torch.cuda.get_device_capability())
     digest = hashlib.sha256(" ".join(flags + [torch.__version__, str(torch.version.cuda), capability]).encode())
-    for source in sources + [KERNEL_SOURCES / "wkv6_cuda" / "wkv6_cuda.h"]:
+    for source in sources + [cuda / "wkv6_cuda.h", cuda / "wkv6_chunked.h", cuda / "wkv6_chunked_op.h"]:
         digest.update(source.read_bytes())
     name = f"visualrwkv_wkv6_cuda_{capability}_{digest.hexdigest()[:12]}"
     load(
