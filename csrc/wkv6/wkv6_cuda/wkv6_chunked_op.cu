@@ -58,6 +58,8 @@ bool wkv6_chunked_applies(const torch::Tensor& r) {
   TORCH_CHECK(form == "auto" || form == "step" || form == "chunked",
               "VISUALRWKV_WKV6_CUDA_FORM must be auto, step or chunked, got '", form, "'");
   if (form == "step") return false;
+  // decode steps return before any device query: they may run inside a CUDA graph capture (decode_graph.py)
+  if (form == "auto" && r.size(1) < kWKV6ChunkedMinLength) return false;
   const bool can_run = kernel_can_run(r);
   if (form == "chunked") {
     TORCH_CHECK(can_run, "VISUALRWKV_WKV6_CUDA_FORM=chunked: the chunked kernel needs head size 16, 32 or 64, ",
@@ -65,7 +67,7 @@ bool wkv6_chunked_applies(const torch::Tensor& r) {
                 ". Use auto to fall back to the step kernel.");
     return true;
   }
-  return can_run && r.size(1) >= kWKV6ChunkedMinLength;
+  return can_run;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> wkv6_chunked_forward_cuda(const torch::Tensor& r, const torch::Tensor& k,
