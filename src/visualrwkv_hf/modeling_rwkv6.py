@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_visualrwkv import VisualRWKVTextConfig
+from .decode_graph import decode_graph
 from .loading import StrictLoadingMixin
 from .ops import WKV6
 from .ops.loss import causal_lm_loss
@@ -341,6 +342,11 @@ class VisualRWKVTextPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
         # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
         # lives in `DynamicCache(config=...)` (`LinearAttentionLayer`s), which `generate` then builds itself.
         return True
+
+    def get_compiled_call(self, compile_config):
+        # generate() asks for this on its decode steps with a static cache on CUDA (cache_implementation="static"):
+        # the one-token step as a CUDA graph (decode_graph.py) instead of torch.compile, which cannot trace the WKV ops
+        return decode_graph(self)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_visualrwkv import VisualRWKVConfig
+from .decode_graph import decode_graph
 from .loading import StrictLoadingMixin
 from .modeling_rwkv6 import VisualRWKVTextModel, check_prompt_continues_cache, positions_to_keep
 from .ops.loss import causal_lm_loss, token_cross_entropy
@@ -78,6 +79,10 @@ class VisualRWKVPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
         # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
         # lives in `DynamicCache(config=text_config)` (`LinearAttentionLayer`s), which `generate` then builds itself.
         return True
+
+    def get_compiled_call(self, compile_config):
+        # decode steps with a static cache on CUDA run as a CUDA graph, as for the text model (decode_graph.py)
+        return decode_graph(self)
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
