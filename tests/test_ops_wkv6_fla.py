@@ -33,7 +33,7 @@ def test_shape_errors_come_first():
 @pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention (optional comparison backend)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_fla_matches_float64_with_gradients(dtype, tol, with_state):
+def test_cuda_fla_matches_float64_with_gradients(dtype, tol, with_state):
     B, T, H, N = 2, 200, 2, 64
     r, k, v, w, u, s0 = make_inputs(B, T, H, N, seed=3, with_state=with_state)
     inputs = [x.to(dtype) for x in (r, k, v, w, u)] + [s0]
