@@ -43,6 +43,7 @@ inline constexpr int kWarps = kThreads / 32;
 inline constexpr float kMaxW = 4.0943445622221004f;  // ln 60: the per-step log-decay is clamped at -60
 
 static_assert(L == 16 && VT == 16, "one WMMA tile per chunk and per value tile");
+static_assert(kThreads == 8 * L, "the score matrix takes 8 threads per query row");
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -188,7 +189,10 @@ __global__ void __launch_bounds__(kThreads)
   const int bh = blockIdx.x, tile = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x, warp = tid / 32;
   const int j0 = tile * VT, C = (T + L - 1) / L;
   __shared__ __align__(32) ChunkTiles<N> s;
-  __shared__ __align__(32) float v_s[L * VT], S_s[N * VT], U_s[N * VT], y_s[kWarps * L * VT];
+  __shared__ __align__(32) float v_s[L * VT];
+  __shared__ __align__(32) float S_s[N * VT];
+  __shared__ __align__(32) float U_s[N * VT];
+  __shared__ __align__(32) float y_s[kWarps * L * VT];
   float* S_global = state + static_cast<int64_t>(bh) * N * N + j0;  // row c of the tile at c * N
   for (int i = tid; i < N * VT; i += kThreads) S_s[i] = S_global[(i / VT) * N + i % VT];
   for (int i = tid; i < N; i += kThreads) s.u[i] = u[h * N + i];
@@ -252,9 +256,15 @@ __global__ void __launch_bounds__(kThreads)
   const int bh = blockIdx.x, tile = blockIdx.y, b = bh / H, h = bh % H, tid = threadIdx.x, warp = tid / 32;
   const int B = gridDim.x / H, j0 = tile * VT, C = (T + L - 1) / L;
   __shared__ __align__(32) ChunkTiles<N> s;
-  __shared__ __align__(32) float drq_s[L * N], dkk_s[L * N];
-  __shared__ __align__(32) float v_s[L * VT], dy_s[L * VT], dv_s[L * VT], dA_s[L * L];
-  __shared__ __align__(32) float S_s[N * VT], dS_s[N * VT], P_s[N * VT];
+  __shared__ __align__(32) float drq_s[L * N];
+  __shared__ __align__(32) float dkk_s[L * N];
+  __shared__ __align__(32) float v_s[L * VT];
+  __shared__ __align__(32) float dy_s[L * VT];
+  __shared__ __align__(32) float dv_s[L * VT];
+  __shared__ __align__(32) float dA_s[L * L];
+  __shared__ __align__(32) float S_s[N * VT];
+  __shared__ __align__(32) float dS_s[N * VT];
+  __shared__ __align__(32) float P_s[N * VT];
   float* dS_global = grad_state + static_cast<int64_t>(bh) * N * N + j0;
   for (int i = tid; i < N * VT; i += kThreads) dS_s[i] = dS_global[(i / VT) * N + i % VT];
   for (int i = tid; i < N; i += kThreads) s.u[i] = u[h * N + i];
