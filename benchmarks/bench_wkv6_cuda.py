@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu_claims import Results  # noqa: E402
 
 from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig  # noqa: E402
-from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent  # noqa: E402
-from visualrwkv_hf.ops.kernels import cuda_kernel_ops  # noqa: E402
+from visualrwkv_hf.ops import set_wkv_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent  # noqa: E402
 
 FORM_ENV = "VISUALRWKV_WKV6_CUDA_FORM"
 GRAD_NAMES = ["r", "k", "v", "w", "u", "s0"]
@@ -71,8 +70,7 @@ def cuda_form(form: str):
 
 
 def op_forms(use_fla: bool) -> dict:
-    if cuda_kernel_ops() is None:
-        raise SystemExit("the CUDA WKV6 kernel could not be built (see the warning above)")
+    wkv6_compiled.build("cuda")  # raises with nvcc's output if the kernels cannot be built
     forms = {"chunked kernel": cuda_form("chunked"), "step kernel": cuda_form("step"), "chunked torch": wkv6_chunked}
     if use_fla:
         from visualrwkv_hf.ops.wkv6_fla import fla_chunk_rwkv6, wkv6_fla
@@ -164,7 +162,7 @@ def bench_model(T, repeats, results):
     ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
     print(f"model level, 12 x 768, vocab 65536, bf16, T={T}; ms, min of {repeats}")
     for backend in ("auto", "torch"):
-        set_wkv6_backend(backend)
+        set_wkv_backend(backend)
         try:
 
             def prefill():
@@ -180,7 +178,7 @@ def bench_model(T, repeats, results):
             model.train()
             train_ms = min_ms(train_step, repeats)
         finally:
-            set_wkv6_backend(None)
+            set_wkv_backend(None)
         results.add({"kind": "model", "wkv": "kernels" if backend == "auto" else "torch op", "T": T,
                      "prefill_ms": round(prefill_ms, 2), "prefill_tok_s": round(T / prefill_ms * 1e3),
                      "train_step_ms": round(train_ms, 2)})

@@ -36,11 +36,11 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run COMMAND under the limit, i
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } | tee -a "$LOG"
 
-# the private builder raises with nvcc's full output, where cuda_kernel_ops() would only warn
+# build() raises with nvcc's full output, where a call of the op would only warn and fall back to torch
 BUILD='import time, torch
-from visualrwkv_hf.ops import kernels
+from visualrwkv_hf.ops import wkv6_compiled
 start = time.perf_counter()
-kernels._build_cuda_ops()
+wkv6_compiled.build("cuda")
 print(f"{torch.cuda.get_device_name()}: CUDA WKV6 kernels built and loaded in {time.perf_counter() - start:.0f} s")'
 
 # ---- the stages, in order ----
