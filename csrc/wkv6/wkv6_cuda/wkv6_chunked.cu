@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "wkv6_chunked.h"
@@ -94,31 +95,64 @@ struct ChunkTiles {
   float A[L * L];
 };
 
-// Loads steps t0 .. t0 + L - 1 of r, k and the decays into the tiles; steps at or past T load as inert padding
-// (r = k = 0, decay 1).
+// One chunk's inputs, fetched into registers one chunk ahead (chunk c + 1's global loads are in flight while chunk
+// c computes), then stored to shared memory. Steps at or past T load as inert padding: r = k = v = dy = 0 and
+// w = -inf, whose decay exp(-exp(-inf)) is exactly 1. `dy` and `states` (the chunk's start-state tile) are read
+// only where given.
 template <typename scalar_t, int N>
-__device__ __forceinline__ void load_chunk(ChunkTiles<N>& s, int tid, int t0, int T, int64_t base, int64_t row,
-                                           const scalar_t* __restrict__ r, const scalar_t* __restrict__ k,
-                                           const scalar_t* __restrict__ w) {
-  for (int i = tid; i < L * N; i += kThreads) {
-    const int t = i / N;
-    const bool valid = t0 + t < T;
-    const int64_t idx = base + static_cast<int64_t>(t0 + t) * row + i % N;
-    s.r[i] = valid ? to_float(r[idx]) : 0.f;
-    s.k[i] = valid ? to_float(k[idx]) : 0.f;
-    s.d[i] = valid ? decay_of(to_float(w[idx])) : 1.f;
-  }
-}
+struct ChunkLoads {
+  static constexpr int kPer = L * N / kThreads, kPerTile = L * VT / kThreads, kPerState = N * VT / kThreads;
+  static_assert(kPer * kThreads == L * N && kPerTile * kThreads == L * VT && kPerState * kThreads == N * VT,
+                "the chunk's tiles split evenly over the threads");
+  float r[kPer], k[kPer], w[kPer], v[kPerTile], dy[kPerTile], state[kPerState];
 
-// One L x VT tile of a (B, T, H, N) array (columns j0 ..), zeros past T.
-template <typename scalar_t>
-__device__ __forceinline__ void load_value_tile(float* out, int tid, int t0, int T, int64_t base, int64_t row, int j0,
-                                                const scalar_t* __restrict__ x) {
-  for (int i = tid; i < L * VT; i += kThreads) {
-    const int t = i / VT;
-    out[i] = t0 + t < T ? to_float(x[base + static_cast<int64_t>(t0 + t) * row + j0 + i % VT]) : 0.f;
+  __device__ __forceinline__ void fetch(int tid, int c, int T, int64_t base, int64_t row, int j0,
+                                        const scalar_t* __restrict__ r_in, const scalar_t* __restrict__ k_in,
+                                        const scalar_t* __restrict__ v_in, const scalar_t* __restrict__ w_in,
+                                        const float* __restrict__ dy_in, const float* __restrict__ states_in) {
+    const int t0 = c * L;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = tid + j * kThreads, t = i / N;
+      const bool valid = t0 + t < T;
+      const int64_t idx = base + static_cast<int64_t>(t0 + t) * row + i % N;
+      r[j] = valid ? to_float(r_in[idx]) : 0.f;
+      k[j] = valid ? to_float(k_in[idx]) : 0.f;
+      w[j] = valid ? to_float(w_in[idx]) : -INFINITY;
+    }
+#pragma unroll
+    for (int j = 0; j < kPerTile; ++j) {
+      const int i = tid + j * kThreads, t = i / VT;
+      const bool valid = t0 + t < T;
+      const int64_t idx = base + static_cast<int64_t>(t0 + t) * row + j0 + i % VT;
+      v[j] = valid ? to_float(v_in[idx]) : 0.f;
+      if (dy_in != nullptr) dy[j] = valid ? dy_in[idx] : 0.f;
+    }
+    if (states_in != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kPerState; ++j) state[j] = states_in[static_cast<int64_t>(c) * N * VT + tid + j * kThreads];
+    }
   }
-}
+
+  __device__ __forceinline__ void store(ChunkTiles<N>& s, float* v_s, float* dy_s, float* state_s, int tid) const {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = tid + j * kThreads;
+      s.r[i] = r[j];
+      s.k[i] = k[j];
+      s.d[i] = decay_of(w[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kPerTile; ++j) {
+      v_s[tid + j * kThreads] = v[j];
+      if (dy_s != nullptr) dy_s[tid + j * kThreads] = dy[j];
+    }
+    if (state_s != nullptr) {
+#pragma unroll
+      for (int j = 0; j < kPerState; ++j) state_s[tid + j * kThreads] = state[j];
+    }
+  }
+};
 
 // Factors (threads 0..N-1, one channel each, running products in the emulation's order) and the score matrix A
 // (all threads: 8 per query row t, each over N / 8 channels, reduced by shuffles within the group of 8 lanes).
@@ -199,11 +233,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = static_cast<int64_t>(H) * N;          // one step
   const int64_t base = (static_cast<int64_t>(b) * T * H + h) * N;  // step t, channel c at base + t * row + c
   float* states_out = kStoreStates ? chunk_states + (static_cast<int64_t>(bh) * kTiles + tile) * C * N * VT : nullptr;
+  ChunkLoads<scalar_t, N> next;
+  if (C > 0) next.fetch(tid, 0, T, base, row, j0, r, k, v, w, nullptr, nullptr);
   for (int c = 0; c < C; ++c) {
     const int t0 = c * L;
     __syncthreads();  // the previous chunk's readers are done
-    load_chunk<scalar_t, N>(s, tid, t0, T, base, row, r, k, w);
-    load_value_tile(v_s, tid, t0, T, base, row, j0, v);
+    next.store(s, v_s, nullptr, nullptr, tid);
+    if (c + 1 < C) next.fetch(tid, c + 1, T, base, row, j0, r, k, v, w, nullptr, nullptr);
     if (kStoreStates) {
       for (int i = tid; i < N * VT; i += kThreads) states_out[static_cast<int64_t>(c) * N * VT + i] = S_s[i];
     }
@@ -273,13 +309,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tile_offset = static_cast<int64_t>(tile) * B * T * H * N;  // this tile's partial gradients
   const float* states_in = chunk_states + (static_cast<int64_t>(bh) * kTiles + tile) * C * N * VT;
   float du = 0.f;  // threads 0..N-1: channel tid
+  ChunkLoads<scalar_t, N> next;
+  if (C > 0) next.fetch(tid, C - 1, T, base, row, j0, r, k, v, w, dy, states_in);
   for (int c = C - 1; c >= 0; --c) {
     const int t0 = c * L;
     __syncthreads();
-    load_chunk<scalar_t, N>(s, tid, t0, T, base, row, r, k, w);
-    load_value_tile(v_s, tid, t0, T, base, row, j0, v);
-    load_value_tile(dy_s, tid, t0, T, base, row, j0, dy);
-    for (int i = tid; i < N * VT; i += kThreads) S_s[i] = states_in[static_cast<int64_t>(c) * N * VT + i];
+    next.store(s, v_s, dy_s, S_s, tid);
+    if (c > 0) next.fetch(tid, c - 1, T, base, row, j0, r, k, v, w, dy, states_in);
     __syncthreads();
     chunk_factors_and_scores<N>(s, tid);
     __syncthreads();
