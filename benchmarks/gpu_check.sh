@@ -1,32 +1,60 @@
 #!/usr/bin/env bash
-# One call on a machine with an NVIDIA GPU: build the CUDA WKV6 kernel (nvcc through torch.utils.cpp_extension, for
-# this GPU's architecture, cached), run the CUDA tests, then benchmarks/bench_wkv6_cuda.py (extra arguments go to it):
-# our kernel vs the chunked torch form (and fla's chunk_rwkv6 when importable) and a 12 x 768 model with and without
-# the kernel.
-# Usage: bash benchmarks/gpu_check.sh [benchmark arguments]   (from the repository root; PYTHON overrides the
-# interpreter). Exit status 1 if the build, a test or the benchmark failed; every stage runs regardless.
+# The one run for a machine with an NVIDIA GPU: build the CUDA kernels, run every CUDA test, then the GPU benchmarks.
+# Each stage runs under its own time limit and appends its output to OUT/log.txt as it goes; the benchmarks also
+# append their results to OUT/*.jsonl one line per measurement (and the claims plot to OUT/gpu_claims.png), so a run
+# cut short still leaves every number measured so far. Total limit ~9 minutes; about 6 expected on an H100.
+#
+# Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT]      (OUT defaults to gpu_results/)
+#   PYTHON=... picks the interpreter (default .venv/bin/python); it needs a CUDA build of torch, pytest, peft,
+#   and optionally flash-linear-attention (the comparison anchor of bench_wkv6_cuda.py) and matplotlib (the plot).
+# Exit status 1 if any stage failed or ran out of time; every stage runs regardless.
+#
+# Adding a stage (WKV7's kernels, ...): one more `stage NAME LIMIT_SECONDS COMMAND...` line in the list below.
 set -uo pipefail
 PYTHON="${PYTHON:-.venv/bin/python}"
-"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
-# build() raises with nvcc's full output, where a call of the op would only warn and run torch
-"$PYTHON" - <<'PY' || exit 1
-import time
-
-import torch
-
-from visualrwkv_hf.ops import wkv6_compiled
-
-start = time.perf_counter()
-wkv6_compiled.build("cuda")
-print(f"{torch.cuda.get_device_name()}: CUDA WKV6 kernel built and loaded in {time.perf_counter() - start:.0f} s")
-PY
+OUT="${1:-gpu_results}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_kernels.py -k cuda || status=1
-"$PYTHON" benchmarks/bench_wkv6_cuda.py "$@" || status=1
-# WKV7: the CUDA kernel's build (raising with nvcc's output), its tests against the float64 reference (not the nvcc
-# compile check: the build covers it) and kernel vs chunked torch form at the op level
-"$PYTHON" -c "from visualrwkv_hf.ops import wkv7_compiled; wkv7_compiled.build('cuda'); print('CUDA WKV7 kernel built')" \
-  || status=1
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_wkv7.py -k "cuda and not nvcc" || status=1
-"$PYTHON" benchmarks/bench_wkv7.py --device cuda --forms kernel chunked --lengths 512 4096 --heads 32 || status=1
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run COMMAND under the limit, its output to the terminal and the log
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "=== $name (limit ${limit} s) ===" | tee -a "$LOG"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "!!! $name: out of time after ${limit} s" | tee -a "$LOG"
+  echo "=== $name: exit $rc, $((SECONDS - start)) s ===" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
+{
+  echo "# gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+} | tee -a "$LOG"
+
+# build() raises with nvcc's full output, where a call of the op would only warn and fall back to torch
+BUILD='import time, torch
+from visualrwkv_hf.ops import wkv6_compiled, wkv7_compiled
+for op in (wkv6_compiled, wkv7_compiled):
+    start = time.perf_counter()
+    op.build("cuda")
+    print(f"{torch.cuda.get_device_name()}: CUDA {op.name.upper()} kernels built and loaded in {time.perf_counter() - start:.0f} s")'
+
+# ---- the stages, in order ----
+stage "build the CUDA WKV6 and WKV7 kernels" 240 "$PYTHON" -c "$BUILD"
+stage "CUDA tests" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda and not nvcc" \
+  tests/test_ops_wkv6_chunked.py tests/test_ops_wkv6_fla.py tests/test_ops_kernels.py tests/test_decode_graph.py \
+  tests/test_ops_wkv7.py
+stage "bench_wkv6_cuda (kernels vs fla, accuracy, crossover, 12 x 768 model)" 90 \
+  "$PYTHON" benchmarks/bench_wkv6_cuda.py --repeats 3 --output "$OUT/bench_wkv6_cuda.jsonl"
+stage "bench_wkv7 (CUDA kernel vs chunked torch form)" 60 \
+  "$PYTHON" benchmarks/bench_wkv7.py --device cuda --forms kernel chunked --lengths 512 4096 --heads 32
+stage "bench_decode_graph (12 x 768 bf16: eager vs CUDA-graph decode)" 40 \
+  "$PYTHON" benchmarks/bench_decode_graph.py --output "$OUT/bench_decode_graph.jsonl"
+stage "bench_gpu_claims (VisualRWKV vs LLaVA, 1.6B size, 1K-24K; LoRA step)" 120 \
+  "$PYTHON" benchmarks/bench_gpu_claims.py --output "$OUT/gpu_claims.jsonl" --plot "$OUT/gpu_claims.png"
 exit $status

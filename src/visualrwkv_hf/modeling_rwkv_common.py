@@ -17,6 +17,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_recurrent_attention_mask
 from transformers.modeling_utils import PreTrainedModel
 
+from .decode_graph import decode_graph
 from .loading import StrictLoadingMixin
 from .ops.loss import causal_lm_loss
 
@@ -169,6 +170,11 @@ class RecurrentGenerationMixin(GenerationMixin):
     """`generate` for a model whose cache is a recurrent state: a prompt continuing a cache must extend what the cache
     has seen (transformers' own `prepare_inputs_for_generation` does the rest: slicing the prompt to its unseen part,
     and dropping `pixel_values` after the prefill)."""
+
+    def get_compiled_call(self, compile_config):
+        # generate() asks for this on its decode steps with a static cache on CUDA (cache_implementation="static"):
+        # the one-token step as a CUDA graph (decode_graph.py) instead of torch.compile, which cannot trace the WKV ops
+        return decode_graph(self)
 
     def prepare_inputs_for_generation(
         self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs

@@ -8,6 +8,7 @@
 //   backward sweep 2a:  thread i owns row i of G = dL/dS (backward in time): dk_i and the log-decay gradient as the
 //                       running difference sum_{tau > t} A_tau - sum_{s >= t} k_s,i (G_s v_s)_i (carried in fp64).
 //   backward sweep 2b:  thread j owns column j of G: dv_j.
+// Long sequences go to the chunked kernel instead where it runs (the rule: wkv6_chunked_op.h).
 // No per-step state is stored (O(1) memory per head); the decay gradient is finished by torch (times -exp(w), zero
 // above the clamp), as on the CPU.
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,7 @@
 
 #include "../wkv6_checks.h"
 #include "wkv6_cuda.h"
+#include "wkv6_chunked_op.h"
 
 namespace {
 
@@ -238,6 +240,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_forward_cuda(const torch::Tensor& 
                                                            const torch::Tensor& u,
                                                            const std::optional<torch::Tensor>& initial_state) {
   wkv6_check_inputs(r, k, v, w, u, initial_state);
+  if (wkv6_chunked_applies(r)) return wkv6_chunked_forward_cuda(r, k, v, w, u, initial_state);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();
@@ -263,6 +266,9 @@ WKV6Grads wkv6_backward_cuda(const torch::Tensor& r, const torch::Tensor& k, con
                              const std::optional<torch::Tensor>& initial_state, const torch::Tensor& grad_y,
                              const std::optional<torch::Tensor>& grad_final_state) {
   wkv6_check_inputs(r, k, v, w, u, initial_state);
+  if (wkv6_chunked_applies(r)) {
+    return wkv6_chunked_backward_cuda(r, k, v, w, u, initial_state, grad_y, grad_final_state);
+  }
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();

@@ -366,8 +366,10 @@ CUDA_HEAD_SIZES = (16, 24, 32, 64, 128)
 wkv6_compiled = CompiledOp(
     "wkv6",
     sources={"cpu": ["wkv6/wkv6_cpu/wkv6_cpu.cpp", f"wkv6/{BINDING}"],
-             "cuda": ["wkv6/wkv6_cuda/wkv6_cuda.cu", f"wkv6/{BINDING}"]},
-    headers=["wkv6/wkv6_checks.h", "wkv6/wkv6_cpu/wkv6_cpu.h", "wkv6/wkv6_cuda/wkv6_cuda.h"],
+             "cuda": ["wkv6/wkv6_cuda/wkv6_cuda.cu", "wkv6/wkv6_cuda/wkv6_chunked.cu",
+                      "wkv6/wkv6_cuda/wkv6_chunked_op.cu", f"wkv6/{BINDING}"]},
+    headers=["wkv6/wkv6_checks.h", "wkv6/wkv6_cpu/wkv6_cpu.h", "wkv6/wkv6_cuda/wkv6_cuda.h",
+             "wkv6/wkv6_cuda/wkv6_chunked.h", "wkv6/wkv6_cuda/wkv6_chunked_op.h"],
     fallback=wkv6,
     check_inputs=_check_inputs,
     layer_name="WKV6",
