@@ -165,16 +165,16 @@ class RwkvPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
         # lives in `DynamicCache(config=...)` (`LinearAttentionLayer`s), which `generate` then builds itself.
         return True
 
+    def get_compiled_call(self, compile_config):
+        # generate() asks for this on its decode steps with a static cache on CUDA (cache_implementation="static"):
+        # the one-token step as a CUDA graph (decode_graph.py) instead of torch.compile, which cannot trace the WKV ops
+        return decode_graph(self)
+
 
 class RecurrentGenerationMixin(GenerationMixin):
     """`generate` for a model whose cache is a recurrent state: a prompt continuing a cache must extend what the cache
     has seen (transformers' own `prepare_inputs_for_generation` does the rest: slicing the prompt to its unseen part,
     and dropping `pixel_values` after the prefill)."""
-
-    def get_compiled_call(self, compile_config):
-        # generate() asks for this on its decode steps with a static cache on CUDA (cache_implementation="static"):
-        # the one-token step as a CUDA graph (decode_graph.py) instead of torch.compile, which cannot trace the WKV ops
-        return decode_graph(self)
 
     def prepare_inputs_for_generation(
         self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
