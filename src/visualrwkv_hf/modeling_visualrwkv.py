@@ -19,11 +19,17 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
 from .loading import StrictLoadingMixin
 from .modeling_rwkv6 import VisualRWKVTextModel, check_prompt_continues_cache, positions_to_keep
+from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
+from .projectors import build_mlp_projector, vision_feature_size
 from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
+
+# `AutoModel.from_config(config.vision_config)` builds the three-encoder backbone of VisualRWKV-HD/UHD/7.
+AutoModel.register(SamDinoSiglipVisionConfig, SamDinoSiglipVisionModel, exist_ok=True)
 
 
 @dataclass
@@ -81,12 +87,13 @@ class VisualRWKVPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
-    """Maps vision features to the language model's width (the original's `proj`)."""
+    """Maps vision features to the language model's width (the original's `proj`): the linear projector of
+    VisualRWKV-6.0; `projectors.py` has the MLP ones of the later releases."""
 
     def __init__(self, config: VisualRWKVConfig):
         super().__init__()
         self.linear = nn.Linear(
-            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.projector_bias
+            vision_feature_size(config.vision_config), config.text_config.hidden_size, bias=config.projector_bias
         )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,12 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         super().__init__(config)
         # Frozen in the original training; left trainable here so users decide.
         self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
+        if config.projector_type == "linear":
+            self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
+        else:
+            self.multi_modal_projector = build_mlp_projector(
+                config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
+            )
         self.language_model = VisualRWKVTextModel(config.text_config)
         self.post_init()
 
@@ -111,7 +123,10 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         self.language_model.set_input_embeddings(new_embeddings)
 
     def get_image_features(
-        self, pixel_values: torch.FloatTensor | None, return_dict: bool = False
+        self,
+        pixel_values: torch.FloatTensor | None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
+        return_dict: bool = False,
     ) -> torch.FloatTensor | BaseModelOutputWithPooling | None:
         """
         Image features as the language model sees them, (images, num_image_tokens, hidden): the selected vision
@@ -119,28 +134,44 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         the projector. With `return_dict`, in the `pooler_output` of a `BaseModelOutputWithPooling`: the form
         `mm_encoder_outputs={"image": ...}` takes, to reuse them instead of running the vision tower again. None
         without images (`generate` encodes the images before the prefill and hands on `pixel_values=None` too).
+        The three-encoder backbone (VisualRWKV-HD/UHD/7) also reads `high_res_pixel_values`, SAM's 1024 px views.
         """
         if pixel_values is None:
             return None
         config = self.config
+        pixel_inputs = {"pixel_values": pixel_values}
+        if config.multi_encoder_vision:
+            if high_res_pixel_values is None:
+                raise ValueError(
+                    "This model's vision backbone (DINOv2 + SigLIP + SAM) needs `high_res_pixel_values` (SAM's "
+                    "1024 px views) with `pixel_values`: use the model's processor."
+                )
+            pixel_inputs["high_res_pixel_values"] = high_res_pixel_values
+        else:
+            rows, cols = config.patch_grid
+            patch_size = config.vision_config.patch_size
+            expected_size = (rows * patch_size, cols * patch_size)
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != expected_size:
+                raise ValueError(
+                    f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this "
+                    f"vision encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
+                )
+        for name, pixels in pixel_inputs.items():
+            nonfinite = ~torch.isfinite(pixels).flatten(1).all(1)
+            if bool(nonfinite.any()):
+                raise ValueError(
+                    f"`{name}` of image(s) {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values; "
+                    "expected finite pixels, as the model's image processor makes them."
+                )
+        if config.multi_encoder_vision:
+            dtype = self.vision_tower.dtype
+            features = self.vision_tower(pixel_values.to(dtype), high_res_pixel_values.to(dtype))
+        else:
+            vision_outputs = self.vision_tower(
+                pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
+            )
+            features = vision_outputs.hidden_states[config.vision_feature_layer]
         rows, cols = config.patch_grid
-        patch_size = config.vision_config.patch_size
-        expected_size = (rows * patch_size, cols * patch_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != expected_size:
-            raise ValueError(
-                f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this vision "
-                f"encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
-            )
-        nonfinite = ~torch.isfinite(pixel_values).flatten(1).all(1)
-        if bool(nonfinite.any()):
-            raise ValueError(
-                f"`pixel_values` of image(s) {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values; "
-                "expected finite normalized pixels, as the model's image processor makes them."
-            )
-        vision_outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
-        )
-        features = vision_outputs.hidden_states[config.vision_feature_layer]
         num_cls = int(config.vision_has_cls_token)
         cls_token, patches = features[:, :num_cls], features[:, num_cls:]
         if config.grid_size == 0:
@@ -220,6 +251,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> tuple | VisualRWKVModelOutput:
         """
@@ -233,6 +265,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
                 `pixel_values`: the same images' features, computed once and reused without the vision tower.
+            high_res_pixel_values: The three-encoder backbone's second input (SAM's 1024 px views), one per image of
+                `pixel_values`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
@@ -263,7 +297,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         gather_indices = None
         if num_images:
             if image_features is None:
-                image_features = self.get_image_features(pixel_values)
+                image_features = self.get_image_features(pixel_values, high_res_pixel_values)
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             )
@@ -347,9 +381,12 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         self.lm_head = new_embeddings
 
     def get_image_features(
-        self, pixel_values: torch.FloatTensor, return_dict: bool = False
+        self,
+        pixel_values: torch.FloatTensor,
+        high_res_pixel_values: torch.FloatTensor | None = None,
+        return_dict: bool = False,
     ) -> torch.FloatTensor | BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, return_dict=return_dict)
+        return self.model.get_image_features(pixel_values, high_res_pixel_values, return_dict=return_dict)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         # transformers expands (for beams, several sequences per prompt) the image features it is given in place:
@@ -401,9 +438,10 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             if len(features) == len(keep):
                 kept = BaseModelOutputWithPooling(pooler_output=features[keep]) if bool(keep.any()) else None
                 model_inputs["mm_encoder_outputs"] = {**model_inputs["mm_encoder_outputs"], "image": kept}
-        pixel_values = model_inputs.get("pixel_values")
-        if pixel_values is not None and len(pixel_values) == len(keep):
-            model_inputs["pixel_values"] = pixel_values[keep] if bool(keep.any()) else None
+        for name in ("pixel_values", "high_res_pixel_values"):
+            pixels = model_inputs.get(name)
+            if pixels is not None and len(pixels) == len(keep):
+                model_inputs[name] = pixels[keep] if bool(keep.any()) else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
@@ -421,6 +459,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> tuple | VisualRWKVConditionalGenerationOutput:
         """
@@ -434,6 +473,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
                 `pixel_values`, to reuse an image's features without running the vision tower again.
+            high_res_pixel_values: SAM's 1024 px views for the three-encoder backbone (VisualRWKV-HD/UHD/7).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -446,6 +486,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             output_hidden_states=output_hidden_states,
             return_dict=True,
             mm_encoder_outputs=mm_encoder_outputs,
+            high_res_pixel_values=high_res_pixel_values,
         )
         logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
