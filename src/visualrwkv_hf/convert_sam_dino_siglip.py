@@ -1,5 +1,12 @@
-"""The original three-encoder backbone's weights (`vit.` of VisualRWKV-HD, -UHD and -7 checkpoints) mapped onto
-`SamDinoSiglipVisionModel`.
+"""Conversion of the vision side of VisualRWKV-HD (v0612), -UHD (v0613) and -7 (v0700) checkpoints: the original
+three-encoder backbone's weights (`vit.`) mapped onto `SamDinoSiglipVisionModel`, and the projector (`proj.`).
+
+The release is told from the tensors: `vit.dino_featurizer.*` marks the three-encoder backbone; the projector's names
+give its kind (`projectors.detect_projector_type`) and its input width whether the image is read whole (DINOv2 +
+SigLIP + SAM channels) or with UHD's tiles (twice that). HD and UHD store the same projector tensors: the MLP is read
+gated for HD and with ReLU for UHD, as each release's code does (`--projector-type` overrides it). No file says which
+towers' sizes it holds (attention heads do not show in shapes): the released towers are the default, and tests give
+tiny ones as `{"dino": {...}, "siglip": {...}, "sam": {...}}` (transformers config keyword arguments).
 
 The original builds DINOv2 and SigLIP with timm and SAM with Meta's `segment_anything` code; their tensors are renamed,
 the fused timm `qkv` projections split into query, key and value, and DINOv2's position table (timm keeps no row for
@@ -11,10 +18,21 @@ attention-pooling head (`attn_pool.*`) is never used by VisualRWKV and is not ke
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from transformers import PreTrainedConfig
+
+from .checkpoint_io import check_finite
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
+from .configuration_visualrwkv import VisualRWKVConfig
+from .convert_rwkv6 import check_state_dict
+from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
+from .projectors import ORIGINAL_KEYS, detect_projector_type
 
 # Prefixes of the three encoders under the checkpoint's `vit.`.
 DINO_PREFIX = "dino_featurizer."
@@ -177,4 +195,141 @@ def convert_original_backbone(tensors: Mapping[str, torch.Tensor], source: str =
     return converted
 
 
-__all__ = ["ORIGINAL_PREFIXES", "convert_original_backbone"]
+# The JSON keys of `--vision-config` for this backbone, and the config argument each one fills.
+TOWER_CONFIG_KEYS = {"dino": "dino_config", "siglip": "siglip_config", "sam": "sam_config"}
+
+# The tensor that shows the projector's input width, per layout (under `proj.`).
+_PROJECTOR_INPUT = {"linear": "weight", "gated_mlp": "proj.weight", "input_gated_mlp": "gate.weight"}
+
+
+def is_three_encoder_checkpoint(visual: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an original checkpoint's `vit.*` tensors are the DINOv2 + SigLIP + SAM backbone."""
+    return any(key.startswith("vit." + prefix) for key in visual for prefix in ORIGINAL_PREFIXES)
+
+
+def read_tower_configs(path: str | os.PathLike) -> dict[str, dict] | None:
+    """The tower sizes of a `--vision-config` JSON file if it is the three-encoder form (an object with keys among
+    "dino", "siglip", "sam", each holding config keyword arguments), else None (a single encoder's config)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Cannot read the vision config {path}: {error}") from error
+    if not isinstance(content, dict) or not content.keys() & TOWER_CONFIG_KEYS.keys():
+        return None
+    unknown = sorted(content.keys() - TOWER_CONFIG_KEYS.keys())
+    if unknown or not all(isinstance(value, dict) for value in content.values()):
+        raise ValueError(
+            f"The vision config {path} is read as the three-encoder form: a JSON object whose keys are among "
+            f"{sorted(TOWER_CONFIG_KEYS)}, each an object of config keyword arguments"
+            + (f"; unknown keys {unknown}." if unknown else "; some values are not objects.")
+        )
+    return content
+
+
+def _tower_kwargs(vision_config: PreTrainedConfig | dict | None) -> dict[str, dict]:
+    if vision_config is None:
+        return {}
+    if isinstance(vision_config, SamDinoSiglipVisionConfig):
+        return {name: getattr(vision_config, field).to_diff_dict() for name, field in TOWER_CONFIG_KEYS.items()}
+    if isinstance(vision_config, dict) and vision_config.keys() <= TOWER_CONFIG_KEYS.keys():
+        return vision_config
+    raise ValueError(
+        "This checkpoint holds the three-encoder backbone (DINOv2 + SigLIP + SAM, VisualRWKV-HD/UHD/7): its vision "
+        'config is a JSON object {"dino": {...}, "siglip": {...}, "sam": {...}}, not a single encoder\'s config.'
+    )
+
+
+def convert_three_encoder_visual(
+    visual: Mapping[str, torch.Tensor],
+    text_config: PreTrainedConfig,
+    dtype: torch.dtype,
+    source: str,
+    vision_config: PreTrainedConfig | dict | None = None,
+    projector_type: str | None = None,
+    settings: Mapping[str, object] | None = None,
+    allow_nonfinite: bool = False,
+) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
+    """The `VisualRWKVConfig` and the vision tower + projector part of the state dict of
+    `VisualRWKVForConditionalGeneration` from a three-encoder checkpoint's `vit.*` and `proj.*` tensors.
+
+    `vision_config`: tower sizes (dict of `TOWER_CONFIG_KEYS` or a `SamDinoSiglipVisionConfig`), the released towers
+    by default; the tiles follow from the projector's input width. `projector_type` overrides the release's reading
+    of an HD/UHD MLP ("gated_mlp" or "relu_mlp"). `settings`: other `VisualRWKVConfig` fields (scan mode, image
+    position, grid size). Raises ValueError naming every problem.
+    """
+    stray = [key for key in visual if not key.startswith(("vit.", "proj."))]
+    if stray:
+        raise ValueError(f"Unexpected tensors in {source}: {stray[:5]}; expected only vit.* and proj.*.")
+    projector = {k.removeprefix("proj."): v for k, v in visual.items() if k.startswith("proj.")}
+    layout = detect_projector_type(set(projector))
+    input_width = projector[_PROJECTOR_INPUT[layout]].shape[-1]
+    towers = {TOWER_CONFIG_KEYS[name]: kwargs for name, kwargs in _tower_kwargs(vision_config).items()}
+    per_view = SamDinoSiglipVisionConfig(**towers).feature_size
+    tiles = {per_view: 0, 2 * per_view: 2}.get(input_width)
+    if tiles is None:
+        raise ValueError(
+            f"The projector in {source} reads {input_width} channels, but these towers give {per_view} per view "
+            f"(DINOv2 + SigLIP + 4 x SAM neck channels; {2 * per_view} with UHD's tiles). Give the towers' sizes with "
+            '--vision-config JSON ({"dino": {...}, "siglip": {...}, "sam": {...}}).'
+        )
+    if layout == "gated_mlp":
+        projector_type = projector_type or ("relu_mlp" if tiles else "gated_mlp")
+        allowed = ("gated_mlp", "relu_mlp")
+    else:
+        projector_type = projector_type or layout
+        allowed = (layout,)
+    if projector_type not in allowed:
+        raise ValueError(
+            f"The projector tensors in {source} are the {layout} layout, which reads as {' or '.join(allowed)}, not "
+            f"{projector_type!r}."
+        )
+    backbone = SamDinoSiglipVisionConfig(**towers, tiles_per_side=tiles)
+    config = VisualRWKVConfig(
+        vision_config=backbone,
+        text_config=text_config,
+        projector_type=projector_type,
+        **{name: value for name, value in (settings or {}).items() if value is not None},
+    )
+    with torch.device("meta"):  # shapes only
+        expected = {k: tuple(v.shape) for k, v in VisualRWKVForConditionalGeneration(config).state_dict().items()}
+
+    vision_prefix, projector_prefix = "model.vision_tower.", "model.multi_modal_projector."
+    tower = convert_original_backbone({k.removeprefix("vit."): v for k, v in visual.items() if k.startswith("vit.")})
+    sizes = ", ".join(
+        f"{name} {getattr(backbone, field).hidden_size} wide x {getattr(backbone, field).num_hidden_layers} layers"
+        for name, field in TOWER_CONFIG_KEYS.items()
+    )
+    check_state_dict(
+        tower,
+        {k.removeprefix(vision_prefix): v for k, v in expected.items() if k.startswith(vision_prefix)},
+        f"The vision backbone in {source} does not match the towers ({sizes}); give the matching sizes with "
+        '--vision-config JSON ({"dino": {...}, "siglip": {...}, "sam": {...}}). The differences, in the converted '
+        "model's names",
+        prefix=vision_prefix,
+    )
+    ours = {projector_prefix + ORIGINAL_KEYS[projector_type][k]: v for k, v in projector.items()}
+    check_state_dict(
+        {k.removeprefix(projector_prefix): v for k, v in ours.items()},
+        {k.removeprefix(projector_prefix): v for k, v in expected.items() if k.startswith(projector_prefix)},
+        f"The {projector_type} projector in {source} does not match (text hidden_size {text_config.hidden_size}, "
+        f"vision features {backbone.feature_size})",
+        prefix=projector_prefix,
+    )
+    originals = {vision_prefix + k: v for k, v in tower.items()} | ours
+    state_dict = {k: v.to(dtype).contiguous() for k, v in originals.items()}
+    if not allow_nonfinite:
+        check_finite(originals, state_dict, source, dtype)
+    return config, state_dict
+
+
+__all__ = [
+    "ORIGINAL_PREFIXES",
+    "TOWER_CONFIG_KEYS",
+    "convert_original_backbone",
+    "convert_three_encoder_visual",
+    "is_three_encoder_checkpoint",
+    "read_tower_configs",
+]
