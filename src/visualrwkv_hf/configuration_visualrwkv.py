@@ -276,7 +276,8 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     @property
     def multi_encoder_vision(self) -> bool:
         """Whether the vision tower is the DINOv2 + SigLIP + SAM backbone (its output is the feature map itself)."""
-        return isinstance(self.vision_config, SamDinoSiglipVisionConfig)
+        # by model type: with remote code, several copies of the config class may be loaded
+        return getattr(self.vision_config, "model_type", None) == SamDinoSiglipVisionConfig.model_type
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from .projectors import build_mlp_projector, vision_feature_size
 from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
 
-# `AutoModel.from_config(config.vision_config)` builds the three-encoder backbone of VisualRWKV-HD/UHD/7.
+# `AutoModel.from_config(vision_config)` builds the three-encoder backbone of VisualRWKV-HD/UHD/7 too.
 AutoModel.register(SamDinoSiglipVisionConfig, SamDinoSiglipVisionModel, exist_ok=True)
 
 
@@ -106,7 +106,12 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
     def __init__(self, config: VisualRWKVConfig):
         super().__init__(config)
         # Frozen in the original training; left trainable here so users decide.
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        if config.multi_encoder_vision:
+            # Built by class, not through the AutoModel registry: with remote code, the configuration and modeling
+            # files are loaded as separate copies, so the registry would not recognise the config's class.
+            self.vision_tower = SamDinoSiglipVisionModel(config.vision_config)
+        else:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
         if config.projector_type == "linear":
             self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
         else:
