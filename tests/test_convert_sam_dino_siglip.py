@@ -259,3 +259,24 @@ def test_visualrwkv7_checkpoint_is_recognised_and_refused(release):
     state_dict["rwkv.blocks.0.att.x_r"] = torch.zeros(1, 1, TEXT_WIDTH)
     with pytest.raises(ValueError, match=r"VisualRWKV-7 \(v0700\) checkpoint: its language model is RWKV-7"):
         convert_original_to_hf(OriginalCheckpoint.from_full(state_dict), vision_config=TINY_VISION_CONFIG)
+
+
+def test_visualrwkv7_projector_layout_converts_with_the_three_encoder_tower(release):
+    """v0700's vision side (same towers, input-gated MLP + LayerNorm under proj.gate/o_proj/ln_v), here next to an
+    RWKV-6 language model: what is left for VisualRWKV-7 is its RWKV-7 language model."""
+    if release.uhd:
+        pytest.skip("VisualRWKV-7 reads whole images")
+    generator = torch.Generator().manual_seed(7)
+    state_dict = {k: v for k, v in release.state_dict.items() if not k.startswith("proj.")}
+    state_dict |= {
+        "proj.gate.weight": torch.randn(FEATURES, FEATURES, generator=generator) * FEATURES**-0.5,
+        "proj.o_proj.weight": torch.randn(TEXT_WIDTH, FEATURES, generator=generator) * FEATURES**-0.5,
+        "proj.ln_v.weight": 1 + 0.1 * torch.randn(TEXT_WIDTH, generator=generator),
+        "proj.ln_v.bias": 0.1 * torch.randn(TEXT_WIDTH, generator=generator),
+    }
+    config, converted = convert_original_to_hf(OriginalCheckpoint.from_full(state_dict), vision_config=TINY_VISION_CONFIG)
+    assert config.projector_type == "input_gated_mlp" and config.vision_config.tiles_per_side == 0
+    prefix = "model.multi_modal_projector."
+    assert torch.equal(converted[prefix + "gate.weight"], state_dict["proj.gate.weight"])
+    assert torch.equal(converted[prefix + "out_proj.weight"], state_dict["proj.o_proj.weight"])
+    assert torch.equal(converted[prefix + "norm.bias"], state_dict["proj.ln_v.bias"])
