@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from visualrwkv_hf.checkpoint_io import load_checkpoint
+from visualrwkv_hf import cli
 from visualrwkv_hf.configuration_sam_dino_siglip import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
 from visualrwkv_hf.convert_visualrwkv import OriginalCheckpoint, convert_original_to_hf, convert_visualrwkv_checkpoint
 
@@ -217,10 +217,9 @@ def test_logits_and_greedy_answer_equal_the_original_forward(release):
 def test_uhd_read_gated_on_request(tmp_path, release):
     if not release.uhd:
         pytest.skip("UHD only")
-    folder = convert_visualrwkv_checkpoint(
-        tmp_path / "gated", checkpoint=release.checkpoint, vision_config=release.towers, projector_type="gated_mlp",
-        progress=False,
-    )
+    folder = tmp_path / "gated"
+    assert cli.main(["convert", "--checkpoint", str(release.checkpoint), "--vision-config", str(release.towers),
+                     "--projector-type", "gated_mlp", "--output", str(folder), "--no-progress"]) == 0
     assert AutoModelForImageTextToText.from_pretrained(folder).config.projector_type == "gated_mlp"
 
 

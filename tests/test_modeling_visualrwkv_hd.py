@@ -77,6 +77,7 @@ def folder(tmp_path_factory, hd) -> Path:
 def test_padded_batch_with_and_without_image_equals_each_alone(hd):
     model, processor = hd
     batch = processor(images=[[random_image(1)], []], text=list(QUESTIONS), padding=True, return_tensors="pt")
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "high_res_pixel_values"]
     assert batch["pixel_values"].shape[0] == batch["high_res_pixel_values"].shape[0] == 1
     logits = model(**batch).logits
     alone_image = model(**processor(images=random_image(1), text=QUESTIONS[0], return_tensors="pt")).logits[0]

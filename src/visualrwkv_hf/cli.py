@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(run=evaluate)
 
     convert_parser = commands.add_parser(
-        "convert", help="convert an original VisualRWKV-6 checkpoint into a transformers folder"
+        "convert", help="convert an original VisualRWKV checkpoint (6.0, HD, UHD) into a transformers folder"
     )
     source = convert_parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.weight)")

@@ -169,8 +169,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
                     "expected finite pixels, as the model's image processor makes them."
                 )
         if config.multi_encoder_vision:
-            dtype = self.vision_tower.dtype
-            features = self.vision_tower(pixel_values.to(dtype), high_res_pixel_values.to(dtype))
+            # in [0, 1]: normalised in float32 inside, then cast to the towers' dtype, as the original
+            features = self.vision_tower(pixel_values, high_res_pixel_values)
         else:
             vision_outputs = self.vision_tower(
                 pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True

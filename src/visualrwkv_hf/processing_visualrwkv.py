@@ -466,7 +466,9 @@ class VisualRWKVProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        # the image processor's: `pixel_values`, and `high_res_pixel_values` for the three-encoder backbone
+        return ["input_ids", "attention_mask", *(name for name in PIXEL_INPUTS
+                                                 if name in self.image_processor.model_input_names)]
 
 
 def cut_answer(text: str) -> str:
