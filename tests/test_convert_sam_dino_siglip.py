@@ -279,3 +279,14 @@ def test_visualrwkv7_projector_layout_converts_with_the_three_encoder_tower(rele
     assert torch.equal(converted[prefix + "gate.weight"], state_dict["proj.gate.weight"])
     assert torch.equal(converted[prefix + "out_proj.weight"], state_dict["proj.o_proj.weight"])
     assert torch.equal(converted[prefix + "norm.bias"], state_dict["proj.ln_v.bias"])
+
+
+def test_towers_given_as_a_config_object_convert_as_the_json_form(release):
+    from visualrwkv_hf.configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
+
+    towers = SamDinoSiglipVisionConfig(**{f"{name}_config": kwargs for name, kwargs in TINY_VISION_CONFIG.items()})
+    checkpoint = OriginalCheckpoint.from_full(release.state_dict)
+    from_object, state_dict = convert_original_to_hf(checkpoint, vision_config=towers)
+    from_json, expected = convert_original_to_hf(checkpoint, vision_config=TINY_VISION_CONFIG)
+    assert from_object.vision_config.to_dict() == from_json.vision_config.to_dict()
+    assert state_dict.keys() == expected.keys()

@@ -233,7 +233,7 @@ def _tower_kwargs(vision_config: PreTrainedConfig | dict | None) -> dict[str, di
     if vision_config is None:
         return {}
     if isinstance(vision_config, SamDinoSiglipVisionConfig):
-        return {name: getattr(vision_config, field).to_diff_dict() for name, field in TOWER_CONFIG_KEYS.items()}
+        return {name: getattr(vision_config, field).to_dict() for name, field in TOWER_CONFIG_KEYS.items()}
     if isinstance(vision_config, dict) and vision_config.keys() <= TOWER_CONFIG_KEYS.keys():
         return vision_config
     raise ValueError(
