@@ -13,7 +13,7 @@ can you see?" about one (random) image; each way answers the second question gre
   features reused:  generate(input_ids, mm_encoder_outputs={"image": features})   the whole prompt, no vision tower
   state reused:     generate(input_ids, cache=copy.deepcopy(prefix_cache))         the question only (copy included)
 
-`features` = model.get_image_features(pixel_values, return_dict=True) and `prefix_cache` = the cache after the prompt
+`features` = model.get_image_features(pixel_values) and `prefix_cache` = the cache after the prompt
 up to the end of the image span, both computed once for the first question. The state is reusable only with the image
 first: in the sandwich prompt ("middle", the released models' default) the question comes before the image, so the
 image span's state differs per question and only the features can be reused. Every way must give the fresh run's
@@ -75,7 +75,7 @@ def bench_position(model, processor, image, image_position: str, new_tokens: int
     first = question_inputs(processor, image, QUESTIONS[0], image_position)
     follow_up = question_inputs(processor, image, QUESTIONS[1], image_position)
     ids = follow_up["input_ids"]
-    features = model.get_image_features(first["pixel_values"], return_dict=True)
+    features = model.get_image_features(first["pixel_values"])
 
     def answer(**kwargs):
         return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)

@@ -15,7 +15,7 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from bench_wkv6_kernels import min_seconds  # the benchmarks' turn-taking timer (benchmarks/ is on the path)
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.ops.loss import causal_lm_loss
 
 LOSSES = {"ours": causal_lm_loss, "transformers": ForCausalLMLoss}
@@ -42,8 +42,8 @@ def step_memory(tokens: int, vocab: int, rounds: int = 2) -> dict:
     /proc/self/clear_refs before each step and read as VmHWM after it; the losses take turns, minimum of the
     rounds)."""
     torch.manual_seed(0)
-    config = VisualRWKVTextConfig(vocab_size=vocab, hidden_size=256, num_hidden_layers=4)
-    model = VisualRWKVForCausalLM(config).train()
+    config = Rwkv6Config(vocab_size=vocab, hidden_size=256, num_hidden_layers=4)
+    model = Rwkv6ForCausalLM(config).train()
     ids = torch.randint(0, vocab, (1, tokens))
     added = {name: float("inf") for name in LOSSES}
     for round_index in range(rounds + 1):  # the first round warms up

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from bench_rwkv6_lm import build_model, describe, random_tokens  # benchmarks/ is on the path
-from visualrwkv_hf.ops import kernel_available, set_wkv6_backend, wkv6_backend
+from visualrwkv_hf.ops import set_wkv_backend, wkv6_compiled, wkv_backend
 
 PRODUCTS = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
 
@@ -84,13 +84,13 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    set_wkv6_backend(args.backend)
+    set_wkv_backend(args.backend)
 
     model = build_model(args.layers, args.width, args.vocab)
     ends = sorted({min(4096, args.length), args.length})
     positions = torch.cat([torch.arange(end - args.window, end) for end in ends])
     ids = torch.tensor([random_tokens(args.length, args.vocab, seed=5)])
-    wkv = "compiled kernel" if wkv6_backend() == "auto" and kernel_available("cpu", model.config.head_size) else "torch"
+    wkv = "compiled kernel" if wkv6_compiled.available("cpu", model.config.head_size) else "torch"
     print(f"torch {torch.__version__}, {threads} threads, WKV op: {wkv}; float16 products emulated (see --help)")
     print(f"model: {describe(model)}")
 

@@ -40,20 +40,20 @@ from pathlib import Path
 import torch
 from rwkv.model import RWKV
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
-from visualrwkv_hf.ops import kernels
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.convert_rwkv6 import convert_hf_to_blinkdl
-from visualrwkv_hf.ops import wkv6_chunked, wkv6_recurrent
+from visualrwkv_hf.ops import WKV6, wkv6_chunked, wkv6_recurrent
+from visualrwkv_hf.ops.kernels import BACKEND_ENV
 
 PREFILL_PIECE = 2048  # long contexts are prefilled in pieces of this many tokens (keeps activations small)
 DECODE_WARMUP = 3  # decode steps left out of the timing
 
 
-def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> VisualRWKVForCausalLM:
+def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> Rwkv6ForCausalLM:
     """A random fp32 model whose token shift and decay really depend on the input (random LoRAs, spread decays)."""
     torch.manual_seed(seed)
-    config = VisualRWKVTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers)
-    model = VisualRWKVForCausalLM(config).eval()
+    config = Rwkv6Config(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers)
+    model = Rwkv6ForCausalLM(config).eval()
     with torch.no_grad():
         for block in model.model.blocks:
             attention = block.attention
@@ -66,7 +66,7 @@ def build_model(layers: int, width: int, vocab: int, seed: int = 0) -> VisualRWK
     return model
 
 
-def load_reference(model: VisualRWKVForCausalLM, directory: Path) -> RWKV:
+def load_reference(model: Rwkv6ForCausalLM, directory: Path) -> RWKV:
     path = directory / "bench_rwkv6.pth"
     torch.save(convert_hf_to_blinkdl(model.state_dict(), model.config), path)
     return RWKV(str(path), strategy="cpu fp32", verbose=False)
@@ -161,26 +161,26 @@ def wkv_path(path: str):
     chunked form for sequences), "step" (the torch step form for every length, as autograd-through-a-loop
     training would) or "free" (a stand-in costing three elementwise adds, wrong values but gradients into r, k, v
     and w: the model with it bounds what any WKV op could reach)."""
-    original_op, original_backend = kernels.wkv6_compiled, os.environ.get(kernels.BACKEND_ENV)
+    original_forward, original_backend = WKV6.forward, os.environ.get(BACKEND_ENV)
     if path == "step":
-        kernels.wkv6_compiled = lambda r, k, v, w, u, initial_state=None, chunk_size=None: wkv6_recurrent(
+        WKV6.forward = lambda self, r, k, v, w, u, initial_state=None, chunk_size=None: wkv6_recurrent(
             r, k, v, w, u, initial_state
         )
     if path == "free":
-        kernels.wkv6_compiled = lambda r, k, v, w, u, initial_state=None, chunk_size=None: (
+        WKV6.forward = lambda self, r, k, v, w, u, initial_state=None, chunk_size=None: (
             r + k + v + w,
             r.new_zeros(r.shape[0], r.shape[2], r.shape[3], r.shape[3]),
         )
     if path in ("step", "chunked"):
-        os.environ[kernels.BACKEND_ENV] = "torch"
+        os.environ[BACKEND_ENV] = "torch"
     try:
         yield
     finally:
-        kernels.wkv6_compiled = original_op
+        WKV6.forward = original_forward
         if original_backend is None:
-            os.environ.pop(kernels.BACKEND_ENV, None)
+            os.environ.pop(BACKEND_ENV, None)
         else:
-            os.environ[kernels.BACKEND_ENV] = original_backend
+            os.environ[BACKEND_ENV] = original_backend
 
 
 def wkv_inputs(length: int, heads: int, head_size: int) -> list[torch.Tensor]:

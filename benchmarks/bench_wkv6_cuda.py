@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
-from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked
-from visualrwkv_hf.ops.kernels import WKV6KernelFunction, cuda_kernel_ops
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
+from visualrwkv_hf.ops import set_wkv_backend, wkv6_chunked, wkv6_compiled
+from visualrwkv_hf.ops.kernels import KernelFunction
 
 
 def min_ms(fn, repeats: int) -> float:
@@ -42,11 +42,11 @@ def op_inputs(B: int, T: int, H: int = 32, N: int = 64):
 
 
 def op_forms(use_fla: bool) -> dict:
-    ops = cuda_kernel_ops()
+    ops = wkv6_compiled.kernel_for("cuda", 64)
     if ops is None:
         raise SystemExit("the CUDA WKV6 kernel could not be built (see the warning above)")
     forms = {
-        "ours": lambda r, k, v, w, u: WKV6KernelFunction.apply(ops, r, k, v, w, u, None),
+        "ours": lambda r, k, v, w, u: KernelFunction.apply(ops, r, k, v, w, u, None),
         "chunked torch": lambda r, k, v, w, u: wkv6_chunked(r, k, v, w, u),
     }
     if not use_fla:
@@ -94,14 +94,14 @@ def bench_ops(batches, T, repeats, use_fla):
 
 
 def bench_model(T, repeats):
-    config = VisualRWKVTextConfig(vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_size=64)
+    config = Rwkv6Config(vocab_size=65536, hidden_size=768, num_hidden_layers=12, head_size=64)
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config).to("cuda", torch.bfloat16)
+    model = Rwkv6ForCausalLM(config).to("cuda", torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
     print(f"model level, 12 x 768, vocab 65536, bf16, T={T}; ms, min of {repeats}")
     results = {}
     for backend in ("auto", "torch"):
-        set_wkv6_backend(backend)
+        set_wkv_backend(backend)
         try:
 
             def prefill():
@@ -117,7 +117,7 @@ def bench_model(T, repeats):
             model.train()
             results[backend] = (prefill_ms, min_ms(train_step, repeats))
         finally:
-            set_wkv6_backend(None)
+            set_wkv_backend(None)
         label = "kernel" if backend == "auto" else "torch op"
         print(f"  {label:>8}: prefill {results[backend][0]:8.1f} ms ({T / results[backend][0] * 1e3:,.0f} tok/s)  "
               f"training step {results[backend][1]:8.1f} ms", flush=True)

@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
-from visualrwkv_hf.ops import set_wkv6_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent
-from visualrwkv_hf.ops.kernels import cpu_kernel_ops
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
+from visualrwkv_hf.ops import set_wkv_backend, wkv6_chunked, wkv6_compiled, wkv6_recurrent
 
 
 def min_seconds(fns: dict, repeats: int, rounds_of: dict | None = None) -> dict:
@@ -114,12 +113,12 @@ def write_plot(path: str, results: dict) -> None:
 
 
 def bench_model(T, repeats):
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         vocab_size=1024, hidden_size=256, num_hidden_layers=4, head_size=64, time_mix_extra_dim=32,
         time_decay_extra_dim=64,
     )
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config)
+    model = Rwkv6ForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (1, T))
 
     def prefill():
@@ -132,11 +131,11 @@ def bench_model(T, repeats):
 
     def with_backend(backend, fn):
         def run():
-            set_wkv6_backend(backend)
+            set_wkv_backend(backend)
             try:
                 fn()
             finally:
-                set_wkv6_backend(None)
+                set_wkv_backend(None)
 
         return run
 
@@ -160,10 +159,10 @@ def main():
     parser.add_argument("--model-length", type=int, default=2048)
     parser.add_argument("--plot", help="also draw the op timings to this PNG (needs matplotlib)")
     args = parser.parse_args()
-    set_wkv6_backend("auto")
-    if cpu_kernel_ops() is None:
+    set_wkv_backend("auto")
+    if not wkv6_compiled.available("cpu"):
         raise SystemExit("the WKV6 CPU kernel could not be built here: nothing to compare")
-    set_wkv6_backend(None)
+    set_wkv_backend(None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = bench_ops(args.lengths, args.repeats)
     if args.plot:

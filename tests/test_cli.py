@@ -31,7 +31,7 @@ def test_lm_demo_builds_saves_and_generates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Full recompute without cache gives the same tokens: True" in printed
     assert "Generated 6 tokens" in printed
-    assert json.loads((output / "config.json").read_text())["model_type"] == "visualrwkv_text"
+    assert json.loads((output / "config.json").read_text())["model_type"] == "visualrwkv_rwkv6"
     assert (output / "tokenizer_config.json").exists()
 
 
@@ -281,7 +281,7 @@ def test_chat_refuses_a_folder_of_another_model(converted_folder, tmp_path, caps
     assert main(["lm-demo", "--output", str(tmp_path / "text"), "--max-new-tokens", "1"]) == 0
     capsys.readouterr()
     assert main(["chat", "--model", str(tmp_path / "text"), "--image", str(image), QUESTION]) == 1
-    assert "config.json is a `visualrwkv_text` configuration, not a `visualrwkv` one" in one_line_error(capsys)
+    assert "config.json is a `visualrwkv_rwkv6` configuration, not a `visualrwkv` one" in one_line_error(capsys)
     for name, edit in [("llava", {"model_type": "llava"}), ("more", {"text_config": {"num_hidden_layers": 9}})]:
         folder = tmp_path / name
         shutil.copytree(converted_folder, folder)

@@ -18,7 +18,7 @@ except ImportError:  # Windows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from visualrwkv_hf import VisualRWKVForCausalLM
+from visualrwkv_hf import Rwkv6ForCausalLM
 from visualrwkv_hf.cli import main
 from visualrwkv_hf.convert_rwkv6 import (
     convert_blinkdl_to_hf,
@@ -47,7 +47,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 class Converted(NamedTuple):
     output: Path
-    model: VisualRWKVForCausalLM
+    model: Rwkv6ForCausalLM
     prompt: list[int]
     reference: object  # rwkv.model.RWKV
     reference_logits: torch.Tensor  # (prompt length, vocab)
@@ -73,7 +73,7 @@ def converted(request, tmp_path_factory):
 @torch.no_grad()
 def test_converted_folder_loads_with_auto_classes(converted):
     model, output = converted.model, converted.output
-    assert isinstance(model, VisualRWKVForCausalLM)
+    assert isinstance(model, Rwkv6ForCausalLM)
     assert model.dtype == torch.float32
     assert model.generation_config.eos_token_id == 261 and model.generation_config.pad_token_id == 0
     assert sorted(p.name for p in output.iterdir()) == [
@@ -116,7 +116,7 @@ def test_greedy_generation_matches_rwkv_package(converted):
 def test_parameter_table_matches_the_model():
     config = rwkv6_config_from_state_dict(tiny_checkpoint())
     with torch.device("meta"):
-        hf_shapes = {k: tuple(v.shape) for k, v in VisualRWKVForCausalLM(config).state_dict().items()}
+        hf_shapes = {k: tuple(v.shape) for k, v in Rwkv6ForCausalLM(config).state_dict().items()}
     assert hf_shapes == {p.hf_key: p.hf_shape for p in rwkv6_parameters(config)}
 
 
@@ -143,7 +143,7 @@ def test_round_trip_hf_to_blinkdl_to_hf_is_identity():
 
 def test_round_trip_from_a_model_state_dict():
     config, _ = convert_blinkdl_to_hf(tiny_checkpoint())
-    model = VisualRWKVForCausalLM(config)
+    model = Rwkv6ForCausalLM(config)
     hf = model.state_dict()
     _, hf_again = convert_blinkdl_to_hf(convert_hf_to_blinkdl(hf, config))
     assert hf_again.keys() == hf.keys() and all(torch.equal(hf_again[k], hf[k]) for k in hf)

@@ -7,12 +7,10 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from visualrwkv_hf import RwkvWorldTokenizer, VisualRWKVProcessor
 from visualrwkv_hf.data import LlavaDataset, MalformedRecordError, VisualRWKVDataCollator
-from visualrwkv_hf.modeling_visualrwkv import weighted_causal_lm_loss
 
 from test_pipeline import random_image
 
@@ -131,42 +129,6 @@ def test_collator_skips_what_does_not_fit_with_a_count(processor, caplog):
         collator([long_sample])
     with pytest.raises(ValueError, match="the batch holds no samples"):
         collator([])
-
-
-def test_loss_reductions_by_hand(processor):
-    """Token level: the mean over all valid targets. Sample level: each sample's mean, then the mean of those."""
-    samples = [record("Hi", "Hello there, my friend"), record("Yo", "Hey")]
-    token_batch = VisualRWKVDataCollator(processor)(samples)
-    sample_batch = VisualRWKVDataCollator(processor, loss_reduction="sample")(samples)
-    assert torch.equal(token_batch["labels"], sample_batch["labels"])
-    labels = token_batch["labels"]
-    torch.manual_seed(0)
-    logits = torch.randn(*labels.shape, 50000)
-
-    per_sample, all_losses, counts = [], [], []
-    for row in range(2):
-        losses = [
-            -F.log_softmax(logits[row, position - 1], -1)[labels[row, position]]
-            for position in range(1, labels.shape[1])
-            if labels[row, position] != -100
-        ]
-        per_sample.append(sum(losses) / len(losses))
-        all_losses += losses
-        counts.append(len(losses))
-    assert counts[0] > counts[1]  # so the two reductions differ
-    token_level = sum(all_losses) / len(all_losses)
-    sample_level = (per_sample[0] + per_sample[1]) / 2
-
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    assert torch.allclose(ForCausalLMLoss(logits, labels, vocab_size=50000), token_level, atol=1e-5)
-    weights = sample_batch["loss_weights"]
-    assert torch.allclose(weights.sum(1), torch.ones(2))
-    assert torch.allclose(weighted_causal_lm_loss(logits, labels, weights), sample_level, atol=1e-5)
-    # Under Trainer, a call's loss is scaled by its share of the step's valid labels.
-    num_valid = len(all_losses)
-    scaled = weighted_causal_lm_loss(logits, labels, weights, num_items_in_batch=torch.tensor(3 * num_valid))
-    assert torch.allclose(scaled, sample_level / 3, atol=1e-5)
 
 
 def test_dataset_reads_json_jsonl_and_memory(tmp_path):

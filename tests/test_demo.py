@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 from visualrwkv_hf import demo
 from visualrwkv_hf.cli import main
 from visualrwkv_hf.data import VisualRWKVDataCollator
+from visualrwkv_hf.ops.loss import kept_logits_loss
 
 
 def read_scene(image) -> dict[str, tuple[str, str]]:
@@ -76,7 +77,7 @@ def test_held_out_split_shares_no_scene_question_pair():
     assert len({sample.key for sample in test}) > 90
 
 
-def test_answer_window_loss_matches_the_full_loss():
+def test_the_answer_window_with_its_kept_logits_loss_matches_the_full_loss():
     """The left-padded batch with two kept logits per row gives the model's own loss over the right-padded batch."""
     model, processor = demo.build_model(seed=0)
     samples = demo.make_samples(6, seed=1, question_types=(*demo.QUESTION_TYPES, demo.DESCRIBE))
@@ -89,7 +90,7 @@ def test_answer_window_loss_matches_the_full_loss():
     labels = window.pop("labels")
     with torch.no_grad():
         expected = model(**full).loss
-        loss = demo.answer_window_loss(model(**window), labels)
+        loss = kept_logits_loss(model(**window), labels)
     torch.testing.assert_close(loss, expected)
 
 

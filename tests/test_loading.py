@@ -11,10 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from visualrwkv_hf import (
-    VisualRWKVForCausalLM,
+    Rwkv6ForCausalLM,
+    Rwkv6Model,
     VisualRWKVForConditionalGeneration,
     VisualRWKVModel,
-    VisualRWKVTextModel,
 )
 
 from test_modeling_rwkv6 import random_ids
@@ -100,7 +100,7 @@ def test_a_text_model_is_not_loaded_from_a_vision_language_folder(vlm_folder):
     """Before, every weight was dropped and the model built at random, with a warning only."""
     with pytest.raises(ValueError, match=r"missing from the weights .*layers model\.blocks\.\{0, 1, 2, 3\}.*in the "
                                          r"weights but not in the model: layers model\.language_model\.blocks"):
-        VisualRWKVForCausalLM.from_pretrained(vlm_folder)
+        Rwkv6ForCausalLM.from_pretrained(vlm_folder)
 
 
 @pytest.mark.parametrize("model_class", [VisualRWKVForConditionalGeneration, VisualRWKVModel])
@@ -112,7 +112,7 @@ def test_another_model_type_is_refused_naming_both_types_and_the_folder(vlm_fold
 
 
 def test_text_folder_is_refused_by_the_vision_language_classes(text_folder):
-    with pytest.raises(ValueError, match="is a `visualrwkv_text` configuration, not a `visualrwkv` one"):
+    with pytest.raises(ValueError, match="is a `visualrwkv_rwkv6` configuration, not a `visualrwkv` one"):
         VisualRWKVForConditionalGeneration.from_pretrained(text_folder)
 
 
@@ -126,9 +126,9 @@ def test_head_less_models_load_a_checkpoint_with_a_head_quietly_and_exactly(vlm_
     expected = full.model(ids, pixel_values=pixel_values).last_hidden_state
     assert torch.equal(base(ids, pixel_values=pixel_values).last_hidden_state, expected)
 
-    text = VisualRWKVForCausalLM.from_pretrained(text_folder)
+    text = Rwkv6ForCausalLM.from_pretrained(text_folder)
     base, info = AutoModel.from_pretrained(text_folder, output_loading_info=True)
-    assert type(base) is VisualRWKVTextModel and info["unexpected_keys"] == set()
+    assert type(base) is Rwkv6Model and info["unexpected_keys"] == set()
     ids = random_ids(1, 7)
     assert torch.equal(base(ids).last_hidden_state, text.model(ids).last_hidden_state)
 
@@ -142,5 +142,5 @@ def test_peft_adapter_saves_and_loads_on_a_loaded_model(text_folder, tmp_path):
     adapted.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(text_folder), tmp_path / "adapter")
     assert torch.equal(reloaded(ids).logits, expected)
-    assert not torch.equal(VisualRWKVForCausalLM.from_pretrained(text_folder)(ids).logits, expected)
+    assert not torch.equal(Rwkv6ForCausalLM.from_pretrained(text_folder)(ids).logits, expected)
 

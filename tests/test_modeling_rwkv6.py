@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig, VisualRWKVTextModel
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM, Rwkv6Model
 
 VOCAB = 97
 
@@ -15,12 +15,12 @@ def tiny_config(**overrides):
         time_decay_extra_dim=6, initializer_range=0.3, wkv_chunk_size=4,
     )
     kwargs.update(overrides)
-    return VisualRWKVTextConfig(**kwargs)
+    return Rwkv6Config(**kwargs)
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = VisualRWKVForCausalLM(tiny_config(**overrides)).eval()
+    model = Rwkv6ForCausalLM(tiny_config(**overrides)).eval()
     # Random data-dependent LoRAs, so token shift and decay really depend on the input.
     with torch.no_grad():
         for block in model.model.blocks:
@@ -210,10 +210,10 @@ def test_save_and_load_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(loaded) is VisualRWKVForCausalLM
+    assert type(loaded) is Rwkv6ForCausalLM
     ids = random_ids(2, 9)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    base = VisualRWKVTextModel.from_pretrained(tmp_path)
+    base = Rwkv6Model.from_pretrained(tmp_path)
     torch.testing.assert_close(base(ids).last_hidden_state, model.model(ids).last_hidden_state, rtol=0, atol=0)
 
 

@@ -11,13 +11,17 @@ from transformers import (
     CLIPVisionModel,
     SiglipVisionModel,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 
 from visualrwkv_hf import (
+    Rwkv6Config,
     VisualRWKVConfig,
     VisualRWKVForConditionalGeneration,
     VisualRWKVModel,
-    VisualRWKVTextConfig,
 )
 from visualrwkv_hf.scanning import SCAN_MODES
 
@@ -83,7 +87,7 @@ def test_defaults_reproduce_the_released_1b6_model():
     assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (1024, 24, 16)
     assert (vision.patch_size, vision.image_size, vision.intermediate_size) == (14, 336, 4096)
     assert (vision.hidden_act, vision.projection_dim) == ("quick_gelu", 768)
-    assert isinstance(config.text_config, VisualRWKVTextConfig)
+    assert isinstance(config.text_config, Rwkv6Config)
     assert (config.text_config.num_hidden_layers, config.text_config.hidden_size) == (24, 2048)
     assert (config.image_token_id, config.vision_feature_layer, config.grid_size) == (65530, -1, -1)
     assert (config.scan_mode, config.image_position, config.projector_bias) == ("bidirectional", "middle", False)
@@ -103,7 +107,7 @@ def test_config_round_trips_through_dict_and_auto_config(tmp_path):
     config = tiny_config(scan_mode="multidirectional", image_position="first", grid_size=2, projector_bias=True)
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, VisualRWKVConfig) and isinstance(loaded.text_config, VisualRWKVTextConfig)
+    assert isinstance(loaded, VisualRWKVConfig) and isinstance(loaded.text_config, Rwkv6Config)
     assert loaded.to_diff_dict() | {"_name_or_path": ""} == config.to_diff_dict() | {"_name_or_path": ""}
     assert (loaded.scan_mode, loaded.image_position, loaded.grid_size, loaded.num_image_tokens) == (
         "multidirectional", "first", 2, 5,
@@ -164,7 +168,7 @@ def test_image_features_are_the_last_clip_layer_with_cls_last_then_projected():
     reference = reference_vision_features(model, pixel_values)
     last = reference.last_hidden_state  # CLIP: the encoder output, before post_layernorm
     expected = model.model.multi_modal_projector(torch.cat([last[:, 1:], last[:, :1]], dim=1))
-    features = model.get_image_features(pixel_values)
+    features = model.get_image_features(pixel_values).pooler_output
     assert features.shape == (2, 17, 32)
     torch.testing.assert_close(features, expected)
     # No post_layernorm: the features differ from what the post-layernormed output would give.
@@ -178,7 +182,7 @@ def test_siglip_features_skip_post_layernorm_and_have_no_cls():
     model = tiny_model(vision=vision)
     pixel_values = images(2)
     reference = reference_vision_features(model, pixel_values, SiglipVisionModel)
-    features = model.get_image_features(pixel_values)
+    features = model.get_image_features(pixel_values).pooler_output
     torch.testing.assert_close(features, model.model.multi_modal_projector(reference.hidden_states[-1]))
     assert features.shape == (2, 16, 32)
     ids = prompt(2, 3, 16)
@@ -200,7 +204,7 @@ def test_grid_pooling_matches_avg_pool2d(grid_size, tokens):
     else:
         patches = F.avg_pool2d(patch_grid, 8 // grid_size).flatten(2).transpose(1, 2)
     expected = model.model.multi_modal_projector(torch.cat([patches, last[:, :1]], dim=1))
-    features = model.get_image_features(pixel_values)
+    features = model.get_image_features(pixel_values).pooler_output
     assert features.shape == (2, tokens, 32) and model.config.num_image_tokens == tokens
     torch.testing.assert_close(features, expected)
     if grid_size == 1:
@@ -232,7 +236,7 @@ def manual_scan_forward(model, ids, pixel_values):
     inner = model.model
     embeds = inner.get_input_embeddings()(ids)
     mask = ids == IMAGE
-    embeds[mask] = inner.get_image_features(pixel_values).reshape(-1, embeds.shape[-1])
+    embeds[mask] = inner.get_image_features(pixel_values).pooler_output.reshape(-1, embeds.shape[-1])
     hidden, outputs = embeds, []
     for block_idx, block in enumerate(inner.language_model.blocks):
         permutation = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
@@ -364,8 +368,22 @@ def test_text_only_runs_the_language_model_alone():
     language_model = model.model.language_model
     expected = model.lm_head(language_model(ids, use_cache=False).last_hidden_state)
     torch.testing.assert_close(out.logits, expected)
-    assert out.image_hidden_states is None
+    assert out.image_outputs is None
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 11)
+
+
+@torch.no_grad()
+def test_outputs_are_llava_style_multimodal_outputs():
+    model = tiny_model()
+    ids, pixel_values = prompt(2, 6, 17), images(1)
+    out = model(ids, pixel_values=pixel_values)
+    assert type(out) is MultimodalCausalLMOutputWithPast and out.cache is not None
+    torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(pixel_values).pooler_output)
+    base = model.model(ids, pixel_values=pixel_values)
+    assert type(base) is MultimodalBaseModelOutputWithPast
+    torch.testing.assert_close(model.lm_head(base.last_hidden_state), out.logits)
+    as_tuple = model(ids, pixel_values=pixel_values, use_cache=False, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits)
 
 
 @torch.no_grad()
@@ -542,14 +560,18 @@ def test_the_returned_cache_continues_an_image_conversation_exactly(pass_image_a
 def test_image_features_passed_back_skip_the_vision_tower():
     model = tiny_model(scan_mode="multidirectional")
     ids, pixel_values = prompt(3, 4, 17), images(1)
-    features = model.get_image_features(pixel_values, return_dict=True)
-    torch.testing.assert_close(features.pooler_output, model.get_image_features(pixel_values), rtol=0, atol=0)
+    features = model.get_image_features(pixel_values)
+    # as LLaVA's: the vision tower's output, the projected features in `pooler_output`
+    assert isinstance(features, BaseModelOutputWithPooling) and features.pooler_output.shape == (1, 17, 32)
+    assert len(features.hidden_states) == model.config.vision_config.num_hidden_layers + 1
     runs = count_vision_tower_runs(model)
     from_features = model(ids, mm_encoder_outputs={"image": features})
     from_pixels = model(ids, pixel_values=pixel_values)
     assert len(runs) == 1
     torch.testing.assert_close(from_features.logits, from_pixels.logits, rtol=0, atol=0)
-    torch.testing.assert_close(from_features.image_hidden_states, from_pixels.image_hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(
+        from_features.image_outputs.pooler_output, from_pixels.image_outputs.pooler_output, rtol=0, atol=0
+    )
     for seed in (5, 6):  # several questions about one image, the vision tower not run again
         question = prompt(3, 4, 17, seed=seed)
         before = len(runs)
@@ -558,7 +580,7 @@ def test_image_features_passed_back_skip_the_vision_tower():
         assert_same_generation(reused, greedy(model, question, pixel_values=pixel_values))
     # beam search expands the features it is given (a copy of them, so they stay reusable)
     ids, pixel_values = torch.cat([prompt(2, 5, 17, seed=1), prompt(4, 3, 17, seed=2)]), images(2, seed=3)
-    features = model.get_image_features(pixel_values, return_dict=True)
+    features = model.get_image_features(pixel_values)
     beams = dict(num_beams=3, max_new_tokens=4, do_sample=False)
     expected = model.generate(ids, pixel_values=pixel_values, **beams)
     for _ in range(2):
@@ -569,10 +591,10 @@ def test_image_features_passed_back_skip_the_vision_tower():
 def test_bad_image_features_get_clear_errors():
     model = tiny_model()
     ids, pixel_values = prompt(2, 4, 17), images(1)
-    features = model.get_image_features(pixel_values, return_dict=True)
+    features = model.get_image_features(pixel_values)
     with pytest.raises(ValueError, match="either as `pixel_values` or as pre-computed features"):
         model(ids, pixel_values=pixel_values, mm_encoder_outputs={"image": features})
-    with pytest.raises(TypeError, match=r"get_image_features\(pixel_values, return_dict=True\)"):
+    with pytest.raises(TypeError, match=r"get_image_features\(pixel_values\)"):
         model(ids, mm_encoder_outputs={"image": features.pooler_output})
     with pytest.raises(ValueError, match=r"reads 17 vectors of size 32 per image"):
         model(ids, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=torch.zeros(1, 16, 32))})

@@ -1,4 +1,5 @@
-"""The compiled WKV6 kernels against a float64 reference: forward, final state, gradients; fallback and switch.
+"""The compiled WKV6 kernels against a float64 reference: forward, final state, gradients; the autograd wrapper,
+fallback, switch, build cache and `kernels` repository every compiled op shares.
 
 The first test that needs the CPU kernel builds it (~60 s once per machine, cached afterwards). Kernel tests skip
 where it cannot be built; the fallback and switch tests run everywhere.
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 import visualrwkv_hf.ops.kernels as kernels_mod
-from visualrwkv_hf.ops import set_wkv6_backend, wkv6, wkv6_compiled
-from visualrwkv_hf.ops.kernels import BACKEND_ENV, WKV6KernelFunction, cpu_kernel_ops
+from visualrwkv_hf.ops import WKV6, set_wkv_backend, wkv6, wkv6_compiled
+from visualrwkv_hf.ops.kernels import BACKEND_ENV, CompiledOp, KernelFunction
 
 
 def reference_float64(r, k, v, w, u, initial_state=None):
@@ -34,9 +35,9 @@ def reference_float64(r, k, v, w, u, initial_state=None):
 
 @pytest.fixture(scope="module")
 def ops():
-    set_wkv6_backend("auto")
-    compiled = cpu_kernel_ops()
-    set_wkv6_backend(None)
+    set_wkv_backend("auto")
+    compiled = wkv6_compiled.kernel_for("cpu", 64)
+    set_wkv_backend(None)
     if compiled is None:
         pytest.skip("the WKV6 CPU kernel cannot be built here")
     return compiled
@@ -65,7 +66,7 @@ def output_grads(B, T, H, N, seed=1):
 def kernel_run(ops, inputs, state, grad_y, grad_state):
     leaves = [x.detach().requires_grad_() for x in inputs]
     s0 = None if state is None else state.detach().requires_grad_()
-    y, s = WKV6KernelFunction.apply(ops, *leaves, s0)
+    y, s = KernelFunction.apply(ops, *leaves, s0)
     ((y * grad_y).sum() + (s * grad_state).sum()).backward()
     grads = [x.grad for x in leaves] + ([s0.grad] if s0 is not None else [])
     return y, s, grads
@@ -114,12 +115,12 @@ def test_lower_isa_tiers_match_float64_reference(ops, tier):
     # baseline Hub build get, from the same source
     if tier == "avx2" and not kernels_mod._cpu_has("avx2", "fma"):
         pytest.skip("this CPU cannot run an AVX2 build")
-    tier_ops = kernels_mod._build_cpu_ops(["-O3", "-fno-trapping-math", "-fopenmp", "-DCPU_KERNEL"] + ISA_TIERS[tier])
+    tier_ops = wkv6_compiled.build("cpu", ["-O3", "-fno-trapping-math", "-fopenmp", "-DCPU_KERNEL"] + ISA_TIERS[tier])
     for case in [CASES[1], CASES[3], CASES[4], (2, 40, 3, 5, "per_channel", True)]:
         assert_matches_float64_reference(tier_ops, *case)
     inputs, state = make_inputs(2, 4, 1, 7, dtype=torch.float64)
     leaves = [x.requires_grad_() for x in inputs] + [state.double().requires_grad_()]
-    assert torch.autograd.gradcheck(lambda *xs: WKV6KernelFunction.apply(tier_ops, *xs), leaves, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *xs: KernelFunction.apply(tier_ops, *xs), leaves, fast_mode=True)
 
 
 def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state, device="cpu"):
@@ -144,7 +145,7 @@ def assert_matches_float64_reference(ops, B, T, H, N, decay, with_state, device=
 def test_empty_sequence_passes_the_state_through(ops):
     inputs, state = make_inputs(2, 0, 3, 64)
     leaves = [x.requires_grad_() for x in inputs] + [state.requires_grad_()]
-    y, s = WKV6KernelFunction.apply(ops, *leaves)
+    y, s = KernelFunction.apply(ops, *leaves)
     assert y.shape == (2, 0, 3, 64)
     torch.testing.assert_close(s, state, rtol=0, atol=0)
     grad_state = torch.randn_like(state)
@@ -165,7 +166,7 @@ def test_kernel_matches_torch_op(ops):
 def test_gradcheck_float64(ops, N):
     inputs, state = make_inputs(2, 4, 1, N, dtype=torch.float64)
     leaves = [x.requires_grad_() for x in inputs] + [state.double().requires_grad_()]
-    assert torch.autograd.gradcheck(lambda *xs: WKV6KernelFunction.apply(ops, *xs), leaves, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *xs: KernelFunction.apply(ops, *xs), leaves, fast_mode=True)
 
 
 def test_prefix_then_continuation_equals_full_run(ops):
@@ -195,12 +196,12 @@ def test_half_inputs_fp32_state(ops, dtype):
         assert_close_relative(g, g_ref, 1e-2, f"d{name}")  # rounding the gradient itself to 8 / 11 bits
 
 
-def test_fallback_warns_once_and_matches_torch(monkeypatch):
-    def failing_build():
-        raise RuntimeError("Error building extension 'visualrwkv_wkv6_cpu': c++: command not found")
+def test_failed_build_warns_once_and_matches_torch(monkeypatch):
+    def failing_build(device_type, cflags=None):
+        raise RuntimeError("Error building extension 'visualrwkv_wkv6_cpu': wkv6_cpu.cpp:12: error: expected ';'")
 
-    monkeypatch.setattr(kernels_mod, "_build_cpu_ops", failing_build)
-    monkeypatch.setattr(kernels_mod, "_compiled_ops", {})
+    monkeypatch.setattr(wkv6_compiled, "build", failing_build)
+    monkeypatch.setattr(wkv6_compiled, "_loaded", {})
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     inputs, state = make_inputs(1, 9, 2, 16)
     with warnings.catch_warnings(record=True) as caught:
@@ -214,40 +215,93 @@ def test_fallback_warns_once_and_matches_torch(monkeypatch):
         torch.testing.assert_close(result, expected, rtol=0, atol=0)
 
 
+def test_no_compiler_falls_back_without_a_word(monkeypatch, tmp_path, caplog):
+    # a machine with neither a C++ compiler nor ninja on PATH, and no build in its cache: the torch op, silently
+    extensions = tmp_path / "extensions"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(wkv6_compiled, "_loaded", {})
+    inputs, state = make_inputs(1, 9, 2, 16)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger=kernels_mod.__name__):
+        warnings.simplefilter("error")
+        result = wkv6_compiled(*inputs, state)
+    torch.testing.assert_close(result, wkv6(*inputs, state), rtol=0, atol=0)
+    assert not wkv6_compiled.available("cpu") and not extensions.exists()
+    assert [record.levelno for record in caplog.records] == [logging.INFO]
+    assert "no C++ compiler" in caplog.records[0].getMessage()
+
+
+def test_a_cached_build_loads_without_a_compiler(ops, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(wkv6_compiled, "_loaded", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert wkv6_compiled.available("cpu")
+
+
+class RecordingOps:
+    """The compiled ops, keeping the output gradient their backward receives."""
+
+    def __init__(self, ops):
+        self.forward, self.compiled_backward, self.grad_y = ops.forward, ops.backward, None
+
+    def backward(self, *args):
+        self.grad_y = args[-2]
+        return self.compiled_backward(*args)
+
+
+def test_state_only_loss_gets_a_zero_output_gradient_in_the_outputs_dtype(ops):
+    # only the final state reaches the loss: the wrapper hands the backward a zero y gradient, float64 for float64
+    # inputs (whose y is float64), not a float32 one
+    inputs, state = make_inputs(2, 5, 1, 8, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in inputs] + [state.double().requires_grad_()]
+    recording = RecordingOps(ops)
+    y, s = KernelFunction.apply(recording, *leaves)
+    s.sum().backward()
+    assert recording.grad_y.dtype == y.dtype == torch.float64 and not recording.grad_y.any()
+    assert torch.autograd.gradcheck(lambda *xs: KernelFunction.apply(ops, *xs)[1], leaves, fast_mode=True)
+
+
+def test_an_op_name_registers_once():
+    with pytest.raises(ValueError, match="'wkv6' is already registered"):
+        CompiledOp("wkv6", sources={}, headers=[], fallback=wkv6, check_inputs=None, layer_name="WKV6")
+
+
 def test_env_switch_forces_torch_without_building(monkeypatch):
-    def unexpected_build():
+    def unexpected_build(device_type, cflags=None):
         raise AssertionError("the torch backend must not build anything")
 
-    monkeypatch.setattr(kernels_mod, "_build_cpu_ops", unexpected_build)
-    monkeypatch.setattr(kernels_mod, "_build_cuda_ops", unexpected_build)
-    monkeypatch.setattr(kernels_mod, "_compiled_ops", {})
+    monkeypatch.setattr(wkv6_compiled, "build", unexpected_build)
+    monkeypatch.setattr(wkv6_compiled, "_loaded", {})
     monkeypatch.setenv(BACKEND_ENV, "torch")
     inputs, state = make_inputs(1, 9, 2, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         result = wkv6_compiled(*inputs, state)
     torch.testing.assert_close(result, wkv6(*inputs, state), rtol=0, atol=0)
-    assert not kernels_mod.kernel_available("cpu")
+    assert not wkv6_compiled.available("cpu")
     monkeypatch.setenv(BACKEND_ENV, "cuda-please")
     with pytest.raises(ValueError, match=BACKEND_ENV):
-        kernels_mod.wkv6_backend()
+        kernels_mod.wkv_backend()
 
 
 def test_set_backend_overrides_env(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "auto")
-    set_wkv6_backend("torch")
+    set_wkv_backend("torch")
     try:
-        assert kernels_mod.wkv6_backend() == "torch"
+        assert kernels_mod.wkv_backend() == "torch"
     finally:
-        set_wkv6_backend(None)
+        set_wkv_backend(None)
     with pytest.raises(ValueError):
-        set_wkv6_backend("fast")
+        set_wkv_backend("fast")
 
 
 def test_import_builds_nothing():
     code = (
         "import visualrwkv_hf, visualrwkv_hf.ops.kernels as k; "
-        "assert k._compiled_ops == {}; print('ok')"
+        "assert [op._loaded for op in k.COMPILED_OPS.values()] == [{}]; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -255,24 +309,24 @@ def test_import_builds_nothing():
 
 
 def test_extension_name_carries_the_flags():
-    base = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL"])
-    avx2 = kernels_mod.cpu_extension_name(["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"])
-    avx512 = kernels_mod.cpu_extension_name(
-        ["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"] + [f"-m{f}" for f in kernels_mod.AVX512_FEATURES]
+    base = wkv6_compiled.extension_name("cpu", ["-O3", "-fopenmp", "-DCPU_KERNEL"])
+    avx2 = wkv6_compiled.extension_name("cpu", ["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"])
+    avx512 = wkv6_compiled.extension_name(
+        "cpu", ["-O3", "-fopenmp", "-DCPU_KERNEL", "-mavx2", "-mfma"] + [f"-m{f}" for f in kernels_mod.AVX512_FEATURES]
     )
     assert len({base, avx2, avx512}) == 3
     assert "_base_" in base and "_avx2_" in avx2 and "_avx512_" in avx512
 
 
 def tiny_model():
-    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+    from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         vocab_size=64, hidden_size=128, num_hidden_layers=2, head_size=64, time_mix_extra_dim=8,
         time_decay_extra_dim=16, initializer_range=0.3,
     )
     torch.manual_seed(0)
-    model = VisualRWKVForCausalLM(config).eval()
+    model = Rwkv6ForCausalLM(config).eval()
     with torch.no_grad():  # data-dependent decays, as in a trained model
         for block in model.model.blocks:
             block.attention.time_decay_w1.normal_(0, 0.3)
@@ -287,12 +341,12 @@ def assert_model_kernel_equals_torch_path(device, length):
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    set_wkv6_backend("torch")
+    set_wkv_backend("torch")
     try:
         out_torch = model(ids, labels=ids)
         out_torch.loss.backward()
     finally:
-        set_wkv6_backend(None)
+        set_wkv_backend(None)
     torch.testing.assert_close(out.logits, out_torch.logits, rtol=1e-4, atol=1e-4)
     for name, param in model.named_parameters():
         if param.grad is not None:
@@ -306,14 +360,14 @@ def test_model_kernel_equals_torch_path(ops):
 def test_loading_and_switching_modes_logs_no_warning(tmp_path, caplog):
     # transformers kernelizes at from_pretrained and at every train() / eval() with a mapping that has no WKV6: the
     # layer's own forward is already the kernel path, so nothing is wrong and nothing should be said.
-    from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+    from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 
     # a vocabulary that holds the default end of turn (261), whose absence would rightly be warned about
-    config = VisualRWKVTextConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, head_size=8)
-    VisualRWKVForCausalLM(config).save_pretrained(tmp_path)
+    config = Rwkv6Config(vocab_size=512, hidden_size=32, num_hidden_layers=2, head_size=8)
+    Rwkv6ForCausalLM(config).save_pretrained(tmp_path)
 
     with caplog.at_level(logging.WARNING):
-        model = VisualRWKVForCausalLM.from_pretrained(tmp_path)
+        model = Rwkv6ForCausalLM.from_pretrained(tmp_path)
         model.train()
         model.eval()
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
@@ -322,15 +376,16 @@ def test_loading_and_switching_modes_logs_no_warning(tmp_path, caplog):
 def assert_kernelize_maps_wkv6_to_the_local_build(device, mode_name):
     from kernels import Mode, kernelize, use_kernel_mapping
 
-    from visualrwkv_hf.ops.kernels import wkv6_kernel_mapping
-
     model = tiny_model().to(device)
     ids = torch.randint(0, 64, (1, 11), device=device)
     expected = model(ids).logits
-    with use_kernel_mapping(wkv6_kernel_mapping(), inherit_mapping=False):
-        kernelize(model, mode=getattr(Mode, mode_name), device=device)
+    repository = wkv6_compiled.repository()
+    mode = getattr(Mode, mode_name)
+    with use_kernel_mapping({"WKV6": {device: {mode: repository}}}, inherit_mapping=False):
+        kernelize(model, mode=mode, device=device)
     layer = model.model.blocks[0].attention.wkv
-    assert layer.forward.__func__.__module__.endswith(".layers")  # the repository's layer, not WKV6.forward
+    # the repository's layer, not WKV6.forward
+    assert layer._kernel_repo == repository and layer.forward.__func__ is not WKV6.forward
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -344,11 +399,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def cuda_ops():
-    from visualrwkv_hf.ops.kernels import cuda_kernel_ops
-
-    set_wkv6_backend("auto")
-    compiled = cuda_kernel_ops()
-    set_wkv6_backend(None)
+    set_wkv_backend("auto")
+    compiled = wkv6_compiled.kernel_for("cuda", 64)
+    set_wkv_backend(None)
     # on a machine with a GPU the CUDA build is part of the package: a failure fails, never skips
     assert compiled is not None, "the CUDA WKV6 kernel failed to build (see the warning)"
     return compiled
@@ -387,7 +440,7 @@ def test_cuda_half_inputs(cuda_ops, dtype):
 def test_cuda_dispatch_and_torch_fallback(cuda_ops):
     inputs, state = make_inputs(2, 30, 2, 64)
     on_gpu = [x.cuda() for x in inputs]
-    assert kernels_mod.kernel_available("cuda", 64) and not kernels_mod.kernel_available("cuda", 40)
+    assert wkv6_compiled.available("cuda", 64) and not wkv6_compiled.available("cuda", 40)
     y, s = wkv6_compiled(*on_gpu, state.cuda())
     y_torch, s_torch = wkv6(*on_gpu, state.cuda())
     torch.testing.assert_close(y, y_torch, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""The fused cross-entropy against torch's and transformers' own losses (the oracles): values and gradients."""
+"""The losses against torch's and transformers' own (the oracles) or by hand: values and gradients."""
 
 import math
 import sys
@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from visualrwkv_hf.ops.loss import causal_lm_loss, token_cross_entropy
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from visualrwkv_hf.ops.loss import (
+    causal_lm_loss,
+    kept_logits_loss,
+    sample_level_causal_lm_loss,
+    sample_level_loss,
+    token_cross_entropy,
+)
 
 loss_module = sys.modules["visualrwkv_hf.ops.loss"]
 
@@ -85,3 +93,52 @@ def test_bad_shapes_fail_clearly():
         token_cross_entropy(torch.randn(2, 3, 5), torch.zeros(6, dtype=torch.long))
     with pytest.raises(ValueError, match="floating point"):
         token_cross_entropy(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+def test_sample_level_loss_by_hand():
+    """Each sample's mean over its valid targets, then the mean over the samples (not over all targets)."""
+    logits, labels = batch(T=12)
+    labels[1, :9] = -100  # row 1 trains 2 targets, row 0 many: the reductions differ
+    per_sample, counts = [], []
+    for row in range(2):
+        losses = [
+            -F.log_softmax(logits[row, position - 1].double(), -1)[labels[row, position]]
+            for position in range(1, labels.shape[1])
+            if labels[row, position] != -100
+        ]
+        per_sample.append(sum(losses) / len(losses))
+        counts.append(len(losses))
+    expected = sum(per_sample) / 2
+    torch.testing.assert_close(sample_level_causal_lm_loss(logits, labels).double(), expected, rtol=1e-6, atol=0)
+    assert not math.isclose(float(causal_lm_loss(logits, labels, 37)), float(expected), rel_tol=1e-3)
+    # Under Trainer, a call's loss is scaled by its share of the step's valid labels.
+    scaled = sample_level_causal_lm_loss(logits, labels, num_items_in_batch=torch.tensor(3 * sum(counts)))
+    torch.testing.assert_close(scaled.double(), expected / 3, rtol=1e-6, atol=0)
+    # a row without targets counts for nothing
+    no_targets = torch.cat([labels, torch.full((1, 12), -100)])
+    logits3 = torch.cat([logits, logits[:1]])
+    torch.testing.assert_close(sample_level_causal_lm_loss(logits3, no_targets), sample_level_causal_lm_loss(logits, labels))
+
+
+def test_sample_level_loss_gradient_matches_autograd_through_torch():
+    logits, labels = batch()
+    ours = value_and_grad(sample_level_causal_lm_loss, logits, labels)
+
+    def reference(logits, labels):
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        return torch.stack([row[t != -100].mean() for row, t in zip(losses, targets)]).mean()
+
+    expected = value_and_grad(reference, logits, labels)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_trainer_forms_read_the_model_outputs():
+    logits, labels = batch()
+    outputs = CausalLMOutputWithPast(logits=logits)
+    assert torch.equal(sample_level_loss(outputs, labels, 7), sample_level_causal_lm_loss(logits, labels, 7))
+    # logits kept for the last 3 positions predict the last 3 labels of each row
+    kept = CausalLMOutputWithPast(logits=logits[:, -4:-1].contiguous())
+    expected = ForCausalLMLoss(kept.logits, None, 37, 5, shift_labels=labels[:, -3:].contiguous())
+    torch.testing.assert_close(kept_logits_loss(kept, labels, 5), expected)

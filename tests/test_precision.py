@@ -1,4 +1,4 @@
-"""The float16 overflow guard (`VisualRWKVTextConfig.rescale_every`) of the RWKV-6 language model and VisualRWKV.
+"""The float16 overflow guard (`Rwkv6Config.rescale_every`) of the RWKV-6 language model and VisualRWKV.
 
 The models here are tiny, so their residual streams are made to grow as released models' do (see `grow_residual`)
 until float16 overflows without the guard; BlinkDL's `rwkv` package, which rescales the same way, is the oracle.
@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import test_modeling_rwkv6 as lm
 import test_modeling_visualrwkv as vlm
 from rwkv6_reference import reference_rwkv
-from visualrwkv_hf import VisualRWKVForCausalLM, VisualRWKVTextConfig
+from visualrwkv_hf import Rwkv6Config, Rwkv6ForCausalLM
 from visualrwkv_hf.convert_rwkv6 import convert_hf_to_blinkdl
 
 EVERY = 2  # the guard's period in these 8-block models (BlinkDL's 6 needs many more blocks to matter)
@@ -48,7 +48,7 @@ def overflowing_model(log2_scale=LOG2_SCALE, **overrides):
     torch.manual_seed(0)
     settings = dict(num_hidden_layers=8, initializer_range=0.02, rescale_every=EVERY, eos_token_id=None)
     config = lm.tiny_config(**{**settings, **overrides})
-    model = VisualRWKVForCausalLM(config).eval()
+    model = Rwkv6ForCausalLM(config).eval()
     with torch.no_grad():
         for block in model.model.blocks:
             for p in (block.attention.time_maa_w1, block.attention.time_decay_w1):
@@ -74,14 +74,14 @@ def test_default_is_blinkdls_float16_rescale_layer(tmp_path, monkeypatch):
     monkeypatch.delenv("RWKV_RESCALE_LAYER", raising=False)
     model = overflowing_model(num_hidden_layers=2)
     torch.save(convert_hf_to_blinkdl(model.state_dict(), model.config), tmp_path / "model.pth")
-    assert VisualRWKVTextConfig().rescale_every == reference_rwkv(tmp_path / "model.pth", "cpu fp16").RESCALE_LAYER
+    assert Rwkv6Config().rescale_every == reference_rwkv(tmp_path / "model.pth", "cpu fp16").RESCALE_LAYER
     assert reference_rwkv(tmp_path / "model.pth", "cpu fp32").RESCALE_LAYER == 0  # fp32 never rescales there either
 
 
 def test_negative_rescale_every_is_refused():
     with pytest.raises(ValueError, match=r"`rescale_every` must be 0 \(no float16 rescaling\) or a positive"):
-        VisualRWKVTextConfig(rescale_every=-1)
-    assert VisualRWKVTextConfig(rescale_every=0).rescale_every == 0
+        Rwkv6Config(rescale_every=-1)
+    assert Rwkv6Config(rescale_every=0).rescale_every == 0
 
 
 # ---------------------------------------------------------------------------------------------- the guard

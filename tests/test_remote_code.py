@@ -17,10 +17,10 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from visualrwkv_hf import (
+    Rwkv6Config,
+    Rwkv6ForCausalLM,
     RwkvWorldTokenizer,
-    VisualRWKVForCausalLM,
     VisualRWKVForConditionalGeneration,
-    VisualRWKVTextConfig,
 )
 from visualrwkv_hf import remote_code
 from visualrwkv_hf.remote_code import add_remote_code, flat_name, flattened_source, needed_modules
@@ -76,12 +76,12 @@ torch.save(
 
 
 def save_tiny_text_model(folder: Path) -> Path:
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         hidden_size=32, num_hidden_layers=2, head_size=8, time_mix_extra_dim=4, time_decay_extra_dim=6,
         initializer_range=0.3,
     )
     torch.manual_seed(1)
-    VisualRWKVForCausalLM(config).save_pretrained(folder)
+    Rwkv6ForCausalLM(config).save_pretrained(folder)
     RwkvWorldTokenizer().save_pretrained(folder)
     return folder
 
@@ -102,7 +102,8 @@ def read_json(path: Path) -> dict:
 def test_code_files_are_flat_and_import_each_other_by_file_name(folders):
     vlm, _ = folders
     code_files = sorted(path.name for path in vlm.glob("*.py"))
-    assert {"configuration_visualrwkv.py", "modeling_visualrwkv.py", "modeling_rwkv6.py", "scanning.py", "ops.py",
+    assert {"configuration_visualrwkv.py", "configuration_rwkv6.py", "configuration_rwkv_common.py",
+            "modeling_visualrwkv.py", "modeling_rwkv6.py", "modeling_rwkv_common.py", "scanning.py", "ops.py",
             "wkv6.py", "processing_visualrwkv.py", "tokenization_rwkv_world.py"} <= set(code_files)
     assert "cli.py" not in code_files and "remote_code.py" not in code_files
     for name in code_files:
@@ -128,9 +129,9 @@ def test_auto_map_names_each_auto_class(folders):
         "AutoProcessor": "processing_visualrwkv.VisualRWKVProcessor",
     }
     assert read_json(text / "config.json")["auto_map"] == {
-        "AutoConfig": "configuration_visualrwkv.VisualRWKVTextConfig",
-        "AutoModel": "modeling_rwkv6.VisualRWKVTextModel",
-        "AutoModelForCausalLM": "modeling_rwkv6.VisualRWKVForCausalLM",
+        "AutoConfig": "configuration_rwkv6.Rwkv6Config",
+        "AutoModel": "modeling_rwkv6.Rwkv6Model",
+        "AutoModelForCausalLM": "modeling_rwkv6.Rwkv6ForCausalLM",
     }
     assert read_json(text / "tokenizer_config.json")["auto_map"] == {
         "AutoTokenizer": ["tokenization_rwkv_world.RwkvWorldTokenizer", None]
@@ -181,7 +182,7 @@ def test_loads_without_the_package_and_computes_the_same(folders, tmp_path, monk
     answer = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1]:])[0]
     assert remote["answer"] == answer
 
-    text_model = VisualRWKVForCausalLM.from_pretrained(text).eval()
+    text_model = Rwkv6ForCausalLM.from_pretrained(text).eval()
     text_ids = RwkvWorldTokenizer.from_pretrained(text)(TEXT_PROMPT, return_tensors="pt")["input_ids"]
     assert torch.equal(text_ids, remote["text_ids"])
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, TextStreamer
 
-from visualrwkv_hf.configuration_visualrwkv import VisualRWKVTextConfig
+from visualrwkv_hf.configuration_rwkv6 import Rwkv6Config
 from visualrwkv_hf.tokenization_rwkv_world import (
     PACKAGED_VOCAB_FILE,
     PAD_TOKEN_ID,
@@ -332,7 +332,7 @@ def test_padding_side_attribute_is_honoured():
 
 
 def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path, corpus):
-    AutoTokenizer.register(VisualRWKVTextConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    AutoTokenizer.register(Rwkv6Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
     saved_files = tokenizer.save_pretrained(tmp_path)
     assert (tmp_path / VOCAB_FILE_NAME).is_file() and (tmp_path / "tokenizer_config.json").is_file()
     assert str(tmp_path / VOCAB_FILE_NAME) in saved_files
@@ -350,7 +350,7 @@ def test_save_and_load_with_auto_tokenizer(tokenizer, tmp_path, corpus):
 
     # Next to a model config (the checkpoint layout), the registration resolves the class too.
     model_dir = tmp_path / "model"
-    VisualRWKVTextConfig().save_pretrained(model_dir)
+    Rwkv6Config().save_pretrained(model_dir)
     loaded.save_pretrained(model_dir)
     assert type(AutoTokenizer.from_pretrained(model_dir)) is RwkvWorldTokenizer
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, Tr
 
 from visualrwkv_hf import VisualRWKVForConditionalGeneration
 from visualrwkv_hf.data import LlavaDataset, VisualRWKVDataCollator
+from visualrwkv_hf.ops.loss import sample_level_causal_lm_loss, sample_level_loss
 from visualrwkv_hf.training import LORA_TARGETS, freeze_for_training, lora_config
 
 from test_pipeline import save_tiny_visualrwkv
@@ -140,8 +141,17 @@ def test_sample_level_loss_trains(model, processor, dataset, tmp_path):
         model=model,
         args=training_args(tmp_path, max_steps=3),
         train_dataset=dataset,
-        data_collator=VisualRWKVDataCollator(processor, loss_reduction="sample"),
+        data_collator=VisualRWKVDataCollator(processor),
+        compute_loss_func=sample_level_loss,
     )
+    batch = VisualRWKVDataCollator(processor)([dataset[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        # Trainer calls the model without the labels and hands them to `compute_loss_func`
+        expected = sample_level_causal_lm_loss(model(**{**batch, "labels": None}).logits, batch["labels"])
+        assert trainer.compute_loss(model, dict(batch)) == pytest.approx(expected.item(), rel=1e-6)
+        assert model(**batch).loss.item() != pytest.approx(expected.item(), rel=1e-3)  # not the token-level mean
+    model.train()
     trainer.train()
     losses = step_losses(trainer)
     assert len(losses) == 3 and losses[-1] < losses[0]

@@ -8,10 +8,12 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
+from .configuration_rwkv6 import Rwkv6Config
+from .configuration_visualrwkv import VisualRWKVConfig
 from .data import LlavaDataset, VisualRWKVDataCollator
-from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
 from .modeling_visualrwkv import (
     VisualRWKVForConditionalGeneration,
     VisualRWKVModel,
@@ -21,10 +23,13 @@ from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
 from .training import LORA_TARGETS, freeze_for_training, lora_config
 
-AutoConfig.register(VisualRWKVTextConfig.model_type, VisualRWKVTextConfig, exist_ok=True)
-AutoModel.register(VisualRWKVTextConfig, VisualRWKVTextModel, exist_ok=True)
-AutoModelForCausalLM.register(VisualRWKVTextConfig, VisualRWKVForCausalLM, exist_ok=True)
-AutoTokenizer.register(VisualRWKVTextConfig, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+AutoConfig.register(Rwkv6Config.model_type, Rwkv6Config, exist_ok=True)
+# Folders saved under an older model type load as the current class (which then saves under the current name).
+for legacy_model_type in Rwkv6Config.legacy_model_types:
+    CONFIG_MAPPING.register(legacy_model_type, Rwkv6Config, exist_ok=True)
+AutoModel.register(Rwkv6Config, Rwkv6Model, exist_ok=True)
+AutoModelForCausalLM.register(Rwkv6Config, Rwkv6ForCausalLM, exist_ok=True)
+AutoTokenizer.register(Rwkv6Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 
 AutoConfig.register(VisualRWKVConfig.model_type, VisualRWKVConfig, exist_ok=True)
 AutoModel.register(VisualRWKVConfig, VisualRWKVModel, exist_ok=True)
@@ -35,16 +40,16 @@ AutoProcessor.register(VisualRWKVConfig, VisualRWKVProcessor, exist_ok=True)
 __all__ = [
     "LORA_TARGETS",
     "LlavaDataset",
+    "Rwkv6Config",
+    "Rwkv6ForCausalLM",
+    "Rwkv6Model",
     "RwkvWorldTokenizer",
     "VisualRWKVConfig",
     "VisualRWKVDataCollator",
-    "VisualRWKVForCausalLM",
     "VisualRWKVForConditionalGeneration",
     "VisualRWKVModel",
     "VisualRWKVPreTrainedModel",
     "VisualRWKVProcessor",
-    "VisualRWKVTextConfig",
-    "VisualRWKVTextModel",
     "freeze_for_training",
     "lora_config",
 ]

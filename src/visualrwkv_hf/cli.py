@@ -40,11 +40,11 @@ def lm_demo(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-    from . import RwkvWorldTokenizer, VisualRWKVForCausalLM, VisualRWKVTextConfig
+    from . import Rwkv6Config, Rwkv6ForCausalLM, RwkvWorldTokenizer
 
     torch.manual_seed(args.seed)
-    config = VisualRWKVTextConfig(hidden_size=128, num_hidden_layers=4, head_size=32, initializer_range=0.2)
-    model = VisualRWKVForCausalLM(config).eval()
+    config = Rwkv6Config(hidden_size=128, num_hidden_layers=4, head_size=32, initializer_range=0.2)
+    model = Rwkv6ForCausalLM(config).eval()
     tokenizer = RwkvWorldTokenizer()
     output = Path(args.output)
     model.save_pretrained(output)

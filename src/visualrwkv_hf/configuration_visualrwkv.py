@@ -1,4 +1,4 @@
-"""Configurations: the RWKV-6 ("Finch", x060) language model, and the VisualRWKV model around it."""
+"""Configuration of VisualRWKV: a vision encoder, a projector and the RWKV-6 language model (`Rwkv6Config`)."""
 
 from __future__ import annotations
 
@@ -6,140 +6,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from .configuration_rwkv6 import Rwkv6Config
+from .configuration_rwkv_common import ModelTypeCheckMixin
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .projectors import check_projector_type
 from .scanning import SCAN_MODES
-from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID
-
-
-def default_intermediate_size(hidden_size: int) -> int:
-    """The original's channel-mix width: 3.5 x d_model rounded down to a multiple of 32."""
-    return int((hidden_size * 3.5) // 32 * 32)
-
-
-def check_model_type(config_class: type[PreTrainedConfig], model_type: str | None, source: str) -> None:
-    """Refuses a configuration of another model type. transformers only warns, keeps the foreign `model_type` on the
-    config (and writes it back on save) and builds our model from fields that mean something else or nothing."""
-    if model_type is not None and model_type != config_class.model_type:
-        raise ValueError(
-            f"{source} is a `{model_type}` configuration, not a `{config_class.model_type}` one: "
-            f"{config_class.__name__} cannot load it. Load it with the classes of its own type (AutoConfig, "
-            f"AutoModel...), or, if it really is a `{config_class.model_type}` model, correct its `model_type`."
-        )
-
-
-class ModelTypeCheckMixin:
-    """`from_pretrained` refuses a folder whose config.json is of another model type, naming the folder."""
-
-    @classmethod
-    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        # As transformers' `from_pretrained` reads it: our part of a composite config, or a sub-dict of our type.
-        ours = config_dict.get(cls.base_config_key, config_dict) if cls.base_config_key else config_dict
-        nested = any(isinstance(value, dict) and value.get("model_type") == cls.model_type for value in ours.values())
-        if not nested:
-            check_model_type(cls, ours.get("model_type"), f"{pretrained_model_name_or_path}'s config.json")
-        return config_dict, kwargs
-
-
-@strict
-class VisualRWKVTextConfig(ModelTypeCheckMixin, PreTrainedConfig):
-    r"""
-    Configuration of the RWKV-6 ("Finch", x060) World language model used by VisualRWKV.
-
-    Sizes left as `None` take the original's derived defaults: `intermediate_size = int(3.5 * hidden_size) // 32 * 32`,
-    `time_mix_extra_dim = 32` (64 from `hidden_size >= 4096`), `time_decay_extra_dim = 64` (128 from 4096).
-
-    Args:
-        vocab_size: Tokens in the embedding and the head (RWKV World: 65536).
-        hidden_size: Model width `C` (`d_model`).
-        num_hidden_layers: Number of RWKV-6 blocks.
-        head_size: Channels per WKV head `N`; heads `H = hidden_size / head_size`.
-        intermediate_size: Channel-mix width `d_ffn`.
-        time_mix_extra_dim: Rank `R` of the data-dependent token-shift LoRA (`time_maa_w1/w2`).
-        time_decay_extra_dim: Rank `D` of the data-dependent decay LoRA (`time_decay_w1/w2`).
-        head_size_divisor: Sets the per-head GroupNorm epsilon to `layer_norm_epsilon * head_size_divisor**2`.
-        layer_norm_epsilon: Epsilon of the LayerNorms.
-        wkv_chunk_size: Chunk length (a power of two) of the torch parallel WKV form used for sequences (prefill and
-            training) when the compiled kernel is not in use; 16 measured fastest on CPUs.
-        rescale_every: The float16 overflow guard of BlinkDL's inference (`RESCALE_LAYER`, 6 for fp16) and
-            transformers' RWKV-4: in float16 inference (float16 activations or float16 autocast, in `eval()` mode)
-            the residual stream is halved after every `rescale_every`-th block, and block `i` scales its time-mix
-            and channel-mix outputs by 2^-(i // rescale_every) (on the inputs of their output projections, so the
-            weights themselves never change). Released models' residual streams grow past float16's largest value
-            (65504) in the later layers; with the guard they stay finite. The final LayerNorm undoes the scale up to
-            its epsilon (each halving weighs it 4x more, negligible at the residual's size), so the result is within
-            float16 rounding of the unscaled one. Float32, bfloat16 and training (`train()` mode) never rescale:
-            their outputs are bit-identical whatever the value. 0 turns the guard off.
-    """
-
-    model_type = "visualrwkv_text"
-    base_config_key = "text_config"
-
-    vocab_size: int = 65536
-    hidden_size: int = 2048
-    num_hidden_layers: int = 24
-    head_size: int = 64
-    intermediate_size: int | None = None
-    time_mix_extra_dim: int | None = None
-    time_decay_extra_dim: int | None = None
-    head_size_divisor: int = 8
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    wkv_chunk_size: int = 16
-    rescale_every: int = 6
-    use_cache: bool = True
-    pad_token_id: int | None = PAD_TOKEN_ID
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = TURN_END_TOKEN_ID
-    tie_word_embeddings: bool = False
-
-    # Per layer, the cache keeps two token-shift vectors (time-mix and channel-mix inputs) as "conv" states.
-    number_of_conv_states = 2
-
-    def __post_init__(self, **kwargs):
-        check_model_type(type(self), kwargs.get("model_type"), "This")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        if self.hidden_size % self.head_size != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be a multiple of `head_size` ({self.head_size}): "
-                "RWKV-6 splits the model width into heads of `head_size` channels."
-            )
-        large = self.hidden_size >= 4096
-        if self.intermediate_size is None:
-            self.intermediate_size = default_intermediate_size(self.hidden_size)
-        if self.time_mix_extra_dim is None:
-            self.time_mix_extra_dim = 64 if large else 32
-        if self.time_decay_extra_dim is None:
-            self.time_decay_extra_dim = 128 if large else 64
-        for name in ("intermediate_size", "time_mix_extra_dim", "time_decay_extra_dim", "wkv_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        if self.rescale_every < 0:
-            raise ValueError(
-                f"`rescale_every` must be 0 (no float16 rescaling) or a positive number of blocks, got "
-                f"{self.rescale_every}."
-            )
-        if self.wkv_chunk_size & (self.wkv_chunk_size - 1):
-            raise ValueError(f"`wkv_chunk_size` must be a power of two, got {self.wkv_chunk_size}.")
-        if self.tie_word_embeddings:
-            raise ValueError("RWKV-6's head is not tied to its embedding: `tie_word_embeddings` must be False.")
-        super().__post_init__(**kwargs)
-
-    @property
-    def num_heads(self) -> int:
-        return self.hidden_size // self.head_size
-
-    @property
-    def group_norm_epsilon(self) -> float:
-        return self.layer_norm_epsilon * self.head_size_divisor**2
-
-    @property
-    def layer_types(self) -> list[str]:
-        # Read by transformers' DynamicCache to build one recurrent (LinearAttentionLayer) cache layer per block.
-        return ["linear_attention"] * self.num_hidden_layers
 
 
 # Where the processor puts the image in the prompt (the paper's and the original code's names); "middle" is the
@@ -183,7 +54,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
             `siglip_vision_model`, or `visualrwkv_sam_dino_siglip` for the DINOv2 + SigLIP + SAM backbone, whose
             output is the feature map itself: `vision_feature_layer` does not apply to it); CLIP ViT-L/14-336 by
             default.
-        text_config: The RWKV-6 language model (`VisualRWKVTextConfig`).
+        text_config: The RWKV-6 language model (`Rwkv6Config`).
         image_token_id: Id of the image placeholder token; the processor repeats it `num_image_tokens` times and the
             model replaces those positions with the image features. 65530 is the first unused id of the World
             vocabulary.
@@ -208,7 +79,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         "vision_config": SubConfigSpec(
             config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L_14_336
         ),
-        "text_config": SubConfigSpec(config_class=VisualRWKVTextConfig),
+        "text_config": SubConfigSpec(config_class=Rwkv6Config),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -224,7 +95,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        check_model_type(type(self), kwargs.get("model_type"), "This")
+        self.pop_model_type(kwargs)
         super().__post_init__(**kwargs)  # builds the sub-configs
         vision, text = self.vision_config, self.text_config
         if self.scan_mode not in SCAN_MODES:
@@ -308,4 +179,4 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         return rows * cols + int(self.vision_has_cls_token)
 
 
-__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig", "VisualRWKVTextConfig"]
+__all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig"]

@@ -32,7 +32,7 @@ from .checkpoint_io import (
     resolve_dtype,
     short_list,
 )
-from .configuration_visualrwkv import VisualRWKVTextConfig
+from .configuration_rwkv6 import Rwkv6Config
 from .modeling_rwkv6 import TIME_MIX_SLOTS
 from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
@@ -44,7 +44,7 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Rwkv6Parameter:
-    """One parameter: its BlinkDL key and shape, and its key and shape in `VisualRWKVForCausalLM`."""
+    """One parameter: its BlinkDL key and shape, and its key and shape in `Rwkv6ForCausalLM`."""
 
     blinkdl_key: str
     hf_key: str
@@ -52,7 +52,7 @@ class Rwkv6Parameter:
     hf_shape: tuple[int, ...]
 
 
-def rwkv6_parameters(config: VisualRWKVTextConfig) -> list[Rwkv6Parameter]:
+def rwkv6_parameters(config: Rwkv6Config) -> list[Rwkv6Parameter]:
     """Every parameter of an RWKV-6 model of this config, in BlinkDL file order."""
     V, C, F = config.vocab_size, config.hidden_size, config.intermediate_size
     R, D, H, N = config.time_mix_extra_dim, config.time_decay_extra_dim, config.num_heads, config.head_size
@@ -100,7 +100,7 @@ def rwkv6_parameters(config: VisualRWKVTextConfig) -> list[Rwkv6Parameter]:
     return params
 
 
-def _sizes(config: VisualRWKVTextConfig) -> str:
+def _sizes(config: Rwkv6Config) -> str:
     return (
         f"vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
         f"num_hidden_layers={config.num_hidden_layers}, head_size={config.head_size}, "
@@ -176,7 +176,7 @@ def _not_rwkv6_hint(keys: set[str]) -> str:
 
 def rwkv6_config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], prefix: str = "", source: str = "the checkpoint"
-) -> VisualRWKVTextConfig:
+) -> Rwkv6Config:
     """Derives the config of a BlinkDL RWKV-6 state dict from its shapes, and checks every tensor against it.
 
     Sizes come from: vocab and width from `emb.weight` (V, C); layers from the block indices; heads from
@@ -211,7 +211,7 @@ def rwkv6_config_from_state_dict(
             f"'{prefix}blocks.0.att.time_faaaa' in {source} is ({num_heads}, {head_size}) = (heads, head_size), "
             f"expected heads x head_size = hidden_size {hidden_size} (from '{prefix}emb.weight')."
         )
-    config = VisualRWKVTextConfig(
+    config = Rwkv6Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -232,7 +232,7 @@ def convert_blinkdl_to_hf(
     source: str = "the checkpoint",
     progress: bool = False,
     allow_nonfinite: bool = False,
-) -> tuple[VisualRWKVTextConfig, dict[str, torch.Tensor]]:
+) -> tuple[Rwkv6Config, dict[str, torch.Tensor]]:
     """Validates a BlinkDL RWKV-6 state dict and returns its config (with `dtype` set) and the HF state dict.
 
     NaN or infinite weights (in the file, or from overflow in the cast to `dtype`) are refused unless
@@ -257,9 +257,9 @@ def convert_blinkdl_to_hf(
 
 
 def convert_hf_to_blinkdl(
-    hf_state_dict: Mapping[str, torch.Tensor], config: VisualRWKVTextConfig, prefix: str = ""
+    hf_state_dict: Mapping[str, torch.Tensor], config: Rwkv6Config, prefix: str = ""
 ) -> dict[str, torch.Tensor]:
-    """Exports a `VisualRWKVForCausalLM` state dict back to BlinkDL's layout (keys prefixed with `prefix`)."""
+    """Exports a `Rwkv6ForCausalLM` state dict back to BlinkDL's layout (keys prefixed with `prefix`)."""
     params = rwkv6_parameters(config)
     check_state_dict(
         hf_state_dict, {p.hf_key: p.hf_shape for p in params}, f"The state dict does not match {_sizes(config)}"
@@ -268,10 +268,10 @@ def convert_hf_to_blinkdl(
 
 
 def save_hf_text_model(
-    directory: Path, config: VisualRWKVTextConfig, hf_state_dict: Mapping[str, torch.Tensor]
+    directory: Path, config: Rwkv6Config, hf_state_dict: Mapping[str, torch.Tensor]
 ) -> None:
     """Writes config, weights, generation config and tokenizer: a folder the Auto classes load."""
-    config.architectures = ["VisualRWKVForCausalLM"]
+    config.architectures = ["Rwkv6ForCausalLM"]
     config.save_pretrained(directory)
     save_file(dict(hf_state_dict), directory / "model.safetensors", metadata={"format": "pt"})
     GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)

@@ -57,7 +57,7 @@ VISION_PREFIX = "vit."
 LEGACY_VISION_PREFIX = "vit.vision_model."
 PROJECTOR_KEY = "proj.weight"
 
-# Where each part lives in `VisualRWKVForConditionalGeneration`. `convert_rwkv6` maps onto `VisualRWKVForCausalLM`,
+# Where each part lives in `VisualRWKVForConditionalGeneration`. `convert_rwkv6` maps onto `Rwkv6ForCausalLM`,
 # whose backbone `model.` is our `model.language_model.`; the head `lm_head` is the same.
 HF_VISION_PREFIX = "model.vision_tower."
 HF_PROJECTOR_KEY = "model.multi_modal_projector.linear.weight"

@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "gpt": "assistant"}
 ON_ERROR_CHOICES = ("raise", "skip")
-LOSS_REDUCTIONS = ("token", "sample")
 
 
 class MalformedRecordError(ValueError):
@@ -238,10 +237,6 @@ class VisualRWKVDataCollator:
         max_length: Longest sequence kept. Longer samples lose their end (the answer side): the cut never comes
             before the first trained token after the image, so the instruction and the whole image span are kept.
             A sample whose instruction alone does not fit is handled by `on_error`.
-        loss_reduction: `"token"` (the transformers default: the mean over every valid label of the batch, aware of
-            Trainer's `num_items_in_batch`) or `"sample"` (the original's: each sample's mean over its valid labels,
-            then the mean over the samples). `"sample"` adds `loss_weights` to the batch, which the model's forward
-            turns into that mean (see `weighted_causal_lm_loss`).
         on_error: `"raise"` fails on a sample that cannot be used (malformed, or too long to keep its instruction),
             naming the problem; `"skip"` drops it from its batch, counts it in `skipped` (reason -> count) and logs a
             warning. A batch left empty raises.
@@ -256,7 +251,6 @@ class VisualRWKVDataCollator:
         processor,
         image_position: str | None = None,
         max_length: int | None = None,
-        loss_reduction: str = "token",
         on_error: str = "raise",
         pad_token_id: int = 0,
     ):
@@ -265,7 +259,6 @@ class VisualRWKVDataCollator:
         if max_length is not None and max_length < 1:
             raise ValueError(f"`max_length` must be positive, got {max_length}.")
         self.max_length = max_length
-        self.loss_reduction = _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
         self.on_error = _check_choice("on_error", on_error, ON_ERROR_CHOICES)
         self.pad_token_id = pad_token_id
         # The original ignores the tokens of "Assistant:" that open every assistant turn.
@@ -346,11 +339,6 @@ class VisualRWKVDataCollator:
             labels[row, : len(ids)] = torch.tensor(row_labels)
             attention_mask[row, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.loss_reduction == "sample":
-            # Position 0 is never a target (the model shifts), so a sample's count starts at position 1.
-            valid = labels != IGNORE_INDEX
-            valid[:, 0] = False
-            batch["loss_weights"] = valid / valid.sum(1, keepdim=True).clamp(min=1)
         if images:
             batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return batch

@@ -236,8 +236,8 @@ class AnswerWindowCollator:
     logits predict a trained label. In a model this small the 65536-way head costs most of a training step, and here
     only the answer and its turn end are trained; left-padded, they end every row at the same positions, so for
     one-word answers two logits per row suffice instead of the span from the earliest answer of the batch to the end
-    (five, right-padded). The padding is masked, so a row's outputs do not depend on its side. Use with
-    `answer_window_loss`."""
+    (five, right-padded). The padding is masked, so a row's outputs do not depend on its side. Train with
+    `compute_loss_func=kept_logits_loss` (`ops/loss.py`), the loss of those logits."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -257,17 +257,6 @@ class AnswerWindowCollator:
         return batch
 
 
-def answer_window_loss(outputs, labels, num_items_in_batch=None):
-    """Trainer's `compute_loss_func` for `AnswerWindowCollator` batches: cross-entropy of the kept logits against
-    the labels they predict (the last ones of each row)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    logits = outputs.logits
-    return ForCausalLMLoss(
-        logits, None, logits.shape[-1], num_items_in_batch, shift_labels=labels[:, -logits.shape[1]:].contiguous()
-    )
-
-
 def train_model(
     model, processor, samples: list[Sample], output_dir: Path, *, steps: int, batch_size: int, learning_rate: float,
     seed: int, progress: bool = True, vision_learning_rate: float | None = None,
@@ -280,6 +269,7 @@ def train_model(
     from transformers import Trainer, TrainingArguments
 
     from .data import LlavaDataset, VisualRWKVDataCollator
+    from .ops.loss import kept_logits_loss
 
     model.get_input_embeddings().requires_grad_(False)
     vision, language = [], []
@@ -314,7 +304,7 @@ def train_model(
         args=arguments,
         train_dataset=LlavaDataset([sample.to_llava() for sample in samples]),
         data_collator=AnswerWindowCollator(VisualRWKVDataCollator(processor)),
-        compute_loss_func=answer_window_loss,
+        compute_loss_func=kept_logits_loss,
         optimizers=(optimizer, None),
     )
     start = time.perf_counter()

@@ -8,8 +8,6 @@ channel c, the original's "lossless downsampler"). With tiles (UHD) every view g
 each tile's map is average-pooled 2 x 2 and stitched with the others into one map.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,4 @@
-"""VisualRWKV: a vision encoder, a linear projector, and the RWKV-6 language model with image scanning.
+"""VisualRWKV: a vision encoder, a projector, and the RWKV-6 language model with image scanning.
 
 The image features replace the image placeholder tokens (LLaVA style). Inside every block, the image patches are read
 in the block's scan order (see `scanning.py`): each sample's own patch span is reordered at the block input and
@@ -6,84 +6,37 @@ restored at its output.
 """
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 from transformers.cache_utils import Cache
-from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
-from .loading import StrictLoadingMixin
-from .modeling_rwkv6 import VisualRWKVTextModel, check_prompt_continues_cache, positions_to_keep
+from .modeling_rwkv6 import Rwkv6Model
+from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
 from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
 from .projectors import build_mlp_projector, vision_feature_size
-from .ops.loss import causal_lm_loss, token_cross_entropy
 from .scanning import block_gather_indices
 
 # `AutoModel.from_config(vision_config)` builds the three-encoder backbone of VisualRWKV-HD/UHD/7 too.
 AutoModel.register(SamDinoSiglipVisionConfig, SamDinoSiglipVisionModel, exist_ok=True)
 
 
-@dataclass
-class VisualRWKVModelOutput(ModelOutput):
-    """
-    Args:
-        last_hidden_state: Output of the language model's final LayerNorm, (batch, seq, hidden).
-        cache: Recurrent state after the last position; pass it back with the next tokens to continue.
-        hidden_states: With `output_hidden_states`, the input embeddings (image features merged) and every block's
-            output, in the original position order (under the float16 guard, as they flow: scaled, see
-            `VisualRWKVTextConfig.rescale_every`).
-        image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-
-
-@dataclass
-class VisualRWKVConditionalGenerationOutput(ModelOutput):
-    """
-    Args:
-        loss: Next-token cross-entropy, when `labels` are given.
-        logits: Head outputs, (batch, seq, vocab), float32.
-        cache: Recurrent state after the last position.
-        hidden_states: With `output_hidden_states`, the input embeddings and every block's output (scaled under the
-            float16 guard, see `VisualRWKVTextConfig.rescale_every`).
-        image_hidden_states: The projected image features of this call, (images, num_image_tokens, hidden).
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-
-
-class VisualRWKVPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+class VisualRWKVPreTrainedModel(RwkvPreTrainedModel):
     config: VisualRWKVConfig
-    base_model_prefix = "model"
-    # `loss_function` (transformers' property) returns this unless set otherwise: transformers' causal-LM loss
-    # without a full log-softmax kept for the backward (ops/loss.py)
-    _loss_function = staticmethod(causal_lm_loss)
     input_modalities = ("image", "text")
-    _no_split_modules = ["VisualRWKVBlock"]
-    supports_gradient_checkpointing = True
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # transformers answers False for class names containing "rwkv" (its RWKV-4 keeps a state of its own). Ours
-        # lives in `DynamicCache(config=text_config)` (`LinearAttentionLayer`s), which `generate` then builds itself.
-        return True
+    _no_split_modules = ["Rwkv6Block"]
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
@@ -118,7 +71,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             self.multi_modal_projector = build_mlp_projector(
                 config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
             )
-        self.language_model = VisualRWKVTextModel(config.text_config)
+        self.language_model = Rwkv6Model(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -127,19 +80,18 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.language_model.set_input_embeddings(new_embeddings)
 
+    @can_return_tuple
     def get_image_features(
-        self,
-        pixel_values: torch.FloatTensor | None,
-        high_res_pixel_values: torch.FloatTensor | None = None,
-        return_dict: bool = False,
-    ) -> torch.FloatTensor | BaseModelOutputWithPooling | None:
+        self, pixel_values: torch.FloatTensor | None, high_res_pixel_values: torch.FloatTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | None:
         """
-        Image features as the language model sees them, (images, num_image_tokens, hidden): the selected vision
-        hidden state (no post-layernorm), the patches row-major (grid-pooled if configured), then the cls token, then
-        the projector. With `return_dict`, in the `pooler_output` of a `BaseModelOutputWithPooling`: the form
-        `mm_encoder_outputs={"image": ...}` takes, to reuse them instead of running the vision tower again. None
-        without images (`generate` encodes the images before the prefill and hands on `pixel_values=None` too).
-        The three-encoder backbone (VisualRWKV-HD/UHD/7) also reads `high_res_pixel_values`, SAM's 1024 px views.
+        As LLaVA's: the vision tower's output, with the image features as the language model sees them in
+        `pooler_output`, (images, num_image_tokens, hidden): the selected vision hidden state (no post-layernorm),
+        the patches row-major (grid-pooled if configured), then the cls token, then the projector. The whole output
+        is the form `mm_encoder_outputs={"image": ...}` takes, to reuse the features instead of running the vision
+        tower again. None without images (`generate` asks for the features of `pixel_values=None` too). The
+        three-encoder backbone (VisualRWKV-HD/UHD/7) also reads `high_res_pixel_values`, SAM's 1024 px views; its
+        output is the feature map itself (`last_hidden_state`).
         """
         if pixel_values is None:
             return None
@@ -171,6 +123,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         if config.multi_encoder_vision:
             # in [0, 1]: normalised in float32 inside, then cast to the towers' dtype, as the original
             features = self.vision_tower(pixel_values, high_res_pixel_values)
+            vision_outputs = BaseModelOutputWithPooling(last_hidden_state=features)
         else:
             vision_outputs = self.vision_tower(
                 pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
@@ -185,8 +138,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             kernel = rows // config.grid_size
             patch_grid = patches.transpose(1, 2).unflatten(2, (rows, cols))  # (images, hidden, rows, cols)
             patches = F.avg_pool2d(patch_grid, kernel).flatten(2).transpose(1, 2)
-        image_features = self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
-        return BaseModelOutputWithPooling(pooler_output=image_features) if return_dict else image_features
+        vision_outputs.pooler_output = self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
+        return vision_outputs
 
     def pre_encoded_image_features(self, image_outputs: BaseModelOutputWithPooling) -> torch.FloatTensor:
         """
@@ -197,8 +150,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         features = getattr(image_outputs, "pooler_output", None)
         if features is None:
             raise TypeError(
-                "`mm_encoder_outputs['image']` must be what `model.get_image_features(pixel_values, return_dict=True)` "
-                f"returns (the features in its `pooler_output`), got {type(image_outputs).__name__}."
+                "`mm_encoder_outputs['image']` must be what `model.get_image_features(pixel_values)` returns (the "
+                f"features in its `pooler_output`), got {type(image_outputs).__name__}."
             )
         if isinstance(features, (list, tuple)):
             features = torch.cat([feature.reshape(-1, feature.shape[-1]) for feature in features])
@@ -243,6 +196,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             )
         return torch.where(has_image, starts, -1)
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
@@ -250,15 +204,13 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
-    ) -> tuple | VisualRWKVModelOutput:
+    ) -> MultimodalBaseModelOutputWithPast:
         """
         Args:
             input_ids: Token ids with `num_image_tokens` consecutive `image_token_id` placeholders per image (at most
@@ -268,12 +220,15 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             attention_mask: (batch, seq) 1 for real tokens, 0 for (left) padding.
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
-            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
-                `pixel_values`: the same images' features, computed once and reused without the vision tower.
+            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`: the
+                same images' features, computed once and reused without the vision tower.
             high_res_pixel_values: The three-encoder backbone's second input (SAM's 1024 px views), one per image of
                 `pixel_values`.
+
+        Returns the language model's output with the image features this call used in `image_outputs`;
+        `output_hidden_states=True` adds the input embeddings (image features merged) and every block's output, in
+        position order (under the float16 guard scaled, see `Rwkv6Config.rescale_every`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         image_outputs = (mm_encoder_outputs or {}).get("image")
@@ -292,7 +247,6 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             image_features = self.pre_encoded_image_features(image_outputs)
             num_images = image_features.shape[0]
         else:
-            image_features = None
             num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if num_images != num_spans:
             raise ValueError(
@@ -301,8 +255,9 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             )
         gather_indices = None
         if num_images:
-            if image_features is None:
-                image_features = self.get_image_features(pixel_values, high_res_pixel_values)
+            if image_outputs is None:
+                image_outputs = self.get_image_features(pixel_values, high_res_pixel_values)
+                image_features = image_outputs.pooler_output
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             )
@@ -319,48 +274,13 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
             block_gather_indices=gather_indices,
+            **kwargs,
         )
-        output = VisualRWKVModelOutput(
-            last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            image_hidden_states=image_features,
-        )
-        return output if return_dict else output.to_tuple()
+        return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
-def weighted_causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.LongTensor,
-    loss_weights: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """
-    Next-token cross-entropy averaged with per-label weights: sum(weight * token loss) / sum(weight) over the valid
-    labels (not -100) of this call. With 1 / (the sample's valid label count) as weights this is the original's
-    sample-level loss: each sample's mean, then the mean over the samples.
-
-    Trainer passes `num_items_in_batch` (valid labels of the whole optimizer step: all gradient-accumulation steps
-    and, by default, all processes) and expects losses normalized by it, as token-level ones are. The weighted mean of
-    this call is then scaled by its share of those labels, so the step combines its calls as it combines token-level
-    losses (exactly the sample-level mean for one call per step; otherwise each call's sample-level mean weighted by
-    its share of the valid labels).
-    """
-    # position t predicts label t + 1; the last position predicts nothing (-100), so the logits need no slicing copy
-    target_labels = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
-    valid = target_labels != -100
-    weights = F.pad(loss_weights.to(logits.device, torch.float32), (0, 1))[:, 1:] * valid
-    token_losses = token_cross_entropy(logits.float().flatten(0, 1), target_labels.flatten()).view_as(weights)
-    loss = (weights * token_losses).sum() / weights.sum()
-    if num_items_in_batch is not None:
-        loss = loss * valid.sum() / num_items_in_batch
-    return loss
-
-
-class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMixin):
+class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGenerationMixin):
     """VisualRWKV with its (untied) language-modelling head."""
 
     _tied_weights_keys = {}
@@ -386,12 +306,9 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         self.lm_head = new_embeddings
 
     def get_image_features(
-        self,
-        pixel_values: torch.FloatTensor,
-        high_res_pixel_values: torch.FloatTensor | None = None,
-        return_dict: bool = False,
-    ) -> torch.FloatTensor | BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, high_res_pixel_values, return_dict=return_dict)
+        self, pixel_values: torch.FloatTensor, high_res_pixel_values: torch.FloatTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, high_res_pixel_values, **kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         # transformers expands (for beams, several sequences per prompt) the image features it is given in place:
@@ -400,25 +317,17 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         return super()._expand_multimodal_outputs(input_ids, copies, expand_size, inputs_embeds)
 
     def prepare_inputs_for_generation(
-        self, input_ids, attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+        self, input_ids, next_sequence_length=None, inputs_embeds=None, is_first_iteration=False, **kwargs
     ):
-        # transformers' version hands on the images (`pixel_values`, or the features `generate` computes from them
-        # first, `mm_encoder_outputs`) on the first step only when there is a cache: the steps after the prefill feed
-        # one new text token each; without a cache every step re-runs the whole sequence, image included.
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            attention_mask=attention_mask,
+            next_sequence_length=next_sequence_length,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
         if is_first_iteration:
-            next_sequence_length = kwargs.get("next_sequence_length")
-            check_prompt_continues_cache(kwargs.get("cache"), next_sequence_length)
             self.drop_images_already_in_cache(model_inputs, input_ids, inputs_embeds, next_sequence_length)
-        # After the prefill every row feeds one real token: the mask carries no more information.
-        elif model_inputs.get("cache") is not None:
-            model_inputs["attention_mask"] = None
         return model_inputs
 
     def drop_images_already_in_cache(self, model_inputs: dict, input_ids, inputs_embeds, next_sequence_length) -> None:
@@ -448,6 +357,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
             if pixels is not None and len(pixels) == len(keep):
                 model_inputs[name] = pixels[keep] if bool(keep.any()) else None
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
@@ -455,70 +365,57 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, GenerationMi
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        loss_weights: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
-    ) -> tuple | VisualRWKVConditionalGenerationOutput:
+    ) -> MultimodalCausalLMOutputWithPast:
         """
         Args:
             labels: (batch, seq) next-token targets, shifted inside; -100 is ignored (use it for image, prompt and
-                padding positions). Extra keyword arguments (such as Trainer's `num_items_in_batch`) reach
-                `loss_function`.
-            loss_weights: (batch, seq) weight of each label's token loss, aligned with `labels`; given, the loss is
-                the weighted mean `weighted_causal_lm_loss` instead of the mean over valid tokens. The data
-                collator's `loss_reduction="sample"` makes them (1 / the sample's valid label count).
+                padding positions). The loss is `loss_function`, the mean over valid labels; extra keyword arguments
+                (such as Trainer's `num_items_in_batch`) reach it. Other reductions (the original's sample-level
+                loss) go through Trainer's `compute_loss_func` (`ops/loss.py`).
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
-            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values, return_dict=True)}` instead of
-                `pixel_values`, to reuse an image's features without running the vision tower again.
+            mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`, to
+                reuse an image's features without running the vision tower again.
             high_res_pixel_values: SAM's 1024 px views for the three-encoder backbone (VisualRWKV-HD/UHD/7).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
             cache=cache,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
             mm_encoder_outputs=mm_encoder_outputs,
             high_res_pixel_values=high_res_pixel_values,
+            **kwargs,
         )
-        logits = self.lm_head(positions_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
 
         loss = None
-        if labels is not None and loss_weights is not None:
-            loss = weighted_causal_lm_loss(logits, labels, loss_weights, kwargs.get("num_items_in_batch"))
-        elif labels is not None:
+        if labels is not None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
 
-        output = VisualRWKVConditionalGenerationOutput(
+        return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [
-    "VisualRWKVConditionalGenerationOutput",
     "VisualRWKVForConditionalGeneration",
     "VisualRWKVModel",
-    "VisualRWKVModelOutput",
     "VisualRWKVMultiModalProjector",
     "VisualRWKVPreTrainedModel",
-    "weighted_causal_lm_loss",
 ]

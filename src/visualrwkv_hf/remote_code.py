@@ -17,8 +17,9 @@ import os
 import re
 from pathlib import Path
 
-from .configuration_visualrwkv import VisualRWKVConfig, VisualRWKVTextConfig
-from .modeling_rwkv6 import VisualRWKVForCausalLM, VisualRWKVTextModel
+from .configuration_rwkv6 import Rwkv6Config
+from .configuration_visualrwkv import VisualRWKVConfig
+from .modeling_rwkv6 import Rwkv6ForCausalLM, Rwkv6Model
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration, VisualRWKVModel
 from .processing_visualrwkv import VisualRWKVProcessor
 from .tokenization_rwkv_world import RwkvWorldTokenizer
@@ -32,10 +33,9 @@ MODEL_AUTO_CLASSES = {
         "AutoModel": VisualRWKVModel,
         "AutoModelForImageTextToText": VisualRWKVForConditionalGeneration,
     },
-    VisualRWKVTextConfig.model_type: {
-        "AutoConfig": VisualRWKVTextConfig,
-        "AutoModel": VisualRWKVTextModel,
-        "AutoModelForCausalLM": VisualRWKVForCausalLM,
+    **{
+        model_type: {"AutoConfig": Rwkv6Config, "AutoModel": Rwkv6Model, "AutoModelForCausalLM": Rwkv6ForCausalLM}
+        for model_type in (Rwkv6Config.model_type, *Rwkv6Config.legacy_model_types)
     },
 }
 PROCESSOR_CONFIG = "processor_config.json"

@@ -8,9 +8,14 @@ pooled one.
 * unidirectional: every block reads row-major (the paper's RWKV-5 baseline).
 * bidirectional (the released models): odd blocks read the patches in reverse.
 * multidirectional: by block index mod 4, row-major, row-major reversed, column-major, column-major reversed.
+
+`block_gather_indices` gives each block's reading order as a gather index; `run_block_in_order` runs a block's step
+in that order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -96,3 +101,24 @@ def block_gather_indices(
             )
         indices.append(index_by_direction[direction])
     return indices
+
+
+def run_block_in_order(
+    block_step: Callable[..., torch.Tensor],
+    hidden_states: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    gather_index: torch.LongTensor | None,
+    *args,
+) -> torch.Tensor:
+    """
+    Runs `block_step(hidden_states, padding_mask, *args)` reading the positions in the order `gather_index` (a
+    (batch, seq) permutation, one of `block_gather_indices`: step t reads position `gather_index[b, t]`; None: as
+    they are), so its token shifts and recurrence follow that order, and returns each output at its original position.
+    """
+    if gather_index is None:
+        return block_step(hidden_states, padding_mask, *args)
+    index = gather_index[:, :, None].expand_as(hidden_states)
+    if padding_mask is not None:
+        padding_mask = padding_mask.gather(1, gather_index)
+    outputs = block_step(hidden_states.gather(1, index), padding_mask, *args)
+    return torch.empty_like(outputs).scatter_(1, index, outputs)

@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../wkv6_checks.h"
 #include "wkv6_cpu.h"
 
 namespace {
@@ -404,23 +405,6 @@ void backward_heads(const Inputs<scalar_t, acc_t>& in, const acc_t* u, const acc
   }
 }
 
-void check_inputs(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& w,
-                  const torch::Tensor& u, const std::optional<torch::Tensor>& initial_state) {
-  TORCH_CHECK(r.dim() == 4, "wkv6: r must be (batch, time, heads, head_size)");
-  TORCH_CHECK(k.sizes() == r.sizes() && v.sizes() == r.sizes() && w.sizes() == r.sizes(),
-              "wkv6: r, k, v, w must have the same shape");
-  TORCH_CHECK(k.scalar_type() == r.scalar_type() && v.scalar_type() == r.scalar_type() &&
-                  w.scalar_type() == r.scalar_type(),
-              "wkv6: r, k, v, w must have the same dtype");
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == r.size(2) && u.size(1) == r.size(3), "wkv6: u must be (heads, head_size)");
-  if (initial_state.has_value()) {
-    const auto& s = *initial_state;
-    TORCH_CHECK(s.dim() == 4 && s.size(0) == r.size(0) && s.size(1) == r.size(2) && s.size(2) == r.size(3) &&
-                    s.size(3) == r.size(3),
-                "wkv6: initial_state must be (batch, heads, head_size, head_size)");
-  }
-}
-
 torch::ScalarType acc_dtype(const torch::Tensor& r) {
   return r.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
@@ -439,7 +423,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_forward_cpu(const torch::Tensor& r
                                                           const torch::Tensor& v, const torch::Tensor& w,
                                                           const torch::Tensor& u,
                                                           const std::optional<torch::Tensor>& initial_state) {
-  check_inputs(r, k, v, w, u, initial_state);
+  wkv6_check_inputs(r, k, v, w, u, initial_state);
   const Dims dims = dims_of(r);
   const auto acc = r.options().dtype(acc_dtype(r));
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();
@@ -463,7 +447,7 @@ WKV6Grads wkv6_backward_cpu(const torch::Tensor& r, const torch::Tensor& k, cons
                             const torch::Tensor& w, const torch::Tensor& u,
                             const std::optional<torch::Tensor>& initial_state, const torch::Tensor& grad_y,
                             const std::optional<torch::Tensor>& grad_final_state) {
-  check_inputs(r, k, v, w, u, initial_state);
+  wkv6_check_inputs(r, k, v, w, u, initial_state);
   const Dims dims = dims_of(r);
   const auto acc = r.options().dtype(acc_dtype(r));
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
+#include "../wkv6_checks.h"
 #include "wkv6_cuda.h"
 
 namespace {
@@ -212,24 +213,6 @@ __global__ void backward_grad_columns_kernel(int T, int H, const scalar_t* __res
   }
 }
 
-void check_inputs(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& w,
-                  const torch::Tensor& u, const std::optional<torch::Tensor>& initial_state) {
-  TORCH_CHECK(r.is_cuda() && k.is_cuda() && v.is_cuda() && w.is_cuda() && u.is_cuda(), "wkv6: CUDA tensors expected");
-  TORCH_CHECK(r.dim() == 4, "wkv6: r must be (batch, time, heads, head_size)");
-  TORCH_CHECK(k.sizes() == r.sizes() && v.sizes() == r.sizes() && w.sizes() == r.sizes(),
-              "wkv6: r, k, v, w must have the same shape");
-  TORCH_CHECK(k.scalar_type() == r.scalar_type() && v.scalar_type() == r.scalar_type() &&
-                  w.scalar_type() == r.scalar_type(),
-              "wkv6: r, k, v, w must have the same dtype");
-  TORCH_CHECK(u.dim() == 2 && u.size(0) == r.size(2) && u.size(1) == r.size(3), "wkv6: u must be (heads, head_size)");
-  if (initial_state.has_value()) {
-    const auto& s = *initial_state;
-    TORCH_CHECK(s.dim() == 4 && s.size(0) == r.size(0) && s.size(1) == r.size(2) && s.size(2) == r.size(3) &&
-                    s.size(3) == r.size(3),
-                "wkv6: initial_state must be (batch, heads, head_size, head_size)");
-  }
-}
-
 template <typename Fn>
 void dispatch_head_size(int64_t N, Fn&& fn) {
   switch (N) {
@@ -254,7 +237,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_forward_cuda(const torch::Tensor& 
                                                            const torch::Tensor& v, const torch::Tensor& w,
                                                            const torch::Tensor& u,
                                                            const std::optional<torch::Tensor>& initial_state) {
-  check_inputs(r, k, v, w, u, initial_state);
+  wkv6_check_inputs(r, k, v, w, u, initial_state);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();
@@ -279,7 +262,7 @@ WKV6Grads wkv6_backward_cuda(const torch::Tensor& r, const torch::Tensor& k, con
                              const torch::Tensor& w, const torch::Tensor& u,
                              const std::optional<torch::Tensor>& initial_state, const torch::Tensor& grad_y,
                              const std::optional<torch::Tensor>& grad_final_state) {
-  check_inputs(r, k, v, w, u, initial_state);
+  wkv6_check_inputs(r, k, v, w, u, initial_state);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rc = r.contiguous(), kc = k.contiguous(), vc = v.contiguous(), wc = w.contiguous();

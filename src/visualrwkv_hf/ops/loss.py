@@ -1,10 +1,12 @@
-"""Next-token cross-entropy without the full log-softmax: the model's training loss.
+"""Every training loss of the package: next-token cross-entropy without the full log-softmax (the models'
+`loss_function`, `causal_lm_loss`), the original VisualRWKV's sample-level reduction of it, and their forms for
+Trainer's `compute_loss_func`.
 
 `F.cross_entropy` keeps a (tokens, vocab) log-softmax from the forward to the backward and builds the gradient in
 three more full passes (a zero-filled tensor, a scatter, the log-softmax backward). Here the forward keeps one
 log-sum-exp per token and the backward writes softmax - one-hot straight into the gradient, row block by row block:
-one (tokens, vocab) tensor less alive during the step (512 MiB for 2048 tokens of RWKV's 65536-token vocabulary)
-and 1.1-1.8x less time for the loss itself (2048 tokens, vocabulary 65536 / 4096, CPU; benchmarks/bench_loss.py).
+one (tokens, vocab) tensor less alive during the step (512 MiB for 2048 tokens of RWKV's 65536-token vocabulary),
+and less time (docs/benchmarks.md, benchmarks/bench_loss.py).
 """
 
 from __future__ import annotations
@@ -79,3 +81,52 @@ def causal_lm_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def sample_level_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """
+    The original VisualRWKV's loss: each sample's mean next-token cross-entropy over its valid labels (labels shifted
+    one left, `ignore_index` ignored), then the mean over the samples that have any, so short answers weigh as much
+    as long ones.
+
+    Trainer passes `num_items_in_batch` (valid labels of the whole optimizer step: all gradient-accumulation steps
+    and, by default, all processes) and expects losses normalized by it, as token-level ones are. The mean of this
+    call is then scaled by its share of those labels, so the step combines its calls as it combines token-level
+    losses (exactly the sample-level mean for one call per step; otherwise each call's sample-level mean weighted by
+    its share of the valid labels).
+    """
+    # position t predicts label t + 1; the last position predicts nothing, so the logits need no slicing copy
+    targets = F.pad(labels.to(logits.device), (0, 1), value=ignore_index)[:, 1:]
+    valid = targets != ignore_index
+    weights = valid / valid.sum(1, keepdim=True).clamp(min=1)
+    token_losses = token_cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index)
+    loss = (weights * token_losses.view_as(weights)).sum() / weights.sum()
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss * valid.sum() / num_items_in_batch
+    return loss
+
+
+# Trainer's `compute_loss_func(outputs, labels, num_items_in_batch=...)` forms: Trainer then calls the model without
+# the labels and hands them here with the model's outputs.
+
+
+def sample_level_loss(outputs, labels: torch.LongTensor, num_items_in_batch=None) -> torch.Tensor:
+    """`Trainer(compute_loss_func=sample_level_loss)`: the sample-level loss (`sample_level_causal_lm_loss`)
+    instead of the model's token-level one."""
+    return sample_level_causal_lm_loss(outputs.logits, labels, num_items_in_batch)
+
+
+def kept_logits_loss(outputs, labels: torch.LongTensor, num_items_in_batch=None) -> torch.Tensor:
+    """`Trainer(compute_loss_func=kept_logits_loss)` for batches that ask for logits of their last positions only
+    (`logits_to_keep`, an int or the trailing positions): the token-level loss of those logits against the labels
+    they predict, the last ones of each row."""
+    logits = outputs.logits
+    shift_labels = labels[:, -logits.shape[1] :]
+    return causal_lm_loss(logits, None, logits.shape[-1], num_items_in_batch, shift_labels=shift_labels)

@@ -13,6 +13,10 @@ nothing next to the k^T v added in the same step, and the clamp keeps exp(w) and
 
 The chunked form is an autograd.Function (`_ChunkedWKV6`) with a hand-written backward: autograd through its many
 small ops was slower than the forward itself by 3-4x and kept every temporary alive.
+
+`wkv6_compiled` is the same op through the compiled kernels of csrc/wkv6 (CPU, and CUDA for the head sizes in
+`CUDA_HEAD_SIZES`), with `wkv6` as its fallback (see `ops.kernels`); `WKV6` is the stateless layer the model calls it
+through, so `kernels.kernelize` can replace it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers.integrations import use_kernel_forward_from_hub
+
+from .kernels import BINDING, CompiledOp
 
 LOG_DECAY_MIN = -60.0
 # Segment length: the power of two of tokens that gives about this many elements per (B, H, segment, N) tensor.
@@ -350,3 +358,35 @@ def wkv6(
     if r.dim() == 4 and r.shape[1] == 1:
         return wkv6_recurrent(r, k, v, w, u, initial_state)
     return wkv6_chunked(r, k, v, w, u, initial_state, chunk_size)
+
+
+# head sizes the CUDA kernel is instantiated for (its per-thread state row lives in registers); others use torch
+CUDA_HEAD_SIZES = (16, 24, 32, 64, 128)
+
+wkv6_compiled = CompiledOp(
+    "wkv6",
+    sources={"cpu": ["wkv6/wkv6_cpu/wkv6_cpu.cpp", f"wkv6/{BINDING}"],
+             "cuda": ["wkv6/wkv6_cuda/wkv6_cuda.cu", f"wkv6/{BINDING}"]},
+    headers=["wkv6/wkv6_checks.h", "wkv6/wkv6_cpu/wkv6_cpu.h", "wkv6/wkv6_cuda/wkv6_cuda.h"],
+    fallback=wkv6,
+    check_inputs=_check_inputs,
+    layer_name="WKV6",
+    cuda_head_sizes=CUDA_HEAD_SIZES,
+)
+
+
+@use_kernel_forward_from_hub("WKV6")
+class WKV6(nn.Module):
+    """The WKV6 recurrence as a stateless layer, so `kernels.kernelize` can swap its forward per device and mode."""
+
+    def forward(
+        self,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        w: torch.Tensor,
+        u: torch.Tensor,
+        initial_state: torch.Tensor | None = None,
+        chunk_size: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return wkv6_compiled(r, k, v, w, u, initial_state, chunk_size=chunk_size)
