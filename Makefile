@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps --constraint $(CONSTRAINTS) timm
 	touch $@
 
 .PHONY: install demo test bench lock test-latest browser

@@ -161,6 +161,7 @@ def convert_visualrwkv(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         remote_code=args.remote_code,
         allow_nonfinite=args.allow_nonfinite,
+        projector_type=args.projector_type,
     )
     print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
@@ -383,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert_parser = commands.add_parser(
         "convert",
-        help="convert an original VisualRWKV-6 checkpoint, or a BlinkDL RWKV-6 / RWKV-7 language model (told apart "
-        "by its keys), into a transformers folder",
+        help="convert an original VisualRWKV checkpoint (6.0, HD, UHD), or a BlinkDL RWKV-6 / RWKV-7 language model "
+        "(told apart by its keys), into a transformers folder",
     )
     source = convert_parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -397,7 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_parser.add_argument(
         "--vision-config", metavar="JSON_OR_DIR",
-        help="vision encoder config: a JSON file or a folder holding config.json (default: CLIP ViT-L/14-336)",
+        help="vision encoder config: a JSON file or a folder holding config.json (default: CLIP ViT-L/14-336); for "
+        'VisualRWKV-HD/UHD, a JSON file {"dino": {...}, "siglip": {...}, "sam": {...}} (default: the released towers)',
+    )
+    convert_parser.add_argument(
+        "--projector-type", choices=["gated_mlp", "relu_mlp"],
+        help="how an HD/UHD MLP projector is read (default: gated for HD v0612, ReLU for UHD v0613, as their code)",
     )
     convert_parser.add_argument(
         "--scan-mode", choices=SCAN_MODES, help=f"image scanning (default: {VisualRWKVConfig.scan_mode}, as released)"

@@ -8,6 +8,8 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .configuration_rwkv6 import Rwkv6Config
 from .configuration_rwkv_common import ModelTypeCheckMixin
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
+from .projectors import check_projector_type
 from .scanning import SCAN_MODES
 
 
@@ -29,19 +31,29 @@ CLIP_VIT_L_14_336 = {
 }
 
 # Vision model types whose encoder output starts with a class token; used when `vision_has_cls_token` is not set.
-CLS_TOKEN_BY_VISION_MODEL_TYPE = {"clip_vision_model": True, "siglip_vision_model": False}
+CLS_TOKEN_BY_VISION_MODEL_TYPE = {
+    "clip_vision_model": True,
+    "siglip_vision_model": False,
+    SamDinoSiglipVisionConfig.model_type: False,
+}
+
+# The three-encoder backbone of VisualRWKV-HD/UHD/7 is a vision config like any other for `vision_config`.
+AutoConfig.register(SamDinoSiglipVisionConfig.model_type, SamDinoSiglipVisionConfig, exist_ok=True)
 
 
 @strict
 class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     r"""
-    Configuration of VisualRWKV: a vision encoder, a linear projector and the RWKV-6 language model. The defaults
+    Configuration of VisualRWKV: a vision encoder, a projector and the RWKV-6 language model. The defaults
     reproduce the released VisualRWKV-6 1.6B model (CLIP ViT-L/14-336, all 576 patches with the cls token last,
-    bidirectional scan, sandwich prompt, text 24 x 2048).
+    linear projector, bidirectional scan, sandwich prompt, text 24 x 2048). VisualRWKV-HD and -UHD use the
+    three-encoder backbone (`SamDinoSiglipVisionConfig`: 1024 tokens, no cls token) and an MLP projector.
 
     Args:
         vision_config: Any vision encoder config (`AutoConfig` model types, e.g. `clip_vision_model` or
-            `siglip_vision_model`); CLIP ViT-L/14-336 by default.
+            `siglip_vision_model`, or `visualrwkv_sam_dino_siglip` for the DINOv2 + SigLIP + SAM backbone, whose
+            output is the feature map itself: `vision_feature_layer` does not apply to it); CLIP ViT-L/14-336 by
+            default.
         text_config: The RWKV-6 language model (`Rwkv6Config`).
         image_token_id: Id of the image placeholder token; the processor repeats it `num_image_tokens` times and the
             model replaces those positions with the image features. 65530 is the first unused id of the World
@@ -57,7 +69,9 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
             by block index mod 4; needs a square grid). See `scanning.py`.
         image_position: Where the processor puts the image in the prompt: "first", "middle" (the sandwich prompt)
             or "last".
-        projector_bias: Whether the vision-to-text projection has a bias (the released models: no).
+        projector_bias: Whether the linear vision-to-text projection has a bias (the released models: no).
+        projector_type: "linear" (VisualRWKV-6.0), "gated_mlp" (HD), "relu_mlp" (UHD) or "input_gated_mlp"
+            (VisualRWKV-7); see `projectors.py`.
     """
 
     model_type = "visualrwkv"
@@ -77,6 +91,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     scan_mode: str = "bidirectional"
     image_position: str = "middle"
     projector_bias: bool = False
+    projector_type: str = "linear"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -87,6 +102,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
             raise ValueError(f"Unknown `scan_mode` {self.scan_mode!r}; expected one of {SCAN_MODES}.")
         if self.image_position not in IMAGE_POSITIONS:
             raise ValueError(f"Unknown `image_position` {self.image_position!r}; expected one of {IMAGE_POSITIONS}.")
+        check_projector_type(self.projector_type)
         if self.vision_has_cls_token is None:
             if vision.model_type not in CLS_TOKEN_BY_VISION_MODEL_TYPE:
                 raise ValueError(
@@ -99,8 +115,8 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
                 f"`image_token_id` ({self.image_token_id}) must be a row of the text embedding (vocab_size "
                 f"{text.vocab_size})."
             )
-        num_hidden_states = vision.num_hidden_layers + 1  # the embeddings, then every encoder layer
-        if not -num_hidden_states <= self.vision_feature_layer < num_hidden_states:
+        num_hidden_states = getattr(vision, "num_hidden_layers", 0) + 1  # the embeddings, then every encoder layer
+        if not self.multi_encoder_vision and not -num_hidden_states <= self.vision_feature_layer < num_hidden_states:
             raise ValueError(
                 f"`vision_feature_layer` ({self.vision_feature_layer}) must index one of the vision encoder's "
                 f"{num_hidden_states} hidden states."
@@ -129,8 +145,16 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
                 )
 
     @property
+    def multi_encoder_vision(self) -> bool:
+        """Whether the vision tower is the DINOv2 + SigLIP + SAM backbone (its output is the feature map itself)."""
+        # by model type: with remote code, several copies of the config class may be loaded
+        return getattr(self.vision_config, "model_type", None) == SamDinoSiglipVisionConfig.model_type
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         """(rows, columns) of patches the vision encoder produces."""
+        if self.multi_encoder_vision:
+            return self.vision_config.feature_grid
         image_size, patch_size = self.vision_config.image_size, self.vision_config.patch_size
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         if height % patch_size or width % patch_size:

@@ -1,6 +1,6 @@
-"""Conversion of the original VisualRWKV-6 checkpoints into a Hugging Face folder.
+"""Conversion of the original VisualRWKV checkpoints into a Hugging Face folder.
 
-Two layouts exist:
+VisualRWKV-6.0 (CLIP) comes in two layouts:
 
 * the full checkpoint (`VisualRWKV-v060-{1B6,3B,7B}-v1.0-20240612.pth`): `rwkv.` + BlinkDL's RWKV-6 keys, `vit.` + the
   keys of transformers' `CLIPVisionModel` (saved with transformers 4, hence `vit.vision_model.*`; a stray
@@ -13,6 +13,11 @@ vision config: the vision tower is checked against the one given (CLIP ViT-L/14-
 default), tensor by tensor, and a mismatch names the sizes the weights imply. The output folder holds the model
 (config, safetensors, generation config), the processor (image processor at the vision encoder's resolution, World
 tokenizer with `"<image>"`, chat template, image position) and a model card; it appears complete or not at all.
+
+VisualRWKV-HD (v0612) and -UHD (v0613) are full checkpoints with the DINOv2 + SigLIP + SAM backbone under `vit.` and an
+MLP projector: told apart from v6.0 by their keys, their vision side is converted by `convert_sam_dino_siglip`.
+VisualRWKV-7 (v0700) checkpoints are recognised by their RWKV-7 blocks and refused: their language model is not
+supported yet.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from transformers.utils import logging as hf_logging
 from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import check_state_dict, convert_blinkdl_to_hf, select_prefix
+from .convert_sam_dino_siglip import convert_three_encoder_visual, is_three_encoder_checkpoint, read_tower_configs
+from .image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
 from .remote_code import add_remote_code
@@ -62,6 +69,43 @@ MODEL_CARD_TEMPLATE = Template((files(__package__) / "model_card_template.md").r
 
 # Released sizes, to name the model in its card: (layers, width) -> size.
 RELEASED_SIZES = {(24, 2048): "1.6B", (32, 2560): "3B", (32, 4096): "7B"}
+
+# The card's description and reported results, per family.
+V6_DESCRIPTION = """\
+VisualRWKV ("VisualRWKV: Exploring Recurrent Neural Networks for Visual Language Models", Hou, Zeng, Ma, Yu;
+arXiv 2406.13362, COLING 2025) is a vision-language model on the RWKV-6 linear RNN: CLIP image features, projected,
+are read by RWKV-6 blocks that scan the image patches in alternating directions. This folder is the original
+checkpoint converted to a native transformers model by `visualrwkv convert` (package `visualrwkv_hf`)."""
+V6_RESULTS = """\
+## Results reported in the paper
+
+| Model | VQAv2 | GQA | SQA-IMG | TextVQA | POPE | MME | MMBench | MMBench-CN |
+|---|---|---|---|---|---|---|---|---|
+| VisualRWKV-6 1.6B | 69.4 | 55.2 | 59.1 | 43.6 | 83.2 | 1204.9 | 55.8 | 53.2 |
+| VisualRWKV-6 3B | 71.5 | 59.6 | 65.3 | 48.7 | 83.1 | 1369.2 | 59.5 | 56.3 |
+| VisualRWKV-6 7B | 75.8 | 64.3 | 68.2 | 51.0 | 84.7 | 1387.8 | 65.8 | 63.7 |
+| LLaVA-1.5-7B | 78.5 | 62.0 | 66.8 | 58.2 | 85.9 | 1510.7 | 64.3 | 30.5 |"""
+HD_DESCRIPTION = """\
+VisualRWKV-HD and VisualRWKV-UHD ("VisualRWKV-HD and UHD: Advancing High-Resolution Processing for Visual Language
+Models", Hou et al., arXiv 2410.11665) read the image with three frozen encoders, DINOv2 ViT-L/14 with registers and
+SigLIP so400m/14 at 448 px and SAM ViT-B at 1024 px, whose features (1024 tokens) an MLP projects into an RWKV-6
+language model that scans them in alternating directions; UHD adds the image's four quarter tiles. This folder is the
+original checkpoint converted to a native transformers model by `visualrwkv convert` (package `visualrwkv_hf`).
+
+Two choices are not recorded by the release and are options here: the prompt's image position (the sandwich,
+`image_position="middle"`, as the released 1.6B training script passes; "first" and "last" are available per call),
+and for UHD how its MLP is read (ReLU, as its code at release time; converting with `--projector-type gated_mlp`
+reads it gated instead)."""
+HD_RESULTS = """\
+## Results reported by the authors (official README of VisualRWKV-HD/UHD)
+
+| Model | SQA | TextVQA | GQA | VizWiz | MME (perception / cognition) | POPE | MMBench | MMBench-CN |
+|---|---|---|---|---|---|---|---|---|
+| VisualRWKV-HD 1.6B (v0612) | 54.39 | 54.71 | 60.84 | 54.97 | 1378.62 / 266.07 | 86.0 | 60.31 | 55.41 |
+| VisualRWKV-UHD 1.6B (v0613) | 56.97 | 56.31 | 59.52 | 49.88 | 1321.33 / 232.14 | 85.3 | 58.42 | 52.84 |"""
+
+# An RWKV-7 ("x070") block's tensor, which x060 blocks do not have: a VisualRWKV-7 (v0700) checkpoint.
+RWKV7_MARKER = "blocks.0.att.x_r"
 
 _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.")
 
@@ -222,6 +266,7 @@ def convert_original_to_hf(
     grid_size: int | None = None,
     progress: bool = False,
     allow_nonfinite: bool = False,
+    projector_type: str | None = None,
 ) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
     """Validates an original checkpoint and returns the `VisualRWKVConfig` and the state dict of
     `VisualRWKVForConditionalGeneration`.
@@ -230,12 +275,39 @@ def convert_original_to_hf(
     `VisualRWKVConfig`'s defaults, the released models' settings. `dtype` "auto"/None keeps the checkpoint's own.
     Raises ValueError naming every problem (missing, unexpected or mis-shaped tensors, a mismatched vision config,
     NaN or infinite weights unless `allow_nonfinite`).
+
+    A VisualRWKV-HD/UHD checkpoint (DINOv2 + SigLIP + SAM under `vit.`) takes `vision_config` as its towers' sizes
+    (`convert_sam_dino_siglip`; the released towers by default) and `projector_type` to override how its MLP is
+    read; a v6.0 one refuses `projector_type` other than "linear".
     """
+    if checkpoint.rwkv_prefix + RWKV7_MARKER in checkpoint.rwkv:
+        raise ValueError(
+            f"{checkpoint.rwkv_source} is a VisualRWKV-7 (v0700) checkpoint: its language model is RWKV-7 (x070), "
+            "which this version converts only for the vision tower and projector; the RWKV-7 language model is not "
+            "supported yet."
+        )
     dtype = resolve_dtype(dtype, {**checkpoint.rwkv, **checkpoint.visual})
     text_config, text_state_dict = convert_blinkdl_to_hf(
         checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress, allow_nonfinite
     )
     settings = {"scan_mode": scan_mode, "image_position": image_position, "grid_size": grid_size}
+    text_state_dict = {
+        HF_TEXT_BACKBONE_PREFIX + k.removeprefix(CAUSAL_LM_BACKBONE_PREFIX) if k.startswith(CAUSAL_LM_BACKBONE_PREFIX)
+        else k: v
+        for k, v in text_state_dict.items()
+    }
+    if is_three_encoder_checkpoint(checkpoint.visual):
+        config, visual_state_dict = convert_three_encoder_visual(
+            checkpoint.visual, text_config, dtype, checkpoint.visual_source, vision_config, projector_type, settings,
+            allow_nonfinite,
+        )
+        config.dtype = dtype
+        return config, text_state_dict | visual_state_dict
+    if projector_type not in (None, "linear"):
+        raise ValueError(
+            f"{checkpoint.visual_source} is a VisualRWKV-6.0 checkpoint, whose projector is linear (proj.weight); "
+            f"`projector_type` {projector_type!r} does not apply."
+        )
     config = VisualRWKVConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -251,12 +323,7 @@ def convert_original_to_hf(
         f"{text_config.hidden_size}, vision hidden_size {config.vision_config.hidden_size})",
     )
 
-    def text_key(key: str) -> str:
-        if key.startswith(CAUSAL_LM_BACKBONE_PREFIX):
-            return HF_TEXT_BACKBONE_PREFIX + key.removeprefix(CAUSAL_LM_BACKBONE_PREFIX)
-        return key
-
-    state_dict = {text_key(k): v for k, v in text_state_dict.items()}
+    state_dict = dict(text_state_dict)
     state_dict.update({HF_VISION_PREFIX + k: v.to(dtype).contiguous() for k, v in vision_state_dict.items()})
     state_dict[HF_PROJECTOR_KEY] = checkpoint.visual[PROJECTOR_KEY].to(dtype).contiguous()
     if not allow_nonfinite:
@@ -273,7 +340,11 @@ def convert_original_to_hf(
 
 def image_processor_for(config: VisualRWKVConfig):
     """The image processor matching the vision encoder: SigLIP's own (plain resize, mean/std 0.5) for SigLIP towers,
-    otherwise `default_image_processor()` (CLIP's resize, crop and normalisation) at the encoder's resolution."""
+    the three-encoder backbone's (`SamDinoSiglipImageProcessor`) for VisualRWKV-HD/UHD, otherwise
+    `default_image_processor()` (CLIP's resize, crop and normalisation) at the encoder's resolution."""
+    if config.multi_encoder_vision:
+        vision = config.vision_config
+        return SamDinoSiglipImageProcessor(vision.image_size, vision.high_res_image_size, vision.tiles_per_side)
     rows, cols = config.patch_grid
     height, width = rows * config.vision_config.patch_size, cols * config.vision_config.patch_size
     if config.vision_config.model_type.startswith("siglip"):
@@ -289,19 +360,34 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
     the paper's results."""
     text = config.text_config
     size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
-    title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
+    vision = config.vision_config
+    if config.multi_encoder_vision:
+        family = "VisualRWKV-UHD" if vision.tiles_per_side else "VisualRWKV-HD"
+        release = "v0613" if vision.tiles_per_side else "v0612"
+        title = f"{family} {size} ({release})" if size else family
+        description, results = HD_DESCRIPTION, HD_RESULTS
+        encoder = (
+            f"DINOv2 with registers ({_format_sizes(vision_sizes(vision.dino_config))}, block "
+            f"{vision.dino_feature_layer}) + SigLIP ({_format_sizes(vision_sizes(vision.siglip_config))}, block "
+            f"{vision.siglip_feature_layer}) + SAM ({_format_sizes(vision_sizes(vision.sam_config))}), "
+            + ("whole image and 2 x 2 tiles" if vision.tiles_per_side else "whole image")
+        )
+    else:
+        title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
+        description, results = V6_DESCRIPTION, V6_RESULTS
+        encoder = f"`{vision.model_type}`: {_format_sizes(vision_sizes(vision))}"
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
         tags=["visualrwkv", "rwkv", "rwkv6", "vision-language", "linear-rnn"],
     ).to_yaml()
-    vision = config.vision_config
     settings = [
         ("Converted from", ", ".join(f"`{source}`" for source in sources)),
         ("Weights dtype", str(config.dtype).removeprefix("torch.")),
         ("Language model", f"RWKV-6 (x060), {text.num_hidden_layers} layers x {text.hidden_size}, "
                            f"vocab {text.vocab_size}"),
-        ("Vision encoder", f"`{vision.model_type}`: {_format_sizes(vision_sizes(vision))}"),
+        ("Vision encoder", encoder),
+        ("Projector (`projector_type`)", config.projector_type),
         ("Image tokens", f"{config.num_image_tokens} (grid_size {config.grid_size}, "
                          f"{'cls token last' if config.vision_has_cls_token else 'no cls token'})"),
         ("Image scanning (`scan_mode`)", config.scan_mode),
@@ -311,7 +397,9 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
         ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
     ]
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
-    return MODEL_CARD_TEMPLATE.substitute(metadata=metadata, title=title, settings_table=settings_table)
+    return MODEL_CARD_TEMPLATE.substitute(
+        metadata=metadata, title=title, description=description, settings_table=settings_table, results=results
+    )
 
 
 def save_visualrwkv_folder(
@@ -379,11 +467,14 @@ def convert_visualrwkv_checkpoint(
     progress: bool = True,
     remote_code: bool = False,
     allow_nonfinite: bool = False,
+    projector_type: str | None = None,
 ) -> Path:
     """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
 
     Give either `checkpoint` (the full `.pth`) or `rwkv` and `visual` (the exported pair). `vision_config` is a JSON
-    file or a folder holding config.json (default: CLIP ViT-L/14-336). Settings left as None take the released models'
+    file or a folder holding config.json (default: CLIP ViT-L/14-336), or for VisualRWKV-HD/UHD a JSON object
+    `{"dino": {...}, "siglip": {...}, "sam": {...}}` of tower config arguments (default: the released towers);
+    `projector_type` overrides how an HD/UHD MLP projector is read ("gated_mlp" or "relu_mlp"). Settings left as None take the released models'
     (bidirectional scan, sandwich prompt, all patches). With `push_to_hub`, the finished folder is uploaded to that
     Hub repository. With `remote_code`, the folder also carries this package's code (`auto_map`), so it loads with
     `trust_remote_code=True` where the package is not installed.
@@ -402,7 +493,9 @@ def convert_visualrwkv_checkpoint(
     output_dir = Path(output_dir)
     inputs = [path for path in (checkpoint, rwkv, visual, vision_config) if path is not None]
     check_output_dir(output_dir.absolute(), overwrite, inputs)  # fail before reading a multi-GB file
-    loaded_vision_config = None if vision_config is None else load_vision_config(vision_config)
+    loaded_vision_config = None
+    if vision_config is not None:
+        loaded_vision_config = read_tower_configs(vision_config) or load_vision_config(vision_config)
     if checkpoint is not None:
         sources = [Path(checkpoint).name]
         original = OriginalCheckpoint.from_full(load_checkpoint(checkpoint), str(checkpoint))
@@ -410,7 +503,8 @@ def convert_visualrwkv_checkpoint(
         sources = [Path(rwkv).name, Path(visual).name]
         original = OriginalCheckpoint.from_pair(load_checkpoint(rwkv), load_checkpoint(visual), str(rwkv), str(visual))
     config, state_dict = convert_original_to_hf(
-        original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite
+        original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite,
+        projector_type,
     )
     size = sum(t.nbytes for t in state_dict.values())
     with atomic_output_dir(output_dir, overwrite, inputs, size) as staging, _progress_bars(progress):

@@ -1,4 +1,4 @@
-"""VisualRWKV: a vision encoder, a linear projector, and the RWKV-6 language model with image scanning.
+"""VisualRWKV: a vision encoder, a projector, and the RWKV-6 language model with image scanning.
 
 The image features replace the image placeholder tokens (LLaVA style). Inside every block, the image patches are read
 in the block's scan order (see `scanning.py`): each sample's own patch span is reordered at the block input and
@@ -21,10 +21,16 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6Model
 from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
+from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
+from .projectors import build_mlp_projector, vision_feature_size
 from .scanning import block_gather_indices
+
+# `AutoModel.from_config(vision_config)` builds the three-encoder backbone of VisualRWKV-HD/UHD/7 too.
+AutoModel.register(SamDinoSiglipVisionConfig, SamDinoSiglipVisionModel, exist_ok=True)
 
 
 class VisualRWKVPreTrainedModel(RwkvPreTrainedModel):
@@ -34,12 +40,13 @@ class VisualRWKVPreTrainedModel(RwkvPreTrainedModel):
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
-    """Maps vision features to the language model's width (the original's `proj`)."""
+    """Maps vision features to the language model's width (the original's `proj`): the linear projector of
+    VisualRWKV-6.0; `projectors.py` has the MLP ones of the later releases."""
 
     def __init__(self, config: VisualRWKVConfig):
         super().__init__()
         self.linear = nn.Linear(
-            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.projector_bias
+            vision_feature_size(config.vision_config), config.text_config.hidden_size, bias=config.projector_bias
         )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -52,8 +59,18 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
     def __init__(self, config: VisualRWKVConfig):
         super().__init__(config)
         # Frozen in the original training; left trainable here so users decide.
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
+        if config.multi_encoder_vision:
+            # Built by class, not through the AutoModel registry: with remote code, the configuration and modeling
+            # files are loaded as separate copies, so the registry would not recognise the config's class.
+            self.vision_tower = SamDinoSiglipVisionModel(config.vision_config)
+        else:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+        if config.projector_type == "linear":
+            self.multi_modal_projector = VisualRWKVMultiModalProjector(config)
+        else:
+            self.multi_modal_projector = build_mlp_projector(
+                config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
+            )
         self.language_model = Rwkv6Model(config.text_config)
         self.post_init()
 
@@ -65,36 +82,54 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.FloatTensor | None, **kwargs
+        self, pixel_values: torch.FloatTensor | None, high_res_pixel_values: torch.FloatTensor | None = None, **kwargs
     ) -> BaseModelOutputWithPooling | None:
         """
         As LLaVA's: the vision tower's output, with the image features as the language model sees them in
         `pooler_output`, (images, num_image_tokens, hidden): the selected vision hidden state (no post-layernorm),
         the patches row-major (grid-pooled if configured), then the cls token, then the projector. The whole output
         is the form `mm_encoder_outputs={"image": ...}` takes, to reuse the features instead of running the vision
-        tower again. None without images (`generate` asks for the features of `pixel_values=None` too).
+        tower again. None without images (`generate` asks for the features of `pixel_values=None` too). The
+        three-encoder backbone (VisualRWKV-HD/UHD/7) also reads `high_res_pixel_values`, SAM's 1024 px views; its
+        output is the feature map itself (`last_hidden_state`).
         """
         if pixel_values is None:
             return None
         config = self.config
+        pixel_inputs = {"pixel_values": pixel_values}
+        if config.multi_encoder_vision:
+            if high_res_pixel_values is None:
+                raise ValueError(
+                    "This model's vision backbone (DINOv2 + SigLIP + SAM) needs `high_res_pixel_values` (SAM's "
+                    "1024 px views) with `pixel_values`: use the model's processor."
+                )
+            pixel_inputs["high_res_pixel_values"] = high_res_pixel_values
+        else:
+            rows, cols = config.patch_grid
+            patch_size = config.vision_config.patch_size
+            expected_size = (rows * patch_size, cols * patch_size)
+            if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != expected_size:
+                raise ValueError(
+                    f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this "
+                    f"vision encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
+                )
+        for name, pixels in pixel_inputs.items():
+            nonfinite = ~torch.isfinite(pixels).flatten(1).all(1)
+            if bool(nonfinite.any()):
+                raise ValueError(
+                    f"`{name}` of image(s) {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values; "
+                    "expected finite pixels, as the model's image processor makes them."
+                )
+        if config.multi_encoder_vision:
+            # in [0, 1]: normalised in float32 inside, then cast to the towers' dtype, as the original
+            features = self.vision_tower(pixel_values, high_res_pixel_values)
+            vision_outputs = BaseModelOutputWithPooling(last_hidden_state=features)
+        else:
+            vision_outputs = self.vision_tower(
+                pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
+            )
+            features = vision_outputs.hidden_states[config.vision_feature_layer]
         rows, cols = config.patch_grid
-        patch_size = config.vision_config.patch_size
-        expected_size = (rows * patch_size, cols * patch_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != expected_size:
-            raise ValueError(
-                f"`pixel_values` must be (images, channels, {expected_size[0]}, {expected_size[1]}) for this vision "
-                f"encoder, got {tuple(pixel_values.shape)}: use the model's image processor."
-            )
-        nonfinite = ~torch.isfinite(pixel_values).flatten(1).all(1)
-        if bool(nonfinite.any()):
-            raise ValueError(
-                f"`pixel_values` of image(s) {nonfinite.nonzero().flatten().tolist()} hold NaN or infinite values; "
-                "expected finite normalized pixels, as the model's image processor makes them."
-            )
-        vision_outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True
-        )
-        features = vision_outputs.hidden_states[config.vision_feature_layer]
         num_cls = int(config.vision_has_cls_token)
         cls_token, patches = features[:, :num_cls], features[:, num_cls:]
         if config.grid_size == 0:
@@ -173,6 +208,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MultimodalBaseModelOutputWithPast:
         """
@@ -186,6 +222,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`: the
                 same images' features, computed once and reused without the vision tower.
+            high_res_pixel_values: The three-encoder backbone's second input (SAM's 1024 px views), one per image of
+                `pixel_values`.
 
         Returns the language model's output with the image features this call used in `image_outputs`;
         `output_hidden_states=True` adds the input embeddings (image features merged) and every block's output, in
@@ -218,7 +256,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         gather_indices = None
         if num_images:
             if image_outputs is None:
-                image_outputs = self.get_image_features(pixel_values)
+                image_outputs = self.get_image_features(pixel_values, high_res_pixel_values)
                 image_features = image_outputs.pooler_output
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -267,8 +305,10 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, high_res_pixel_values: torch.FloatTensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, high_res_pixel_values, **kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         # transformers expands (for beams, several sequences per prompt) the image features it is given in place:
@@ -312,9 +352,10 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
             if len(features) == len(keep):
                 kept = BaseModelOutputWithPooling(pooler_output=features[keep]) if bool(keep.any()) else None
                 model_inputs["mm_encoder_outputs"] = {**model_inputs["mm_encoder_outputs"], "image": kept}
-        pixel_values = model_inputs.get("pixel_values")
-        if pixel_values is not None and len(pixel_values) == len(keep):
-            model_inputs["pixel_values"] = pixel_values[keep] if bool(keep.any()) else None
+        for name in ("pixel_values", "high_res_pixel_values"):
+            pixels = model_inputs.get(name)
+            if pixels is not None and len(pixels) == len(keep):
+                model_inputs[name] = pixels[keep] if bool(keep.any()) else None
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -330,6 +371,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        high_res_pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MultimodalCausalLMOutputWithPast:
         """
@@ -341,6 +383,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
             logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`, to
                 reuse an image's features without running the vision tower again.
+            high_res_pixel_values: SAM's 1024 px views for the three-encoder backbone (VisualRWKV-HD/UHD/7).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -350,6 +393,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
+            high_res_pixel_values=high_res_pixel_values,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).float()

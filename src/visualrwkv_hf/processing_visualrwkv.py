@@ -41,14 +41,26 @@ from __future__ import annotations
 import hashlib
 
 import jinja2
+from transformers import AutoImageProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PaddingStrategy
 
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
 from .image_loading import load_rgb_image
+from .image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
+
+# A saved processor names its image processor class; AutoImageProcessor finds the three-encoder backbone's by it.
+AutoImageProcessor.register(
+    SamDinoSiglipVisionConfig, image_processor_classes={"pil": SamDinoSiglipImageProcessor}, exist_ok=True
+)
+
+# What the model's forward takes of the image processor's output (some image processors add sizes or masks):
+# `high_res_pixel_values` is the three-encoder backbone's SAM input.
+PIXEL_INPUTS = ("pixel_values", "high_res_pixel_values")
 
 IMAGE_TOKEN = "<image>"
 TURN_END = "\n\n"
@@ -334,8 +346,8 @@ class VisualRWKVProcessor(ProcessorMixin):
         if texts is None and not given_images:
             raise ValueError("`images` is empty: give at least one image (or a text).")
         if given_images:
-            # Only what the model's forward takes (some image processors add sizes or masks).
-            data["pixel_values"] = self.image_processor(given_images, **images_kwargs)["pixel_values"]
+            pixels = self.image_processor(given_images, **images_kwargs)
+            data.update({name: pixels[name] for name in PIXEL_INPUTS if name in pixels})
         if texts is not None:
             prompts = []
             for index, (one_text, image) in enumerate(zip(texts, sample_images)):
@@ -454,7 +466,9 @@ class VisualRWKVProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        # the image processor's: `pixel_values`, and `high_res_pixel_values` for the three-encoder backbone
+        return ["input_ids", "attention_mask", *(name for name in PIXEL_INPUTS
+                                                 if name in self.image_processor.model_input_names)]
 
 
 def cut_answer(text: str) -> str:

@@ -13,7 +13,13 @@ from torch import nn
 
 TIME_MIX_TARGETS = ["att_receptance", "att_key", "att_value", "att_gate", "att_output"]
 CHANNEL_MIX_TARGETS = ["ffn_key", "ffn_receptance", "ffn_value"]
-PROJECTOR_TARGETS = ["multi_modal_projector.linear"]
+# Every projector kind's Linears (`projectors.py`): the linear one of v6.0, the MLPs of HD/UHD and VisualRWKV-7.
+PROJECTOR_TARGETS = [
+    "multi_modal_projector.linear",
+    "multi_modal_projector.in_proj",
+    "multi_modal_projector.gate",
+    "multi_modal_projector.out_proj",
+]
 
 LORA_TARGETS = {
     "time_mix": TIME_MIX_TARGETS,
