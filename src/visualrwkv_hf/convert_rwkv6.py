@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,9 +239,26 @@ def convert_blinkdl_to_hf(
     `allow_nonfinite`.
     """
     config = rwkv6_config_from_state_dict(state_dict, prefix, source)
+    return config, map_blinkdl_to_hf(
+        state_dict, config, rwkv6_parameters, dtype, prefix, source, progress, allow_nonfinite
+    )
+
+
+def map_blinkdl_to_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    config: PreTrainedConfig,
+    parameters: Callable[[PreTrainedConfig], list[Rwkv6Parameter]],
+    dtype: str | torch.dtype | None,
+    prefix: str,
+    source: str,
+    progress: bool,
+    allow_nonfinite: bool,
+) -> dict[str, torch.Tensor]:
+    """The HF state dict of an already validated BlinkDL state dict, through the family's parameter table
+    (`parameters(config)`); sets `config.dtype`. Shared by the RWKV-6 and RWKV-7 converters."""
     tensors = select_prefix(state_dict, prefix, source)
     config.dtype = resolve_dtype(dtype, tensors)
-    params = rwkv6_parameters(config)
+    params = parameters(config)
     hf_state_dict = {
         p.hf_key: tensors[p.blinkdl_key].to(config.dtype).reshape(p.hf_shape).contiguous()
         for p in tqdm(params, desc="Converting tensors", unit="tensor", disable=not progress)
@@ -253,17 +270,22 @@ def convert_blinkdl_to_hf(
             source,
             config.dtype,
         )
-    return config, hf_state_dict
+    return hf_state_dict
 
 
 def convert_hf_to_blinkdl(
     hf_state_dict: Mapping[str, torch.Tensor], config: Rwkv6Config, prefix: str = ""
 ) -> dict[str, torch.Tensor]:
     """Exports a `Rwkv6ForCausalLM` state dict back to BlinkDL's layout (keys prefixed with `prefix`)."""
-    params = rwkv6_parameters(config)
-    check_state_dict(
-        hf_state_dict, {p.hf_key: p.hf_shape for p in params}, f"The state dict does not match {_sizes(config)}"
-    )
+    return map_hf_to_blinkdl(hf_state_dict, rwkv6_parameters(config), _sizes(config), prefix)
+
+
+def map_hf_to_blinkdl(
+    hf_state_dict: Mapping[str, torch.Tensor], params: list[Rwkv6Parameter], sizes: str, prefix: str
+) -> dict[str, torch.Tensor]:
+    """BlinkDL's layout of an HF state dict through a parameter table, after checking every key and shape against it
+    (`sizes` describes the model in the error). Shared by the RWKV-6 and RWKV-7 converters."""
+    check_state_dict(hf_state_dict, {p.hf_key: p.hf_shape for p in params}, f"The state dict does not match {sizes}")
     return {prefix + p.blinkdl_key: hf_state_dict[p.hf_key].reshape(p.blinkdl_shape).contiguous() for p in params}
 
 

@@ -19,12 +19,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
+from .checkpoint_io import atomic_output_dir, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_rwkv7 import Rwkv7Config
 from .convert_rwkv6 import Rwkv6Parameter as Parameter
-from .convert_rwkv6 import check_state_dict, save_hf_text_model, select_prefix
+from .convert_rwkv6 import (
+    check_state_dict,
+    map_blinkdl_to_hf,
+    map_hf_to_blinkdl,
+    save_hf_text_model,
+    select_prefix,
+)
 from .modeling_rwkv7 import TIME_MIX_SLOTS
 
 # Keys whose presence identifies an RWKV-7 file (r_k is x070's per-head bonus, x_r its static token-shift mix).
@@ -207,32 +212,16 @@ def convert_blinkdl_to_hf(
     `allow_nonfinite`.
     """
     config = rwkv7_config_from_state_dict(state_dict, prefix, source)
-    tensors = select_prefix(state_dict, prefix, source)
-    config.dtype = resolve_dtype(dtype, tensors)
-    params = rwkv7_parameters(config)
-    hf_state_dict = {
-        p.hf_key: tensors[p.blinkdl_key].to(config.dtype).reshape(p.hf_shape).contiguous()
-        for p in tqdm(params, desc="Converting tensors", unit="tensor", disable=not progress)
-    }
-    if not allow_nonfinite:
-        check_finite(
-            {prefix + p.blinkdl_key: tensors[p.blinkdl_key] for p in params},
-            {prefix + p.blinkdl_key: hf_state_dict[p.hf_key] for p in params},
-            source,
-            config.dtype,
-        )
-    return config, hf_state_dict
+    return config, map_blinkdl_to_hf(
+        state_dict, config, rwkv7_parameters, dtype, prefix, source, progress, allow_nonfinite
+    )
 
 
 def convert_hf_to_blinkdl(
     hf_state_dict: Mapping[str, torch.Tensor], config: Rwkv7Config, prefix: str = ""
 ) -> dict[str, torch.Tensor]:
     """Exports an `Rwkv7ForCausalLM` state dict back to BlinkDL's layout (keys prefixed with `prefix`)."""
-    params = rwkv7_parameters(config)
-    check_state_dict(
-        hf_state_dict, {p.hf_key: p.hf_shape for p in params}, f"The state dict does not match {_sizes(config)}"
-    )
-    return {prefix + p.blinkdl_key: hf_state_dict[p.hf_key].reshape(p.blinkdl_shape).contiguous() for p in params}
+    return map_hf_to_blinkdl(hf_state_dict, rwkv7_parameters(config), _sizes(config), prefix)
 
 
 def convert_rwkv7_checkpoint(
