@@ -26,12 +26,21 @@ themselves (`convert_tokens_to_ids("\\n\\n") == 261`), and the bytes of tokens t
 become lone surrogates, which no text token contains, so the mapping is one-to-one and reversible.
 
 Special tokens. Id 0 is padding and end-of-text, named `<|endoftext|>`. The chat turn terminator 261 (`"\\n\\n"`) is an
-ordinary token: making it special would cut `"\\n\\n\\n"` differently from the reference and make
-`skip_special_tokens=True` drop paragraph breaks; generation stops on it through `generation_config.eos_token_id`.
-`split_special_tokens` defaults to True, so text is always tokenized as plain bytes, as the reference does (the
-literal string `<|endoftext|>` is not turned into id 0). Pass `split_special_tokens=False` (at load or per call) to
-have added tokens, for example an image placeholder, recognised in text; the text on either side of each added token
-is then tokenized separately.
+ordinary token: making it special would cut `"\\n\\n\\n"` differently from the reference; generation stops on it
+through `generation_config.eos_token_id`. `split_special_tokens` defaults to True, so text is always tokenized as
+plain bytes, as the reference does (the literal string `<|endoftext|>` is not turned into id 0). Pass
+`split_special_tokens=False` (at load or per call) to have added tokens, for example an image placeholder, recognised
+in text; the text on either side of each added token is then tokenized separately.
+
+Decoding with `skip_special_tokens=True` returns a generated answer as the image-text-to-text pipeline does: id 0 and
+special added tokens dropped, the turn end 261 dropped where it ends the ids (where generation stopped; one earlier in
+the ids stays, so that the pipeline can cut the answer there) and one leading space dropped (the trained format answers
+`"Assistant: Red"`). Without it, every byte is decoded.
+
+tokenizer.json. `save_pretrained` also writes the `tokenizers` (Rust) form of this tokenizer, which is
+`tokenizer._tokenizer` (what transformers' serve streams through) and what Rust and JavaScript clients read; see
+`build_backend_tokenizer` for what it encodes and decodes, exactly. Loading does not read it: the vocabulary file is
+the source, and folders without tokenizer.json load as before.
 """
 
 from __future__ import annotations
@@ -229,13 +238,16 @@ def safe_split_pattern(token_bytes_by_id: list[bytes]) -> str:
     def lead_byte_range(lead: int) -> tuple[int, int]:
         bits = 6 if lead < 0xE0 else 12 if lead < 0xF0 else 18
         start = (lead & (0xFF >> (bits // 6 + 2))) << bits
-        return max(start, 0x80 if bits == 6 else 0x800 if bits == 12 else 0x10000), min(start + (1 << bits) - 1, 0x10FFFF)
+        lowest = 0x80 if bits == 6 else 0x800 if bits == 12 else 0x10000  # shorter forms are not UTF-8
+        return max(start, lowest), min(start + (1 << bits) - 1, 0x10FFFF)
 
     followers = [([0x20], [(0x20, 0x20)]), ([0x0A], [(0x0A, 0x0A)])]
     followers += [([lead], [lead_byte_range(lead)]) for lead in range(0xC2, 0xF5)]
     alternatives = []
     for first_bytes, code_point_ranges in followers:
-        enders = [byte for byte in range(0x80) if all((byte, first) not in pairs_inside_tokens for first in first_bytes)]
+        enders = [
+            byte for byte in range(0x80) if all((byte, first) not in pairs_inside_tokens for first in first_bytes)
+        ]
         ranges = runs(enders)
         if all((last, first) not in pairs_inside_tokens for last in continuation_bytes for first in first_bytes):
             ranges.append((0x80, 0x10FFFF))
