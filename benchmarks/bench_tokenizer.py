@@ -10,9 +10,9 @@ our bare encoder (`encode_to_ids`); the pure-Python fallback encoder; tokenizer.
 `encode` per document). Ratios are against the reference, same corpus. Ids are checked equal to the reference before
 timing (for tokenizer.json, with the two literal texts it reads as special tokens, `"<|endoftext|>"` and `"ĊĊ"`, which
 the source code corpus holds). tokenizer.json is left out of the whitespace corpus (and so of the mixed one): its time
-grows with the square of the length of a run of one character, which the last table measures. The decode table
-decodes the ids of each corpus's first 50 documents, whole documents with each decoder, and one token at a time as serve streams
-(`tokenizers.decoders.DecodeStream` on tokenizer.json) and through `transformers.TextStreamer` (our `decode`).
+grows with the square of the length of a run of one character, which a table of its own measures. The decode
+table decodes the ids of each corpus's first 50 documents: whole documents with each decoder, and one token at a time
+as serve streams (`tokenizers.decoders.DecodeStream` on tokenizer.json) and through `transformers.TextStreamer`.
 """
 
 from __future__ import annotations

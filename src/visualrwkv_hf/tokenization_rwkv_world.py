@@ -264,9 +264,11 @@ def build_backend_tokenizer(token_bytes_by_id: list[bytes], added_tokens: dict[i
     symbols (GPT-2's byte-to-character table; `ByteLevel` without its regex splits nothing) it matches bytes, so the
     ids are the reference's, id for id. WordPiece tries each piece's longest candidate first, so its time grows with
     the square of a piece's length (a 16 kB piece takes seconds): `safe_split_pattern` first cuts the text where every
-    tokenization cuts. Two literal texts differ from the reference: `"<|endoftext|>"` is id 0 (as in transformers'
-    fast tokenizers; a `tokenizers.Tokenizer`'s `encode_special_tokens` is not saved in tokenizer.json) and `"ĊĊ"` is
-    the turn end 261 (below). `added_tokens` (id -> `AddedToken`, the Python tokenizer's) keep their ids.
+    tokenization cuts. The text of a special token is that token, as in transformers' fast tokenizers (a
+    `tokenizers.Tokenizer`'s `encode_special_tokens` is not saved in tokenizer.json), where the reference and
+    `RwkvWorldTokenizer` (`split_special_tokens=True`) encode its bytes: `"<|endoftext|>"` is id 0, an added token
+    such as the processor's `"<image>"` its id, and `"ĊĊ"` the turn end 261 (below). `added_tokens` (id ->
+    `AddedToken`, the Python tokenizer's) keep their ids.
 
     Decoding: the bytes as UTF-8 (invalid sequences replaced by U+FFFD, as Python's `errors="replace"` does), then
     one leading space dropped (`Strip`, as sentencepiece tokenizers' decoders do: the trained format answers
@@ -612,8 +614,8 @@ class RwkvWorldTokenizer(PythonBackend):
         if not skip_special_tokens:
             return super()._decode(token_ids, skip_special_tokens=False, **kwargs)
         special_ids = set(self.all_special_ids)
-        token_ids = [token_id for token_id in ([token_ids] if isinstance(token_ids, int) else token_ids)
-                     if token_id not in special_ids]
+        token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        token_ids = [token_id for token_id in token_ids if token_id not in special_ids]
         if token_ids and token_ids[-1] == TURN_END_TOKEN_ID:
             token_ids.pop()
         text = super()._decode(token_ids, skip_special_tokens=False, **kwargs)
