@@ -48,7 +48,7 @@ bench: $(VENV)/.bench-installed
 # Record what .venv holds (run after `make test` passes); torch stays with TORCH_SPEC, which picks the build.
 lock: $(VENV)/.bench-installed
 	{ echo "# Written by make lock from a .venv that passed make test; make install uses it as pip constraints."; \
-	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[a-z0-9-]+)=='; } > $(CONSTRAINTS).new
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-[a-z0-9-]+) ?(==|@)'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 # The whole suite against the newest release of every dependency but torch (upgraded on each run).

@@ -1,12 +1,18 @@
-"""Encode throughput of RwkvWorldTokenizer against the reference `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`.
+"""Encode and decode throughput of RwkvWorldTokenizer against the reference `rwkv.rwkv_tokenizer.TRIE_TOKENIZER`,
+and of its tokenizer.json form (`tokenizer._tokenizer`, the `tokenizers` library) next to them.
 
 Run: python benchmarks/bench_tokenizer.py [--repeats N]
 (needs `pip install rwkv` for the reference; PYTHONPATH=src if the package is not installed)
 
 Each corpus is a list of documents encoded one call per document, so the transformers call overhead is counted.
 Rows: the reference; ours through `tokenizer.encode` (the full transformers path); ours through `tokenizer(batch)`;
-our bare encoder (`encode_to_ids`); the pure-Python fallback encoder. Ratios are against the reference, same corpus.
-Ids are checked equal to the reference before timing.
+our bare encoder (`encode_to_ids`); the pure-Python fallback encoder; tokenizer.json (`tokenizers`, one
+`encode` per document). Ratios are against the reference, same corpus. Ids are checked equal to the reference before
+timing (for tokenizer.json, with the two literal texts it reads as special tokens, `"<|endoftext|>"` and `"ĊĊ"`, which
+the source code corpus holds). tokenizer.json is left out of the whitespace corpus (and so of the mixed one): its time
+grows with the square of the length of a run of one character, which a table of its own measures. The decode
+table decodes the ids of each corpus's first 50 documents: whole documents with each decoder, and one token at a time
+as serve streams (`tokenizers.decoders.DecodeStream` on tokenizer.json) and through `transformers.TextStreamer`.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ import argparse
 import json
 import os
 import random
+import re
 import time
 
+import torch
 import transformers
 from rwkv import rwkv_tokenizer
+from tokenizers.decoders import DecodeStream
 
 from visualrwkv_hf.tokenization_rwkv_world import VOCAB_FILE_NAME, ByteTrieEncoder, RwkvWorldTokenizer
 
@@ -74,6 +83,38 @@ def best_seconds_interleaved(encoders: dict, documents: list[str], repeats: int)
     return best
 
 
+DECODE_DOCUMENTS = 50  # per corpus: streaming one token at a time is slow in every decoder
+
+# The literal texts tokenizer.json encodes to a special token's id (see `build_backend_tokenizer`).
+LITERAL_SPECIAL_IDS = {"<|endoftext|>": 0, "\u010a\u010a": 261}
+
+
+def reference_ids_with_literal_specials(reference, text: str) -> list[int]:
+    ids = []
+    for piece in re.split("(<\\|endoftext\\|>|\u010a\u010a)", text):
+        ids += [LITERAL_SPECIAL_IDS[piece]] if piece in LITERAL_SPECIAL_IDS else reference.encode(piece)
+    return ids
+
+
+def stream_with_decode_stream(backend, ids: list[int]) -> str:
+    stream = DecodeStream([], skip_special_tokens=False)
+    return "".join(piece for piece in (stream.step(backend, token_id) for token_id in ids) if piece is not None)
+
+
+def stream_with_text_streamer(tokenizer, ids: list[int]) -> str:
+    pieces = []
+
+    class Capture(transformers.TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            pieces.append(text)
+
+    streamer = Capture(tokenizer)
+    for token_id in ids:  # what generate() does: one new token per step
+        streamer.put(torch.tensor([token_id]))
+    streamer.end()
+    return "".join(pieces)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best is kept")
@@ -84,28 +125,75 @@ def main() -> None:
     tokenizer.encode("build the encoder before timing")
     fallback = ByteTrieEncoder(tokenizer._token_bytes_by_id)
 
+    backend = tokenizer._tokenizer
     encoders = {
         "reference TRIE_TOKENIZER": lambda docs: [reference.encode(doc) for doc in docs],
         "ours tokenizer.encode": lambda docs: [tokenizer.encode(doc) for doc in docs],
         "ours tokenizer(batch)": lambda docs: tokenizer(docs)["input_ids"],
         "ours encode_to_ids": lambda docs: [tokenizer.encode_to_ids(doc) for doc in docs],
         "ours pure-Python fallback": lambda docs: [fallback.encode(doc) for doc in docs],
+        "tokenizer.json (tokenizers)": lambda docs: [backend.encode(doc).ids for doc in docs],
     }
     print(f"encoder in use: {type(tokenizer._encoder).__module__}.{type(tokenizer._encoder).__name__}")
     results = {}
-    for corpus_name, documents in build_corpora().items():
+    corpora = build_corpora()
+    for corpus_name, documents in corpora.items():
         megabytes = sum(len(document.encode("utf-8")) for document in documents) / 1e6
         expected = encoders["reference TRIE_TOKENIZER"](documents)
         print(f"\n{corpus_name}: {len(documents)} documents, {megabytes:.2f} MB")
-        for encoder_name, encode in encoders.items():
-            if encode(documents) != expected:
+        corpus_encoders = dict(encoders)
+        if corpus_name in ("whitespace", "all (mixed)"):
+            del corpus_encoders["tokenizer.json (tokenizers)"]
+        for encoder_name, encode in corpus_encoders.items():
+            if encoder_name == "tokenizer.json (tokenizers)":
+                wanted = [reference_ids_with_literal_specials(reference, document) for document in documents]
+            else:
+                wanted = expected
+            if encode(documents) != wanted:
                 raise AssertionError(f"{encoder_name} differs from the reference on {corpus_name}")
-        timings = best_seconds_interleaved(encoders, documents, args.repeats)
+        timings = best_seconds_interleaved(corpus_encoders, documents, args.repeats)
         for encoder_name, seconds in timings.items():
             ratio = timings["reference TRIE_TOKENIZER"] / seconds
             print(f"  {encoder_name:28s} {megabytes / seconds:8.2f} MB/s   x{ratio:6.2f}")
             row = {"MB/s": round(megabytes / seconds, 2), "ratio": round(ratio, 2)}
             results.setdefault(corpus_name, {})[encoder_name] = row
+
+    print("\nencoding one run of a repeated character (milliseconds): tokenizer.json's worst case")
+    for character in (" ", "\t", "\u3000"):
+        for length in (250, 500, 1000, 2000):
+            text = character * length
+            seconds = {}
+            encoders_to_time = (("ours", tokenizer.encode_to_ids), ("tokenizer.json", lambda t: backend.encode(t).ids))
+            for name, encode in encoders_to_time:
+                start = time.perf_counter()
+                ids = encode(text)
+                seconds[name] = time.perf_counter() - start
+            assert ids == reference.encode(text)
+            print(f"  {character!r} x {length:5d}: ours {seconds['ours'] * 1e3:8.2f} ms, tokenizer.json "
+                  f"{seconds['tokenizer.json'] * 1e3:9.1f} ms")
+            results.setdefault("runs", {})[f"{character!r} x {length}"] = {
+                name: round(value * 1e3, 2) for name, value in seconds.items()
+            }
+    print("\ndecode (MB of text per second; ratios against the reference's decode)")
+    decoders = {
+        "reference TRIE_TOKENIZER": lambda rows: [reference.decode(ids) for ids in rows],
+        "ours tokenizer.decode": lambda rows: [tokenizer.decode(ids) for ids in rows],
+        "tokenizer.json decode": lambda rows: [backend.decode(ids, skip_special_tokens=False) for ids in rows],
+        "stream: DecodeStream": lambda rows: [stream_with_decode_stream(backend, ids) for ids in rows],
+        "stream: TextStreamer": lambda rows: [stream_with_text_streamer(tokenizer, ids) for ids in rows],
+    }
+    for corpus_name in ("source code", "prose", "CJK", "emoji"):
+        documents = corpora[corpus_name][:DECODE_DOCUMENTS]
+        rows = [tokenizer.encode(document) for document in documents]
+        megabytes = sum(len(document.encode("utf-8")) for document in documents) / 1e6
+        timings = best_seconds_interleaved(decoders, rows, args.repeats)
+        print(f"  {corpus_name}")
+        for decoder_name, seconds in timings.items():
+            ratio = timings["reference TRIE_TOKENIZER"] / seconds
+            print(f"    {decoder_name:26s} {megabytes / seconds:8.2f} MB/s   x{ratio:6.2f}")
+            row = {"MB/s": round(megabytes / seconds, 2), "ratio": round(ratio, 2)}
+            results.setdefault(f"decode {corpus_name}", {})[decoder_name] = row
+
     print("\n" + json.dumps(results))
 
 

@@ -81,6 +81,7 @@ def test_converted_folder_loads_with_auto_classes(converted):
         "generation_config.json",
         "model.safetensors",
         "rwkv_vocab_v20230424.txt",
+        "tokenizer.json",
         "tokenizer_config.json",
     ]
     tokenizer = AutoTokenizer.from_pretrained(output)

@@ -145,6 +145,7 @@ def test_folder_holds_model_processor_generation_config_and_card(converted):
         "model.safetensors",
         "processor_config.json",
         "rwkv_vocab_v20230424.txt",
+        "tokenizer.json",
         "tokenizer_config.json",
     ]
     generation = json.loads((converted.full / "generation_config.json").read_text())

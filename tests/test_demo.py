@@ -122,6 +122,7 @@ def test_demo_saves_a_folder_that_loads_and_answers(demo_folder, capsys):
     answers = demo.answer_questions(demo_folder, test)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
     assert (demo_folder / "sample.png").is_file()
+    assert (demo_folder / "tokenizer.json").is_file()  # for clients that read only tokenizer.json
     assert main(["chat", "--model", str(demo_folder), "--image", str(demo_folder / "sample.png"),
                  "--max-new-tokens", "3", test[0].question]) == 0
 

@@ -503,3 +503,78 @@ def test_a_folder_without_a_model_is_refused(tmp_path, capsys):
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="must be positive"):
         run_evaluation(tmp_path, "gqa", files["questions"], files["images"], tmp_path / "run.jsonl", batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lm-eval-harness's `hf-multimodal` model on a converted folder
+
+
+LM_EVAL_TASK = """task: visualrwkv_tiny_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_image: !function utils.doc_to_image
+doc_to_text: "<image>{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_eval_hf_multimodal_answers_as_the_pipeline_does(model_dir, tmp_path, monkeypatch):
+    """A local lm-eval task (YAML, JSONL questions and PNG images written here; nothing downloaded) run by lm-eval's own
+    `hf-multimodal` model on the folder, with the chat template: each answer is the pipeline's for the same chat, and
+    the score is lm-eval's exact match against targets of which one is that answer."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval-harness comes with the `eval` extra")
+    from lm_eval.tasks import TaskManager
+    from PIL import Image
+    from transformers import pipeline
+
+    from test_pipeline import chat, chat_answer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = pipeline("image-text-to-text", model=str(model_dir))
+    questions = ["What color?", "Describe the picture.", "How many?"]
+    docs = []
+    for index, question in enumerate(questions):
+        image_path = tmp_path / f"image{index}.png"
+        random_image(index).save(image_path)
+        answer = chat_answer(pipe(text=chat(Image.open(image_path), question), max_new_tokens=8, do_sample=False))
+        docs.append({"image": str(image_path), "question": question, "pipeline": answer})
+    for doc in docs:  # only the first question's target is the model's answer
+        doc["answer"] = doc["pipeline"] if doc is docs[0] else "red"
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    write_jsonl(task_dir / "questions.jsonl", docs)
+    (task_dir / "utils.py").write_text(
+        "from PIL import Image\n\n\ndef doc_to_image(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n"
+    )
+    (task_dir / "tiny_vqa.yaml").write_text(LM_EVAL_TASK.format(data=task_dir / "questions.jsonl"))
+
+    results = lm_eval.simple_evaluate(
+        model="hf-multimodal",
+        model_args={"pretrained": str(model_dir)},
+        tasks=["visualrwkv_tiny_vqa"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        apply_chat_template=True,
+        batch_size=2,
+        device="cpu",
+        log_samples=True,
+    )
+    samples = sorted(results["samples"]["visualrwkv_tiny_vqa"], key=lambda sample: sample["doc_id"])
+    assert [sample["filtered_resps"][0] for sample in samples] == [doc["pipeline"] for doc in docs]
+    assert samples[0]["arguments"][0][0] == pipe.processor.apply_chat_template(
+        chat(None, questions[0]), add_generation_prompt=True
+    )
+    assert results["results"]["visualrwkv_tiny_vqa"]["exact_match,none"] == pytest.approx(1 / 3)
+    # lm-eval's results table (pytablewriter: an old release, which a python-dateutil pin can pull in, loses its header)
+    header = lm_eval.utils.make_table(results).splitlines()[0]
+    assert [cell.strip() for cell in header.split("|")[1:4]] == ["Tasks", "Version", "Filter"]

@@ -3,6 +3,7 @@ transformers tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import filecmp
 import json
@@ -14,12 +15,17 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer, TextStreamer
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, TextStreamer
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from visualrwkv_hf.configuration_rwkv6 import Rwkv6Config
+from visualrwkv_hf.processing_visualrwkv import cut_answer
 from visualrwkv_hf.tokenization_rwkv_world import (
     PACKAGED_VOCAB_FILE,
     PAD_TOKEN_ID,
+    TOKENIZER_JSON_FILE_NAME,
     TURN_END_TOKEN_ID,
     VOCAB_FILE_NAME,
     ByteTrieEncoder,
@@ -274,7 +280,9 @@ def test_special_tokens(tokenizer, reference):
     assert tokenizer.convert_tokens_to_ids("\n\n") == 261
     assert tokenizer.convert_ids_to_tokens(261) == "\n\n"
     assert tokenizer.decode([261]) == tokenizer.decode(261) == "\n\n"
-    assert tokenizer.decode([5585, 41693, 59, 20733, 261, 0], skip_special_tokens=True) == "Assistant: Red\n\n"
+    # Skipping special tokens drops it (the generation's stop token) with id 0; without skipping, nothing is dropped.
+    assert tokenizer.decode([5585, 41693, 59, 20733, 261, 0], skip_special_tokens=True) == "Assistant: Red"
+    assert tokenizer.decode([5585, 41693, 59, 20733, 261, 0]) == "Assistant: Red\n\n<|endoftext|>"
     # Ids the model has but the vocabulary lacks decode to nothing.
     assert tokenizer.decode([20733, 65535]) == " Red"
     assert tokenizer.convert_tokens_to_ids("not a single token") is None
@@ -461,7 +469,7 @@ def test_decoding_an_id_that_is_no_token_is_refused(tokenizer):
     # The recipe the message gives works; the embedding rows past the vocabulary still decode to nothing.
     labels = torch.tensor([20733, -100, 261])
     labels[labels == -100] = tokenizer.pad_token_id
-    assert tokenizer.decode(labels, skip_special_tokens=True) == " Red\n\n"
+    assert tokenizer.decode(labels, skip_special_tokens=True) == "Red"
     assert tokenizer.decode([20733, 65530, 65535]) == " Red"
 
 
@@ -577,3 +585,165 @@ def test_max_length_padding_shorter_than_a_text_behaves_as_transformers(tokenize
         tokenizer(texts, padding="max_length", max_length=4, return_tensors="pt")
     cut = tokenizer(texts, padding="max_length", max_length=4, truncation=True, return_tensors="pt")
     assert cut["input_ids"].shape == (2, 4)
+
+
+# tokenizer.json: the `tokenizers` (Rust) form of the tokenizer, `tokenizer._tokenizer`.
+
+# The two literal texts tokenizer.json encodes to a special token id where the reference encodes their bytes.
+LITERAL_SPECIAL_IDS = {"<|endoftext|>": 0, "\u010a\u010a": TURN_END_TOKEN_ID}
+
+
+def reference_ids_with_literal_specials(reference, text: str) -> list[int]:
+    ids = []
+    for piece in re.split("(<\\|endoftext\\|>|\u010a\u010a)", text):
+        ids += [LITERAL_SPECIAL_IDS[piece]] if piece in LITERAL_SPECIAL_IDS else reference.encode(piece)
+    return ids
+
+
+def test_tokenizer_json_encodes_id_for_id_like_the_reference(tokenizer, reference, corpus):
+    backend = tokenizer._tokenizer
+    # Every other sample, without the multi-megabyte one: this encoder runs at about 0.2-1 MB/s here.
+    samples = [sample for sample in corpus[::2] if len(sample) < 1_000_000]
+    checked = 0
+    for sample in samples:
+        # WordPiece's time grows with the square of a piece's length: the few samples with a piece of over 400 bytes,
+        # long runs of one whitespace character, take seconds to minutes (benchmarks/bench_tokenizer.py times them).
+        if max((len(piece) for piece, _ in backend.pre_tokenizer.pre_tokenize_str(sample)), default=0) > 400:
+            continue
+        assert backend.encode(sample).ids == reference_ids_with_literal_specials(reference, sample), sample[:200]
+        checked += 1
+    assert checked > 0.97 * len(samples)
+
+
+def test_tokenizer_json_differs_only_on_two_literal_texts(tokenizer, reference):
+    backend = tokenizer._tokenizer
+    for text in ["x<|endoftext|>y", "a\u010a\u010ab", "\u010a\u010a\u010a", "<|endoftext|>\n\n\n"]:
+        assert backend.encode(text).ids != reference.encode(text)
+        assert backend.encode(text).ids == reference_ids_with_literal_specials(reference, text)
+    # The turn end as text is never taken for the special token: "\n\n\n" is one token, as in the reference.
+    for text in ["\n\n\n", "a\n\nb", "\n\n", "x\n\n\n\n\n"]:
+        assert backend.encode(text).ids == reference.encode(text)
+    assert backend.encode("\n\n\n").ids == [3328]
+
+
+def random_ids(rng: random.Random, length: int) -> list[int]:
+    """Ids of every kind: any token, single bytes 0x80-0xFF (ids 129-256: UTF-8 cut anywhere), 0, 261."""
+    choices = [lambda: rng.randrange(1, 65530), lambda: rng.randrange(129, 257), lambda: rng.randrange(1, 128)]
+    return [rng.choice(choices)() for _ in range(length)]
+
+
+def test_tokenizer_json_decodes_the_bytes_as_python_does(tokenizer):
+    backend = tokenizer._tokenizer
+    rng = random.Random(7)
+    for _ in range(3000):
+        ids = random_ids(rng, rng.randint(0, 30))
+        ids = [token_id for token_id in ids if token_id != TURN_END_TOKEN_ID]
+        if rng.random() < 0.3:
+            ids.insert(rng.randint(0, len(ids)), PAD_TOKEN_ID)
+        exact = tokenizer.decode(ids)
+        # Its decoder drops one leading space, skipping or not (`decode` without skipping keeps every byte).
+        assert backend.decode(ids, skip_special_tokens=False) == (exact[1:] if exact.startswith(" ") else exact)
+        generated = ids + [TURN_END_TOKEN_ID] * (rng.random() < 0.5) + [PAD_TOKEN_ID] * rng.randint(0, 2)
+        expected = tokenizer.decode(generated, skip_special_tokens=True)
+        assert backend.decode(generated, skip_special_tokens=True) == expected
+    # Where the two differ: a turn end before the last token, which tokenizer.json drops and `decode` keeps.
+    ids = tokenizer.encode(" a\n\nb") + [TURN_END_TOKEN_ID]
+    assert ids.count(TURN_END_TOKEN_ID) == 2
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a\n\nb"
+    assert backend.decode(ids, skip_special_tokens=True) == "ab"
+
+
+ANSWERS = [
+    "yellow",
+    "Red",
+    "A red double-decker bus on a street, with two people waiting.",
+    "你好，世界！今天天气很好。",
+    "👨‍👩‍👧‍👦 🇯🇵 👍🏽 ✨",
+    "Ünïcödé wörds — with “quotes” and ½ ¾",
+    "line one\nline two\n    indented",
+    "x" + "\t" * 7 + "y",
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_skip_special_tokens_decodes_a_generated_answer_as_the_pipeline_returns_it(tokenizer, answer):
+    generated = tokenizer.encode(" " + answer) + [TURN_END_TOKEN_ID]  # the trained format; generation stops on 261
+    assert cut_answer(tokenizer.decode(generated)) == answer  # what the pipeline returns
+    assert tokenizer.decode(generated, skip_special_tokens=True) == answer
+    assert tokenizer.decode(generated + [PAD_TOKEN_ID] * 3, skip_special_tokens=True) == answer  # a padded batch row
+    assert tokenizer.batch_decode([generated], skip_special_tokens=True) == [answer]
+    assert tokenizer.decode(generated) == " " + answer + "\n\n"  # without skipping, every byte
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_serve_streams_the_answer_it_returns_without_streaming(tokenizer, answer):
+    """What `transformers serve` does with a tokenizer: `processor.decode(ids, skip_special_tokens=True)` for a whole
+    answer, and for streaming its `Detokenizer` over `tokenizer._tokenizer` (a `DecodeStream`), one token at a time."""
+    serving_utils = pytest.importorskip("transformers.cli.serving.utils", reason="serve needs the `serve` extra")
+    generated = tokenizer.encode(" " + answer) + [TURN_END_TOKEN_ID]
+    queue = asyncio.Queue()
+    detokenizer = serving_utils.Detokenizer(tokenizer._tokenizer, queue)
+    for token_id in generated:
+        detokenizer.put_token(token_id)
+    detokenizer.end()
+    pieces = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert pieces[-1] is None
+    assert "".join(pieces[:-1]) == tokenizer.decode(generated, skip_special_tokens=True) == answer
+    assert not any("\ufffd" in piece for piece in pieces[:-1])  # a character split over tokens waits for its end
+
+
+def test_decode_stream_joins_to_the_decoded_text_on_the_corpus(tokenizer, corpus):
+    backend = tokenizer._tokenizer
+    rng = random.Random(3)
+    for sample in corpus[::9][:200] + ["".join(chr(rng.randrange(0x80, 0x3000)) for _ in range(200))]:
+        ids = tokenizer.encode(sample[:2000])
+        stream = DecodeStream([], skip_special_tokens=True)
+        pieces = [stream.step(backend, token_id) for token_id in ids]
+        assert "".join(piece for piece in pieces if piece is not None) == backend.decode(ids, skip_special_tokens=True)
+
+
+def test_added_tokens_are_in_tokenizer_json_with_their_ids():
+    tokenizer = RwkvWorldTokenizer()
+    assert tokenizer._tokenizer.token_to_id("<image>") is None
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"]})  # as the processor does
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    backend = tokenizer._tokenizer
+    assert backend.token_to_id("<image>") == image_id == 65530
+    assert backend.encode("a<image>b").ids == tokenizer.encode("a<image>b", split_special_tokens=False)
+    assert backend.decode([20733, image_id, 261], skip_special_tokens=True) == "Red"
+
+
+def test_saved_folder_carries_tokenizer_json_for_clients(tokenizer, reference, tmp_path, corpus):
+    saved_files = tokenizer.save_pretrained(tmp_path)
+    assert str(tmp_path / TOKENIZER_JSON_FILE_NAME) in saved_files
+    # A client that reads only tokenizer.json: the `tokenizers` library, and transformers' generic fast tokenizer.
+    client = Tokenizer.from_file(str(tmp_path / TOKENIZER_JSON_FILE_NAME))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / TOKENIZER_JSON_FILE_NAME))
+    for sample in corpus[::50]:
+        if len(sample) < 5000:
+            expected = reference_ids_with_literal_specials(reference, sample)
+            assert client.encode(sample).ids == fast.encode(sample) == expected
+    generated = tokenizer.encode(" Red, a bus 🚌") + [TURN_END_TOKEN_ID]
+    assert client.decode(generated, skip_special_tokens=True) == fast.decode(generated, skip_special_tokens=True)
+    assert fast.decode(generated, skip_special_tokens=True) == "Red, a bus 🚌"
+
+    # Loading the folder back: tokenizer.json's special turn end is not taken for an added token of this tokenizer.
+    loaded = RwkvWorldTokenizer.from_pretrained(tmp_path)
+    assert set(loaded.added_tokens_decoder) == {PAD_TOKEN_ID}
+    assert loaded.convert_ids_to_tokens(TURN_END_TOKEN_ID) == "\n\n" and loaded.decode([TURN_END_TOKEN_ID]) == "\n\n"
+    assert loaded.encode("\n\n\n", split_special_tokens=False) == [3328]
+    # A folder saved before tokenizer.json existed loads too, and saving it again writes the same file.
+    written = (tmp_path / TOKENIZER_JSON_FILE_NAME).read_bytes()
+    (tmp_path / TOKENIZER_JSON_FILE_NAME).unlink()
+    without = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(without) is RwkvWorldTokenizer and without.encode("Hello world") == tokenizer.encode("Hello world")
+    without.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / TOKENIZER_JSON_FILE_NAME).read_bytes() == written
+
+
+def test_stop_strings_still_match_text_token_strings(tokenizer):
+    # `_tokenizer` is deliberately not `backend_tokenizer`, from which `generate(stop_strings=...)` would take the
+    # vocabulary for byte-level symbols: "Ġ" (a character of that alphabet) would then never match.
+    for stop, text in [("\u0120", "x\u0120"), ("caf\u00e9", "un caf\u00e9"), ("\n\n", "Red\n\n")]:
+        criteria = StopStringCriteria(tokenizer, [stop])
+        assert criteria(torch.tensor([tokenizer.encode(text)]), None).item(), stop

@@ -26,21 +26,34 @@ themselves (`convert_tokens_to_ids("\\n\\n") == 261`), and the bytes of tokens t
 become lone surrogates, which no text token contains, so the mapping is one-to-one and reversible.
 
 Special tokens. Id 0 is padding and end-of-text, named `<|endoftext|>`. The chat turn terminator 261 (`"\\n\\n"`) is an
-ordinary token: making it special would cut `"\\n\\n\\n"` differently from the reference and make
-`skip_special_tokens=True` drop paragraph breaks; generation stops on it through `generation_config.eos_token_id`.
-`split_special_tokens` defaults to True, so text is always tokenized as plain bytes, as the reference does (the
-literal string `<|endoftext|>` is not turned into id 0). Pass `split_special_tokens=False` (at load or per call) to
-have added tokens, for example an image placeholder, recognised in text; the text on either side of each added token
-is then tokenized separately.
+ordinary token: making it special would cut `"\\n\\n\\n"` differently from the reference; generation stops on it
+through `generation_config.eos_token_id`. `split_special_tokens` defaults to True, so text is always tokenized as
+plain bytes, as the reference does (the literal string `<|endoftext|>` is not turned into id 0). Pass
+`split_special_tokens=False` (at load or per call) to have added tokens, for example an image placeholder, recognised
+in text; the text on either side of each added token is then tokenized separately.
+
+Decoding with `skip_special_tokens=True` returns a generated answer as the image-text-to-text pipeline does: id 0 and
+special added tokens dropped, the turn end 261 dropped where it ends the ids (where generation stopped; one earlier in
+the ids stays, so that the pipeline can cut the answer there) and one leading space dropped (the trained format answers
+`"Assistant: Red"`). Without it, every byte is decoded.
+
+tokenizer.json. `save_pretrained` also writes the `tokenizers` (Rust) form of this tokenizer, which is
+`tokenizer._tokenizer` (what transformers' serve streams through) and what Rust and JavaScript clients read; see
+`build_backend_tokenizer` for what it encodes and decodes, exactly. Loading does not read it: the vocabulary file is
+the source, and folders without tokenizer.json load as before.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shutil
 from typing import Any
 
+import tokenizers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.tokenization_python import PythonBackend
 from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy, TruncationStrategy
 from transformers.utils import logging
@@ -49,6 +62,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 VOCAB_FILE_NAME = "rwkv_vocab_v20230424.txt"
+TOKENIZER_JSON_FILE_NAME = "tokenizer.json"  # the `tokenizers` (Rust) form, see `build_backend_tokenizer`
 PACKAGED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), VOCAB_FILE_NAME)
 END_OF_TEXT_TOKEN = "<|endoftext|>"  # id 0: padding and end-of-text
 PAD_TOKEN_ID = 0
@@ -192,6 +206,116 @@ def build_encoder(vocab_file: str, token_bytes_by_id: list[bytes]):
     return fast_encoder
 
 
+def safe_split_pattern(token_bytes_by_id: list[bytes]) -> str:
+    """A regular expression (Oniguruma, as `tokenizers` runs it) for places where greedy longest match always cuts.
+
+    Between two characters whose adjacent bytes (the first one's last, the second one's first) occur next to each other
+    in no token, no token can span the boundary, so every tokenization, greedy longest match included, has a cut
+    there; cutting the text at such places first changes no id. Each alternative matches a character that ends a
+    piece: `[A](?=[B])` says that no token holds a byte of A's last-byte set followed by one of B's first-byte set.
+    B is a space, a line feed, or the non-ASCII characters of one UTF-8 lead byte (one range of code points); a
+    non-ASCII character in A stands for all its possible last bytes (0x80-0xBF), as a character class cannot single
+    them out. These few alternatives find most cuts in prose, code and CJK text (a piece rarely exceeds 100 bytes),
+    and few alternatives keep the expression fast.
+    """
+    pairs_inside_tokens = {pair for token_bytes in token_bytes_by_id for pair in zip(token_bytes, token_bytes[1:])}
+    continuation_bytes = range(0x80, 0xC0)
+
+    def character_class(code_point_ranges: list[tuple[int, int]]) -> str:
+        return "".join(
+            f"\\x{{{low:X}}}" if low == high else f"\\x{{{low:X}}}-\\x{{{high:X}}}" for low, high in code_point_ranges
+        )
+
+    def runs(code_points: list[int]) -> list[tuple[int, int]]:
+        ranges: list[list[int]] = []
+        for code_point in sorted(code_points):
+            if ranges and ranges[-1][1] == code_point - 1:
+                ranges[-1][1] = code_point
+            else:
+                ranges.append([code_point, code_point])
+        return [(low, high) for low, high in ranges]
+
+    def lead_byte_range(lead: int) -> tuple[int, int]:
+        bits = 6 if lead < 0xE0 else 12 if lead < 0xF0 else 18
+        start = (lead & (0xFF >> (bits // 6 + 2))) << bits
+        lowest = 0x80 if bits == 6 else 0x800 if bits == 12 else 0x10000  # shorter forms are not UTF-8
+        return max(start, lowest), min(start + (1 << bits) - 1, 0x10FFFF)
+
+    followers = [([0x20], [(0x20, 0x20)]), ([0x0A], [(0x0A, 0x0A)])]
+    followers += [([lead], [lead_byte_range(lead)]) for lead in range(0xC2, 0xF5)]
+    alternatives = []
+    for first_bytes, code_point_ranges in followers:
+        enders = [
+            byte for byte in range(0x80) if all((byte, first) not in pairs_inside_tokens for first in first_bytes)
+        ]
+        ranges = runs(enders)
+        if all((last, first) not in pairs_inside_tokens for last in continuation_bytes for first in first_bytes):
+            ranges.append((0x80, 0x10FFFF))
+        if ranges:
+            alternatives.append(f"[{character_class(ranges)}](?=[{character_class(code_point_ranges)}])")
+    return "|".join(alternatives)
+
+
+def build_backend_tokenizer(token_bytes_by_id: list[bytes], added_tokens: dict[int, Any]) -> tokenizers.Tokenizer:
+    """The World tokenizer as a `tokenizers.Tokenizer` (what tokenizer.json holds), for Rust and JavaScript clients
+    and for transformers code that decodes through `tokenizer._tokenizer` (serve's streaming `DecodeStream`).
+
+    Encoding: a WordPiece model without a continuing-subword prefix is greedy longest match, and over byte-level
+    symbols (GPT-2's byte-to-character table; `ByteLevel` without its regex splits nothing) it matches bytes, so the
+    ids are the reference's, id for id. WordPiece tries each piece's longest candidate first, so its time grows with
+    the square of a piece's length (a 16 kB piece takes seconds): `safe_split_pattern` first cuts the text where every
+    tokenization cuts. The text of a special token is that token, as in transformers' fast tokenizers (a
+    `tokenizers.Tokenizer`'s `encode_special_tokens` is not saved in tokenizer.json), where the reference and
+    `RwkvWorldTokenizer` (`split_special_tokens=True`) encode its bytes: `"<|endoftext|>"` is id 0, an added token
+    such as the processor's `"<image>"` its id, and `"ĊĊ"` the turn end 261 (below). `added_tokens` (id ->
+    `AddedToken`, the Python tokenizer's) keep their ids.
+
+    Decoding: the bytes as UTF-8 (invalid sequences replaced by U+FFFD, as Python's `errors="replace"` does), then
+    one leading space dropped (`Strip`, as sentencepiece tokenizers' decoders do: the trained format answers
+    `"Assistant: Red"`). The turn end 261 is listed as a special token, spelled in byte-level symbols (`"ĊĊ"`, so that
+    `"\\n\\n"` in a text is never taken for it), so `skip_special_tokens=True` (and serve's `DecodeStream`) drops it
+    with id 0: a generated `" Red\\n\\n"` decodes to `"Red"`, what the pipeline returns. It drops every 261, where
+    `RwkvWorldTokenizer.decode` keeps those before the last token.
+    """
+    byte_to_symbol = bytes_to_unicode()
+    vocab = {END_OF_TEXT_TOKEN: PAD_TOKEN_ID}
+    for token_id, token_bytes in enumerate(token_bytes_by_id[1:], start=1):
+        vocab["".join(byte_to_symbol[byte] for byte in token_bytes)] = token_id
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece(
+            vocab, unk_token=END_OF_TEXT_TOKEN, continuing_subword_prefix="", max_input_chars_per_word=2**62
+        )
+    )
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [
+            tokenizers.pre_tokenizers.Split(
+                tokenizers.Regex(safe_split_pattern(token_bytes_by_id)), "merged_with_previous"
+            ),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = tokenizers.decoders.Sequence(
+        [tokenizers.decoders.ByteLevel(), tokenizers.decoders.Strip(content=" ", left=1, right=0)]
+    )
+    # Added tokens take their ids from the JSON form (the Python API would number new ones itself); the list is put
+    # into the serialized text, as loading and dumping the whole JSON costs half a second for the vocabulary.
+    turn_end = "".join(byte_to_symbol[byte] for byte in token_bytes_by_id[TURN_END_TOKEN_ID])
+    entries = {TURN_END_TOKEN_ID: {"content": turn_end, "special": True, "normalized": False}}
+    for token_id, token in added_tokens.items():
+        entries[token_id] = {"content": str(token), "special": token.special, "normalized": token.normalized}
+        entries[token_id].update(single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip)
+    added_list = [
+        {"id": token_id, "single_word": False, "lstrip": False, "rstrip": False, **entry}
+        for token_id, entry in sorted(entries.items())
+    ]
+    serialized, replaced = re.subn(
+        r'"added_tokens":\s*\[\]', lambda _: '"added_tokens":' + json.dumps(added_list), backend.to_str(), count=1
+    )
+    if not replaced:
+        raise RuntimeError("tokenizers serialized an empty tokenizer without an empty `added_tokens` list.")
+    return tokenizers.Tokenizer.from_str(serialized)
+
+
 class RwkvWorldTokenizer(PythonBackend):
     r"""
     The RWKV World tokenizer: greedy longest match over UTF-8 bytes, id for id the same as the reference
@@ -226,6 +350,13 @@ class RwkvWorldTokenizer(PythonBackend):
         if len(self._id_by_token) != len(self._token_by_id):
             raise ValueError(f"{self.vocab_file}: a token is spelled {END_OF_TEXT_TOKEN!r}, which names id 0")
         self._encoder = None  # built on first use, see `build_encoder`
+        self._backend = None  # (added tokens it was built with, `build_backend_tokenizer`'s tokenizer), on first use
+        # A folder's tokenizer.json lists the turn end 261 as a special token (for its decoder); loading hands that
+        # entry over as an added token, which would give id 261 another spelling here and make "\n\n" special.
+        added_tokens_decoder = kwargs.get("added_tokens_decoder") or {}
+        if str(added_tokens_decoder.get(TURN_END_TOKEN_ID, "")) != self._token_by_id[TURN_END_TOKEN_ID]:
+            added_tokens_decoder.pop(TURN_END_TOKEN_ID, None)
+        kwargs.pop("tokenizer_file", None)  # rebuilt from the vocabulary, so it always matches it
         kwargs.setdefault("special_tokens_pattern", "none")
         super().__init__(
             pad_token=pad_token,
@@ -237,8 +368,20 @@ class RwkvWorldTokenizer(PythonBackend):
     def __getstate__(self):
         # The Rust encoder cannot be pickled; it is rebuilt from the vocabulary file on the next encode.
         state = self.__dict__.copy()
-        state["_encoder"] = None
+        state["_encoder"] = state["_backend"] = None
         return state
+
+    @property
+    def _tokenizer(self) -> tokenizers.Tokenizer:
+        """This tokenizer as a `tokenizers.Tokenizer` (see `build_backend_tokenizer`), under the name transformers
+        reads a fast tokenizer's from (serve's streaming decodes through it); `save_pretrained` writes it as
+        tokenizer.json. Python encoding does not use it (pyrwkv-tokenizer is many times faster). It is deliberately
+        not also `backend_tokenizer`: seeing a byte-level decoder there, `generate(stop_strings=...)` would read this
+        tokenizer's text token strings (`get_vocab`) as byte-level symbols."""
+        added_tokens = dict(sorted(self._added_tokens_decoder.items()))
+        if self._backend is None or self._backend[0] != added_tokens:
+            self._backend = (added_tokens, build_backend_tokenizer(self._token_bytes_by_id, added_tokens))
+        return self._backend[1]
 
     @property
     def vocab_size(self) -> int:
@@ -462,12 +605,33 @@ class RwkvWorldTokenizer(PythonBackend):
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return "".join(tokens).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        """Decodes the bytes of `token_ids`. `skip_special_tokens=True` returns a generated answer as the pipeline
+        does and as tokenizer.json decodes it (`build_backend_tokenizer`): the special tokens dropped (id 0), the
+        turn end 261 dropped where it ends the ids (the token generation stops on), and one leading space (the
+        trained format answers `"Assistant: Red"`). A turn end before the last token stays (tokenizer.json drops
+        it): the pipeline cuts the answer there."""
+        if not skip_special_tokens:
+            return super()._decode(token_ids, skip_special_tokens=False, **kwargs)
+        special_ids = set(self.all_special_ids)
+        token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        token_ids = [token_id for token_id in token_ids if token_id not in special_ids]
+        if token_ids and token_ids[-1] == TURN_END_TOKEN_ID:
+            token_ids.pop()
+        text = super()._decode(token_ids, skip_special_tokens=False, **kwargs)
+        return text[1:] if text.startswith(" ") else text
+
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         target = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILE_NAME)
         # Copied byte for byte, so a saved tokenizer carries exactly the vocabulary it was loaded with.
         if os.path.abspath(target) != os.path.abspath(self.vocab_file):
             shutil.copyfile(self.vocab_file, target)
-        return (target,)
+        # tokenizer.json, for clients that read only that (Rust and JavaScript ones, text-generation servers).
+        json_target = os.path.join(
+            save_directory, (f"{filename_prefix}-" if filename_prefix else "") + TOKENIZER_JSON_FILE_NAME
+        )
+        self._tokenizer.save(json_target)
+        return (target, json_target)
 
 
 __all__ = ["RwkvWorldTokenizer"]
