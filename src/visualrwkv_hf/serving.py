@@ -10,15 +10,15 @@ serve's own class that defers to it for every other model:
   unpickling it imports this module, and with it the package, which registers our classes in that process too; the
   same holds for the API server processes of `--api-server-count N`.
 * The answer. Generation stops on the turn end 261 (`"\\n\\n"`), an ordinary token (see `tokenization_rwkv_world`),
-  after an answer that the trained format starts with a space (`"Assistant: yellow\\n\\n"`), so serve's
-  `decode(ids, skip_special_tokens=True)` returns `" yellow\\n\\n"`. `VisualRWKVEngineClient` returns the answer the
-  image-text-to-text pipeline returns (`processor.post_process_image_text_to_text`): the text up to the first
-  `"\\n\\n"`, stripped (`answer_text`).
+  after an answer that the trained format starts with a space (`"Assistant: yellow\\n\\n"`).
+  `VisualRWKVEngineClient` returns the answer the image-text-to-text pipeline returns
+  (`processor.post_process_image_text_to_text`): the text up to the first `"\\n\\n"`, stripped (`answer_text`).
+  The tokenizer's `decode(ids, skip_special_tokens=True)` drops the final turn end and the leading space too, but it
+  cannot see a `"\\n\\n"` that the model wrote inside other tokens.
 * Streaming. Serve decodes streamed tokens with the Rust `tokenizers.decoders.DecodeStream` on
-  `tokenizer._tokenizer`, which the World tokenizer (exact greedy longest match in Python and pyrwkv-tokenizer, no
-  `tokenizers` backend) does not have. `AnswerStreamer` streams the same answer as above instead: each chunk is what
-  the answer has gained and can no longer lose (see `AnswerStreamer.put_token`), so the chunks join to exactly the
-  non-streaming answer.
+  `tokenizer._tokenizer` (the World tokenizer's `tokenizer.json` form), which streams the bytes but not the pipeline's
+  cut. `AnswerStreamer` streams the answer as above instead: each chunk is what the answer has gained and can no
+  longer lose (see `AnswerStreamer.put_token`), so the chunks join to exactly the non-streaming answer.
 
 Importing this module installs the two subclasses in serve's `model_manager` module (where serve looks them up, also
 in the processes it spawns); `main` then runs `transformers serve` with the given command line, in this process.
