@@ -79,7 +79,7 @@ def test_converted_folder_loads_with_auto_classes(converted):
     assert model.generation_config.eos_token_id == 261 and model.generation_config.pad_token_id == 0
     assert sorted(p.name for p in output.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "rwkv_vocab_v20230424.txt",
-        "tokenizer_config.json",
+        "tokenizer.json", "tokenizer_config.json",
     ]
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert tokenizer("Assistant: Red\n\n").input_ids == [5585, 41693, 59, 20733, 261]
