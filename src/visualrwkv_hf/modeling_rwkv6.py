@@ -10,17 +10,15 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rwkv6 import Rwkv6Config
 from .modeling_rwkv_common import (
     CHANNEL_MIX_SHIFT,
     TIME_MIX_SHIFT,
-    RecurrentGenerationMixin,
+    RwkvForCausalLM,
     RwkvPreTrainedModel,
     mask_padding,
     previous_wkv_state,
@@ -295,64 +293,10 @@ class Rwkv6Model(Rwkv6PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm_out(hidden_states), cache=cache)
 
 
-class Rwkv6ForCausalLM(Rwkv6PreTrainedModel, RecurrentGenerationMixin):
+class Rwkv6ForCausalLM(Rwkv6PreTrainedModel, RwkvForCausalLM):
     """RWKV-6 with its (untied) language-modelling head."""
 
-    _tied_weights_keys = {}
-
-    def __init__(self, config: Rwkv6Config):
-        super().__init__(config)
-        self.model = Rwkv6Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.model.embeddings = new_embeddings
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """
-        Args:
-            labels: (batch, seq) next-token targets, shifted inside; -100 is ignored. Extra keyword arguments (such
-                as Trainer's `num_items_in_batch`) reach `loss_function`.
-            logits_to_keep: Compute logits for the last `n` positions only (0 = all), or for the given indices.
-        """
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).float()
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+    backbone_class = Rwkv6Model
 
 
 __all__ = [
