@@ -70,14 +70,7 @@ class Rwkv6Config(ModelTypeCheckMixin, RecurrentLayersMixin, PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.pop_model_type(kwargs)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        if self.hidden_size % self.head_size != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be a multiple of `head_size` ({self.head_size}): "
-                "RWKV-6 splits the model width into heads of `head_size` channels."
-            )
+        self.check_sizes("RWKV-6")
         large = self.hidden_size >= 4096
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)

@@ -72,14 +72,7 @@ class Rwkv7Config(ModelTypeCheckMixin, RecurrentLayersMixin, PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.pop_model_type(kwargs)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        if self.hidden_size % self.head_size != 0:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be a multiple of `head_size` ({self.head_size}): "
-                "RWKV-7 splits the model width into heads of `head_size` channels."
-            )
+        self.check_sizes("RWKV-7")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         for name, (factor, power) in LOW_RANK_FORMULAS.items():

@@ -53,6 +53,18 @@ class RecurrentLayersMixin:
 
     number_of_conv_states = 2
 
+    def check_sizes(self, family: str, *names: str) -> None:
+        """Refuses a size that is not a positive integer (the shared ones and `names`), and a width that does not
+        split into heads."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "head_size", "head_size_divisor", *names):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.head_size != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be a multiple of `head_size` ({self.head_size}): "
+                f"{family} splits the model width into heads of `head_size` channels."
+            )
+
     @property
     def layer_types(self) -> list[str]:
         # Read by transformers' DynamicCache to build one recurrent (LinearAttentionLayer) cache layer per block.
