@@ -35,6 +35,21 @@ def test_lm_demo_builds_saves_and_generates(tmp_path, capsys):
     assert (output / "tokenizer_config.json").exists()
 
 
+def test_lm_demo_rewrites_its_own_folder_but_refuses_a_foreign_one(tmp_path, capsys):
+    output = tmp_path / "tiny"
+    assert main(["lm-demo", "--output", str(output), "--max-new-tokens", "1"]) == 0
+    assert main(["lm-demo", "--output", str(output), "--max-new-tokens", "1"]) == 0  # an earlier lm-demo's folder
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["lm-demo", "--output", str(foreign), "--max-new-tokens", "1"]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"]
+    assert main(["lm-demo", "--output", str(foreign), "--max-new-tokens", "1", "--overwrite"]) == 0
+    assert (foreign / "config.json").is_file()
+
+
 # ------------------------------------------------------------------------------------ convert and chat (VisualRWKV)
 
 

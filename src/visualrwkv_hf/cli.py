@@ -9,6 +9,7 @@ running raises `ValueError` / `OSError` (or safetensors' `SafetensorError`), whi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -51,12 +52,18 @@ def lm_demo(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     from . import Rwkv6Config, Rwkv6ForCausalLM, RwkvWorldTokenizer
+    from .checkpoint_io import check_output_dir
 
     torch.manual_seed(args.seed)
     config = Rwkv6Config(hidden_size=128, num_hidden_layers=4, head_size=32, initializer_range=0.2)
     model = Rwkv6ForCausalLM(config).eval()
     tokenizer = RwkvWorldTokenizer()
     output = Path(args.output)
+    # an earlier lm-demo's folder (an RWKV-6 config.json) is rewritten; any other non-empty folder needs --overwrite
+    earlier = (output / "config.json").is_file() and json.loads((output / "config.json").read_text()).get(
+        "model_type"
+    ) == Rwkv6Config.model_type
+    check_output_dir(output, overwrite=args.overwrite or earlier)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     model.generation_config.save_pretrained(output)
@@ -323,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="User: Tell me about linear RNNs.\n\nAssistant:")
     demo.add_argument("--max-new-tokens", type=positive_int, default=24)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --output that no earlier lm-demo wrote"
+    )
     demo.set_defaults(run=lm_demo)
 
     from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
