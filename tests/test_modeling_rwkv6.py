@@ -432,6 +432,12 @@ def test_prompt_reuse_in_a_left_padded_batch_equals_a_fresh_generate():
     gap_mask[1, ids.shape[1] : ids.shape[1] + 2] = 0
     reused = greedy(model, prompt, attention_mask=gap_mask, cache=copy.deepcopy(prefix_cache))
     assert_same_generation(reused, greedy(model, prompt, attention_mask=gap_mask))
+    # ... and the row with the gap generates what its real tokens generate alone
+    row = prompt[1, gap_mask[1].bool()][None]
+    alone = greedy(model, row)
+    assert torch.equal(reused.sequences[1, prompt.shape[1] :], alone.sequences[0, row.shape[1] :])
+    for reused_logits, alone_logits in zip(reused.logits, alone.logits, strict=True):
+        torch.testing.assert_close(reused_logits[1], alone_logits[0], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
