@@ -300,7 +300,9 @@ def laid_out(rows, layouts):
 def row_states(cache, i):
     """A copy of row `i` of every state a cache holds (per block, both token-shift vectors and the WKV state): the
     cache is updated in place."""
-    return [state[i].clone() for layer in cache.layers for state in (*layer.conv_states.values(), layer.recurrent_states[0])]
+    return [
+        state[i].clone() for layer in cache.layers for state in (*layer.conv_states.values(), layer.recurrent_states[0])
+    ]
 
 
 def assert_padding_anywhere_is_exact(model, first_layouts, second_layouts, decode_steps=3):
