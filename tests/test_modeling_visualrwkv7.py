@@ -399,3 +399,25 @@ def test_a_tiny_image_is_resized_not_refused(v7):
     assert inputs["pixel_values"].shape == (2, 1, 3, 448, 448)
     assert inputs["high_res_pixel_values"].shape == (2, 1, 3, 1024, 1024)
     assert torch.isfinite(model(**inputs, logits_to_keep=1).logits).all()
+
+
+@torch.no_grad()
+def test_several_images_per_row_need_unidirectional_scanning():
+    """The rule is the scan mode's, whatever the language model: a tiny RWKV-6 + CLIP model reads two images in a
+    row in order when it does not scan, and refuses them when it scans."""
+    from test_modeling_visualrwkv import images, prompt
+    from test_modeling_visualrwkv import tiny_model as tiny_rwkv6_model
+
+    two_images = torch.cat([prompt(2, 1, 17, seed=1), prompt(0, 3, 17, seed=2)], 1)
+    pixel_values = images(2)
+    model = tiny_rwkv6_model(scan_mode="unidirectional")
+    features = model.get_image_features(pixel_values).pooler_output
+    embeds = model.get_input_embeddings()(two_images)
+    embeds[two_images == model.config.image_token_id] = features.reshape(-1, features.shape[-1])
+    torch.testing.assert_close(
+        model.model(two_images, pixel_values=pixel_values).last_hidden_state,
+        model.model.language_model(inputs_embeds=embeds).last_hidden_state,
+    )
+    with pytest.raises(ValueError, match="Row 0 holds 2 images, but `scan_mode='bidirectional'` reorders one image "
+                                         "span per row"):
+        tiny_rwkv6_model(scan_mode="bidirectional")(two_images, pixel_values=pixel_values)
