@@ -226,8 +226,8 @@ def test_a_follow_up_turn_from_the_cache_equals_recomputing(v7, features, pass_s
     """Turn 1 shows two images, turn 2 a third: continuing turn 1's cache, the images already in it are dropped
     (or need not be passed), and the answer is the full recomputation's."""
     model, processor = v7
-    out = greedy(model, prompt_ids(processor, 2, QUESTIONS[0]), mm_encoder_outputs={"image": features(1, 2)}, max_new_tokens=3,
-                 eos_token_id=None)
+    out = greedy(model, prompt_ids(processor, 2, QUESTIONS[0]), mm_encoder_outputs={"image": features(1, 2)},
+                 max_new_tokens=3, eos_token_id=None)
     follow_up = prompt_ids(processor, 1, QUESTIONS[1])
     conversation = torch.cat([out.sequences, torch.tensor([[261]]), follow_up], 1)
     seeds = (1, 2, 3) if pass_seen_images else (3,)

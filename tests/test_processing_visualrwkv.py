@@ -596,7 +596,8 @@ def test_v7_template_matches_the_original_rules_on_random_conversations():
             role = "user" if turn % 2 == 0 else "assistant"
             text = "".join(rng.choice(pieces if role == "user" else pieces[:-2]) for _ in range(rng.randint(0, 8)))
             # the images as parts, anywhere around the text (parts of one message are joined by "\n")
-            parts = [{"type": "image"}] * text.count("<image>") + [{"type": "text", "text": text.replace("<image>", "")}]
+            parts = [{"type": "image"}] * text.count("<image>")
+            parts.append({"type": "text", "text": text.replace("<image>", "")})
             chat.append({"role": role, "content": rng.sample(parts, len(parts))})
             formatted = original(role, text)
             speaker = "User" if role == "user" else "Assistant"
