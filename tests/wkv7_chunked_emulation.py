@@ -92,14 +92,11 @@ def unit_lower_inverse(A):
     """(I - A)^{-1} for strictly lower-triangular A (..., L, L), by forward substitution row by row, as the kernel
     (one thread per column): X[t] = e_t + sum_{s<t} A[t, s] X[s]."""
     L = A.shape[-1]
-    rows = []
+    X = torch.zeros_like(A)
     for t in range(L):
-        row = torch.zeros_like(A[..., 0, :])
-        row[..., t] = 1
-        for s in range(t):
-            row = row + A[..., t, s : s + 1] * rows[s]
-        rows.append(row)
-    return torch.stack(rows, -2)
+        X[..., t, :] = (A[..., t : t + 1, :t] @ X[..., :t, :]).squeeze(-2)
+        X[..., t, t] = 1
+    return X
 
 
 def masks(L, device):
@@ -214,32 +211,34 @@ def backward(r, w, k, v, a, b, initial_state, grad_y, grad_state, dtype=torch.fl
     _, _, starts = forward(r, w, k, v, a, b, initial_state, dtype, keep_states=True)
     partial = {name: torch.zeros(tiles, B, H, C, CHUNK, N, dtype=dtype) for name in ("r", "a", "b", "k", "lw")}
     dv = torch.zeros(B, H, C, CHUNK, N, dtype=dtype)
-    dS_tiles = []
-    for j in range(tiles):
-        cols = slice(j * width, (j + 1) * width)
-        dE = torch.zeros(B, H, N, width, dtype=dtype) if grad_state is None else grad_state.to(dtype)[..., cols]
-        for c in reversed(range(C)):
-            inputs = (x["r"][:, :, c], lw[:, :, c], x["k"][:, :, c], x["a"][:, :, c], x["b"][:, :, c])
-            n = int(seg[:, :, c].max()) + 1
-            actives = [valid[:, :, c] & (seg[:, :, c] == s) for s in range(n)]
+    widths = [slice(j * width, (j + 1) * width) for j in range(tiles)]
+    dE_tiles = [torch.zeros(B, H, N, width, dtype=dtype) if grad_state is None else grad_state.to(dtype)[..., cols]
+                for cols in widths]
+    for c in reversed(range(C)):
+        inputs = (x["r"][:, :, c], lw[:, :, c], x["k"][:, :, c], x["a"][:, :, c], x["b"][:, :, c])
+        n = int(seg[:, :, c].max()) + 1
+        actives = [valid[:, :, c] & (seg[:, :, c] == s) for s in range(n)]
+        parts = [pass_parts(*inputs, active) for active in actives]  # the same for every value tile
+        for j, cols in enumerate(widths):
+            values = [x["v"][:, :, c, :, cols] * active.unsqueeze(-1) for active in actives]
+            # each segment's start state: the chunk's, carried through the segments before it (the kernel
+            # recomputes them the same way, segment by segment, before each backward pass)
+            seg_starts = [starts[:, :, c, :, cols]]
+            for p, v_ in zip(parts[:-1], values[:-1]):
+                seg_starts.append(pass_forward(p, seg_starts[-1], v_)[2])
             for s in reversed(range(n)):
-                # the segment's start state: the chunk's, carried through the segments before it
-                S = starts[:, :, c, :, cols]
-                for before in range(s):
-                    p = pass_parts(*inputs, actives[before])
-                    _, _, S = pass_forward(p, S, x["v"][:, :, c, :, cols] * actives[before].unsqueeze(-1))
                 m = actives[s].unsqueeze(-1)
-                p = pass_parts(*inputs, actives[s])
-                v_ = x["v"][:, :, c, :, cols] * m
-                d_rows, d_cols, dD, dv_pass, dE = pass_backward(p, S, v_, dyc[:, :, c, :, cols] * m, dE)
+                d_rows, d_cols, dD, dv_pass, dE_tiles[j] = pass_backward(
+                    parts[s], seg_starts[s], values[s], dyc[:, :, c, :, cols] * m, dE_tiles[j]
+                )
                 dv[:, :, c, :, cols] += torch.where(m, dv_pass, torch.zeros_like(dv_pass))
-                for name, g in zip(("r", "a", "b", "k", "lw"), pass_input_grads(p, d_rows, d_cols, dD, actives[s])):
+                grads = pass_input_grads(parts[s], d_rows, d_cols, dD, actives[s])
+                for name, g in zip(("r", "a", "b", "k", "lw"), grads):
                     partial[name][j, :, :, c] += g
-        dS_tiles.append(dE)
     grads = {name: from_chunks(g.sum(0), T) for name, g in partial.items()}
     # dw = d_lw * d lw / dw = d_lw * lw, exactly zero past the clamp (lw constant there)
     dw = (grads["lw"] * log_decays(w, dtype)).masked_fill(w.to(dtype) > math.log(-LOG_DECAY_MIN), 0)
-    return grads["r"], dw, grads["k"], from_chunks(dv, T), grads["a"], grads["b"], torch.cat(dS_tiles, -1)
+    return grads["r"], dw, grads["k"], from_chunks(dv, T), grads["a"], grads["b"], torch.cat(dE_tiles, -1)
 
 
 class ChunkedWKV7Emulation(torch.autograd.Function):
