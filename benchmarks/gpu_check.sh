@@ -2,11 +2,12 @@
 # The one run for a machine with an NVIDIA GPU: build the CUDA kernels, run every CUDA test, then the GPU benchmarks.
 # Each stage runs under its own time limit and appends its output to OUT/log.txt as it goes; the benchmarks also
 # append their results to OUT/*.jsonl one line per measurement (and the claims plot to OUT/gpu_claims.png), so a run
-# cut short still leaves every number measured so far. Total limit ~9 minutes; about 6 expected on an H100.
+# cut short still leaves every number measured so far. Total limit ~15 minutes (the sum of the stage limits).
 #
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT]      (OUT defaults to gpu_results/)
 #   PYTHON=... picks the interpreter (default .venv/bin/python); it needs a CUDA build of torch, pytest, peft,
-#   and optionally flash-linear-attention (the comparison anchor of bench_wkv6_cuda.py) and matplotlib (the plot).
+#   and optionally flash-linear-attention (the comparison anchor of bench_wkv6_cuda.py and bench_wkv7_cuda.py) and
+#   matplotlib (the plot).
 # Exit status 1 if any stage failed or ran out of time; every stage runs regardless.
 #
 # Adding a stage (WKV7's kernels, ...): one more `stage NAME LIMIT_SECONDS COMMAND...` line in the list below.
@@ -51,8 +52,10 @@ stage "CUDA tests" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda a
   tests/test_ops_wkv7.py
 stage "bench_wkv6_cuda (kernels vs fla, accuracy, crossover, 12 x 768 model)" 90 \
   "$PYTHON" benchmarks/bench_wkv6_cuda.py --repeats 3 --output "$OUT/bench_wkv6_cuda.jsonl"
-stage "bench_wkv7 (CUDA kernel vs chunked torch form)" 60 \
-  "$PYTHON" benchmarks/bench_wkv7.py --device cuda --forms kernel chunked --lengths 512 4096 --heads 32
+stage "CUDA WKV7 chunked kernel tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k cuda \
+  tests/test_ops_wkv7_chunked.py
+stage "bench_wkv7_cuda (chunked vs step kernel vs fla chunk_rwkv7 vs torch; accuracy; crossover)" 120 \
+  "$PYTHON" benchmarks/bench_wkv7_cuda.py --repeats 3 --output "$OUT/bench_wkv7_cuda.jsonl"
 stage "bench_decode_graph (12 x 768 bf16: eager vs CUDA-graph decode)" 40 \
   "$PYTHON" benchmarks/bench_decode_graph.py --output "$OUT/bench_decode_graph.jsonl"
 stage "bench_gpu_claims (VisualRWKV vs LLaVA, 1.6B size, 1K-24K; LoRA step)" 120 \
