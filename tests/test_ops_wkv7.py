@@ -551,6 +551,20 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path, source):
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+    if source == "wkv7_chunked_op.cu":
+        # every kernel launcher the op calls is instantiated in wkv7_chunked.cu: a missing one (a dispatch over a
+        # dtype without a kernel) links, then fails to load with an undefined symbol
+        kernel = [NVCC, "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", "-c",
+                  str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_chunked.cu"), "-o", str(tmp_path / "chunked.o")]
+        assert subprocess.run(kernel, capture_output=True, text=True).returncode == 0
+
+        def symbols(path, flag):  # the mangled names of the namespace's launchers (the last field of nm's lines)
+            listing = subprocess.run(["nm", flag, str(path)], capture_output=True, text=True, check=True)
+            return {line.split()[-1] for line in listing.stdout.splitlines()
+                    if "12wkv7_chunked" in line and "6detail" not in line}
+
+        needed = symbols(tmp_path / "kernel.o", "--undefined-only")
+        assert needed and needed <= symbols(tmp_path / "chunked.o", "--defined-only"), needed
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,23 +16,21 @@
 
 namespace {
 
-// torch's element types -> the CUDA types the kernels are instantiated for
-template <typename T>
-struct CudaType {
-  using type = T;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-const typename CudaType<scalar_t>::type* cuda_ptr(const torch::Tensor& x) {
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(x.data_ptr<scalar_t>());
+// Runs fn(pointer caster) for the input type, one of the three the kernels are instantiated for. (Not
+// AT_DISPATCH_FLOATING_TYPES: its double case would reference a kernel that does not exist, and the library would
+// fail to load with an undefined symbol; double inputs take the step kernel, see kernel_can_run.)
+template <typename Fn>
+void dispatch_input_type(const torch::Tensor& r, Fn&& fn) {
+  auto cast = [](auto tag) {
+    using T = decltype(tag);
+    return [](const torch::Tensor& x) { return static_cast<const T*>(x.data_ptr()); };
+  };
+  switch (r.scalar_type()) {
+    case torch::kFloat: fn(cast(float{})); break;
+    case torch::kHalf: fn(cast(__half{})); break;
+    case torch::kBFloat16: fn(cast(__nv_bfloat16{})); break;
+    default: TORCH_CHECK(false, "wkv7 chunked CUDA: inputs must be fp32, fp16 or bf16, got ", r.scalar_type());
+  }
 }
 
 // A float32 copy of the state the kernels may overwrite (they update it in place).
@@ -81,9 +79,8 @@ std::tuple<torch::Tensor, torch::Tensor> wkv7_chunked_forward_cuda(const torch::
   auto y = torch::empty(r.sizes(), r.options().dtype(torch::kFloat));
   auto state = state_copy(initial_state, r, B, H, N);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv7_chunked_forward", [&] {
-    wkv7_chunked::forward(B, T, H, N, cuda_ptr<scalar_t>(rc), cuda_ptr<scalar_t>(wc), cuda_ptr<scalar_t>(kc),
-                          cuda_ptr<scalar_t>(vc), cuda_ptr<scalar_t>(ac), cuda_ptr<scalar_t>(bc), y.data_ptr<float>(),
+  dispatch_input_type(r, [&](auto ptr) {
+    wkv7_chunked::forward(B, T, H, N, ptr(rc), ptr(wc), ptr(kc), ptr(vc), ptr(ac), ptr(bc), y.data_ptr<float>(),
                           state.data_ptr<float>(), nullptr, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -112,9 +109,8 @@ WKV7Grads wkv7_chunked_backward_cuda(const torch::Tensor& r, const torch::Tensor
   const int64_t stride = tiles * B * T * H * N;
   float* p = partial.data_ptr<float>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv7_chunked_backward", [&] {
-    const auto *rp = cuda_ptr<scalar_t>(rc), *wp = cuda_ptr<scalar_t>(wc), *kp = cuda_ptr<scalar_t>(kc),
-               *vp = cuda_ptr<scalar_t>(vc), *ap = cuda_ptr<scalar_t>(ac), *bp = cuda_ptr<scalar_t>(bc);
+  dispatch_input_type(r, [&](auto ptr) {
+    const auto *rp = ptr(rc), *wp = ptr(wc), *kp = ptr(kc), *vp = ptr(vc), *ap = ptr(ac), *bp = ptr(bc);
     wkv7_chunked::forward(B, T, H, N, rp, wp, kp, vp, ap, bp, nullptr, end_state.data_ptr<float>(),
                           chunk_states.data_ptr<float>(), stream);
     wkv7_chunked::backward(B, T, H, N, rp, wp, kp, vp, ap, bp, dy.data_ptr<float>(), chunk_states.data_ptr<float>(),
