@@ -37,13 +37,21 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run COMMAND under the limit, i
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 } | tee -a "$LOG"
 
-# build() raises with nvcc's full output, where a call of the op would only warn and fall back to torch
-BUILD='import time, torch
+# build() raises with nvcc's full output, where a call of the op would only warn and fall back to torch; each op is
+# built whatever happened to the other, so one failure does not hide the other's result
+BUILD='import sys, time, torch
 from visualrwkv_hf.ops import wkv6_compiled, wkv7_compiled
+failed = False
 for op in (wkv6_compiled, wkv7_compiled):
     start = time.perf_counter()
-    op.build("cuda")
-    print(f"{torch.cuda.get_device_name()}: CUDA {op.name.upper()} kernels built and loaded in {time.perf_counter() - start:.0f} s")'
+    try:
+        op.build("cuda")
+    except Exception as error:
+        failed = True
+        print(f"CUDA {op.name.upper()} build FAILED: {type(error).__name__}: {error}", flush=True)
+        continue
+    print(f"{torch.cuda.get_device_name()}: CUDA {op.name.upper()} kernels built and loaded in {time.perf_counter() - start:.0f} s")
+sys.exit(1 if failed else 0)'
 
 # ---- the stages, in order ----
 stage "build the CUDA WKV6 and WKV7 kernels" 240 "$PYTHON" -c "$BUILD"
