@@ -22,9 +22,10 @@ from visualrwkv_hf.ops import wkv7_chunked, wkv7_compiled, wkv7_recurrent
 FORMS = {"kernel": wkv7_compiled, "chunked": wkv7_chunked, "step": wkv7_recurrent}
 
 
-def op_inputs(T: int, heads: int, head_size: int = 64, device: str = "cpu") -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    shape = (1, T, heads, head_size)
+def op_inputs(T: int, heads: int, head_size: int = 64, device: str = "cpu", batch: int = 1,
+              seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, T, heads, head_size)
     r, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
     # a fixed decay per channel across RWKV-7's range, as in trained checkpoints
     x = (-8 + 14 * torch.rand(heads, head_size, generator=g)).expand(*shape)

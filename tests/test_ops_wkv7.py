@@ -531,9 +531,10 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit) on the PATH")
-def test_cuda_kernel_compiles_with_nvcc(tmp_path):
-    """The CUDA source compiles (every dtype and head size, for sm_80) where there is nvcc but maybe no GPU, with the
-    flags torch's extension builder adds."""
+@pytest.mark.parametrize("source", ["wkv7_cuda.cu", "wkv7_chunked_op.cu"])  # wkv7_chunked.cu: test_ops_wkv7_chunked
+def test_cuda_kernel_compiles_with_nvcc(tmp_path, source):
+    """The torch-facing CUDA sources compile (every dtype and head size, for sm_80) where there is nvcc but maybe no
+    GPU, with the flags torch's extension builder adds."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     includes = include_paths("cpu")
@@ -546,10 +547,24 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     command = [
         NVCC, "-std=c++17", "-O3", "--use_fast_math", "-DCUDA_KERNEL", *COMMON_NVCC_FLAGS,
         "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", *(f"-I{p}" for p in includes),
-        "-c", str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_cuda.cu"), "-o", str(tmp_path / "wkv7_cuda.o"),
+        "-c", str(CSRC / "wkv7" / "wkv7_cuda" / source), "-o", str(tmp_path / "kernel.o"),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+    if source == "wkv7_chunked_op.cu":
+        # every kernel launcher the op calls is instantiated in wkv7_chunked.cu: a missing one (a dispatch over a
+        # dtype without a kernel) links, then fails to load with an undefined symbol
+        kernel = [NVCC, "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", "-c",
+                  str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_chunked.cu"), "-o", str(tmp_path / "chunked.o")]
+        assert subprocess.run(kernel, capture_output=True, text=True).returncode == 0
+
+        def symbols(path, flag):  # the mangled names of the namespace's launchers (the last field of nm's lines)
+            listing = subprocess.run(["nm", flag, str(path)], capture_output=True, text=True, check=True)
+            return {line.split()[-1] for line in listing.stdout.splitlines()
+                    if "12wkv7_chunked" in line and "6detail" not in line}
+
+        needed = symbols(tmp_path / "kernel.o", "--undefined-only")
+        assert needed and needed <= symbols(tmp_path / "chunked.o", "--defined-only"), needed
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,6 +12,7 @@
 //              dr_i, dk_i, db_i, da_i and dd_i, the column dsa_i = (b G)_i and dv_i = (k G)_i, shared with the block
 //              through shared memory. States are never recovered by inverting a step (the transition may be
 //              singular). Memory while the backward runs: (T / kChunk + kChunk + 1) N^2 + T N floats per head.
+// Long sequences go to the chunked kernel instead where it runs (the rule: wkv7_chunked_op.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,6 +21,7 @@
 #include <cmath>
 
 #include "../wkv7_checks.h"
+#include "wkv7_chunked_op.h"
 #include "wkv7_cuda.h"
 
 namespace {
@@ -213,6 +215,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv7_forward_cuda(const torch::Tensor& 
                                                            const torch::Tensor& a, const torch::Tensor& b,
                                                            const std::optional<torch::Tensor>& initial_state) {
   wkv7_check_inputs(r, w, k, v, a, b, initial_state);
+  if (wkv7_chunked_applies(r)) return wkv7_chunked_forward_cuda(r, w, k, v, a, b, initial_state);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   auto rc = r.contiguous(), wc = w.contiguous(), kc = k.contiguous(), vc = v.contiguous(), ac = a.contiguous(),
@@ -240,6 +243,9 @@ WKV7Grads wkv7_backward_cuda(const torch::Tensor& r, const torch::Tensor& w, con
                              const std::optional<torch::Tensor>& grad_final_state) {
   wkv7_check_inputs(r, w, k, v, a, b, initial_state);
   wkv7_check_grad_y(r, grad_y);
+  if (wkv7_chunked_applies(r)) {
+    return wkv7_chunked_backward_cuda(r, w, k, v, a, b, initial_state, grad_y, grad_final_state);
+  }
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const int64_t chunks = (T + kChunk - 1) / kChunk;

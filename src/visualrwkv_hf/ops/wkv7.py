@@ -32,8 +32,9 @@ numbers) but each factor must stay representable: `wkv7_chunked` shrinks the chu
 log-decay exceeds LOG_FACTOR_MAX (e^60 ~ 1e26 is far inside float32's range, products included).
 
 `wkv7_compiled` is the same op through the compiled kernels of csrc/wkv7 (CPU, and CUDA for the head sizes in
-`CUDA_HEAD_SIZES`), with `wkv7` as its fallback and WKV6's switch (see `ops.kernels`); `WKV7` is the stateless layer
-a model calls it through, so `kernels.kernelize` can replace it.
+`CUDA_HEAD_SIZES`: the step kernel, or for T >= 64 on sm_80+ with head size 16, 32 or 64 the chunked tensor-core
+kernel, chosen in C++ by wkv7_chunked_op.h's rule), with `wkv7` as its fallback and WKV6's switch (see
+`ops.kernels`); `WKV7` is the stateless layer a model calls it through, so `kernels.kernelize` can replace it.
 """
 
 from __future__ import annotations
@@ -324,8 +325,10 @@ CUDA_HEAD_SIZES = (16, 32, 64, 128)
 wkv7_compiled = CompiledOp(
     "wkv7",
     sources={"cpu": ["wkv7/wkv7_cpu/wkv7_cpu.cpp", f"wkv7/{BINDING}"],
-             "cuda": ["wkv7/wkv7_cuda/wkv7_cuda.cu", f"wkv7/{BINDING}"]},
-    headers=["wkv7/wkv7_checks.h", "wkv7/wkv7_cpu/wkv7_cpu.h", "wkv7/wkv7_cuda/wkv7_cuda.h"],
+             "cuda": ["wkv7/wkv7_cuda/wkv7_cuda.cu", "wkv7/wkv7_cuda/wkv7_chunked.cu",
+                      "wkv7/wkv7_cuda/wkv7_chunked_op.cu", f"wkv7/{BINDING}"]},
+    headers=["wkv7/wkv7_checks.h", "wkv7/wkv7_cpu/wkv7_cpu.h", "wkv7/wkv7_cuda/wkv7_cuda.h",
+             "wkv7/wkv7_cuda/wkv7_chunked.h", "wkv7/wkv7_cuda/wkv7_chunked_op.h"],
     fallback=wkv7,
     check_inputs=_check_inputs,
     layer_name="WKV7",
