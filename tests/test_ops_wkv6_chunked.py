@@ -7,13 +7,13 @@ nvcc.
 """
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from cuda_compile import NVCC, undefined_launchers
 from test_ops_wkv6 import FP32_TOL, extreme_decays, grads_of, make_inputs, oracle, rel_err
 from wkv6_chunked_emulation import (
     CHUNK,
@@ -165,8 +165,6 @@ def test_tf32_rounding():
 # --- the CUDA source: compile checks (wherever nvcc is) ---
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "csrc" / "wkv6" / "wkv6_cuda"
-NVCC = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"] if Path(p).exists()),
-                                    None)
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit)")
@@ -185,6 +183,14 @@ def test_chunked_kernel_compiles_for_hopper_ampere_and_below(tmp_path):
     assert "warning" not in result.stderr.lower(), result.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr)]
     assert spills and max(spills) <= 16, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit)")
+def test_chunked_op_calls_only_instantiated_launchers(tmp_path):
+    """wkv6_chunked_op.cu compiles, and every kernel launcher it calls is instantiated in wkv6_chunked.cu (a dispatch
+    over double, which has no kernel, would build a library that fails to load)."""
+    assert not undefined_launchers(KERNEL_DIR / "wkv6_chunked_op.cu", KERNEL_DIR / "wkv6_chunked.cu", "wkv6_chunked",
+                                   tmp_path)
 
 
 # --- the CUDA kernel itself (needs a GPU) ---

@@ -12,8 +12,6 @@ on the PATH, GPU or not.
 """
 
 import importlib.util
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,8 @@ import torch.nn.functional as F
 from visualrwkv_hf.ops import WKV7, set_wkv_backend, wkv7, wkv7_chunked, wkv7_compiled, wkv7_recurrent, wkv7_reference
 from visualrwkv_hf.ops.kernels import BACKEND_ENV, CSRC, KernelFunction
 from visualrwkv_hf.ops.wkv7 import LOG_FACTOR_MAX, _chunk_size_for, _ChunkedWKV7
+
+from cuda_compile import NVCC, compile_torch_source, undefined_launchers
 
 # WKV6's tolerance and checks (max abs error relative to the output's max abs value) hold for every WKV7 form too
 from test_ops_wkv6 import FP32_TOL, assert_close, rel_err
@@ -527,44 +527,19 @@ def test_backend_switch_runs_the_torch_form_without_building(monkeypatch):
     assert all(torch.equal(x, x_ref) for x, x_ref in zip(result, wkv7(*inputs, chunk_size=8)))
     assert not wkv7_compiled.available("cpu")
 
-NVCC = shutil.which("nvcc")
-
-
-@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit) on the PATH")
-@pytest.mark.parametrize("source", ["wkv7_cuda.cu", "wkv7_chunked_op.cu"])  # wkv7_chunked.cu: test_ops_wkv7_chunked
-def test_cuda_kernel_compiles_with_nvcc(tmp_path, source):
-    """The torch-facing CUDA sources compile (every dtype and head size, for sm_80) where there is nvcc but maybe no
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit)")
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    """The torch-facing CUDA source compiles (every dtype and head size, for sm_80) where there is nvcc but maybe no
     GPU, with the flags torch's extension builder adds."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
-
-    includes = include_paths("cpu")
-    # a CPU-only torch ships c10/cuda's headers but not the one its CUDA build generates, which defines one macro
-    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in includes):
-        stub = tmp_path / "include" / "c10" / "cuda" / "impl"
-        stub.mkdir(parents=True)
-        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        includes.append(str(tmp_path / "include"))
-    command = [
-        NVCC, "-std=c++17", "-O3", "--use_fast_math", "-DCUDA_KERNEL", *COMMON_NVCC_FLAGS,
-        "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", *(f"-I{p}" for p in includes),
-        "-c", str(CSRC / "wkv7" / "wkv7_cuda" / source), "-o", str(tmp_path / "kernel.o"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = compile_torch_source(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_cuda.cu", tmp_path / "kernel.o", tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    if source == "wkv7_chunked_op.cu":
-        # every kernel launcher the op calls is instantiated in wkv7_chunked.cu: a missing one (a dispatch over a
-        # dtype without a kernel) links, then fails to load with an undefined symbol
-        kernel = [NVCC, "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80", "-Xcompiler", "-fPIC", "-c",
-                  str(CSRC / "wkv7" / "wkv7_cuda" / "wkv7_chunked.cu"), "-o", str(tmp_path / "chunked.o")]
-        assert subprocess.run(kernel, capture_output=True, text=True).returncode == 0
 
-        def symbols(path, flag):  # the mangled names of the namespace's launchers (the last field of nm's lines)
-            listing = subprocess.run(["nm", flag, str(path)], capture_output=True, text=True, check=True)
-            return {line.split()[-1] for line in listing.stdout.splitlines()
-                    if "12wkv7_chunked" in line and "6detail" not in line}
 
-        needed = symbols(tmp_path / "kernel.o", "--undefined-only")
-        assert needed and needed <= symbols(tmp_path / "chunked.o", "--defined-only"), needed
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolkit)")
+def test_chunked_op_calls_only_instantiated_launchers(tmp_path):
+    """wkv7_chunked_op.cu compiles, and every kernel launcher it calls is instantiated in wkv7_chunked.cu."""
+    folder = CSRC / "wkv7" / "wkv7_cuda"
+    assert not undefined_launchers(folder / "wkv7_chunked_op.cu", folder / "wkv7_chunked.cu", "wkv7_chunked", tmp_path)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

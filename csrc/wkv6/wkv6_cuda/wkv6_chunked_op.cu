@@ -35,6 +35,14 @@ const typename CudaType<scalar_t>::type* cuda_ptr(const torch::Tensor& x) {
   return reinterpret_cast<const typename CudaType<scalar_t>::type*>(x.data_ptr<scalar_t>());
 }
 
+// Dispatches over exactly the input types the kernels are instantiated for. (Not AT_DISPATCH_FLOATING_TYPES_AND2:
+// its double case would reference kernels that do not exist, and the library would fail to load with an undefined
+// symbol; double inputs take the step kernel, see kernel_can_run.)
+#define WKV6_DISPATCH_INPUT_TYPES(TYPE, NAME, ...)                                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                      \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // A float32 copy of the state the kernels may overwrite (they update it in place).
 torch::Tensor state_copy(const std::optional<torch::Tensor>& s, const torch::Tensor& like, int64_t B, int64_t H,
                          int64_t N) {
@@ -81,7 +89,7 @@ std::tuple<torch::Tensor, torch::Tensor> wkv6_chunked_forward_cuda(const torch::
   auto y = torch::empty(r.sizes(), r.options().dtype(torch::kFloat));
   auto state = state_copy(initial_state, r, B, H, N);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_chunked_forward", [&] {
+  WKV6_DISPATCH_INPUT_TYPES(r.scalar_type(), "wkv6_chunked_forward", [&] {
     wkv6_chunked::forward(B, T, H, N, cuda_ptr<scalar_t>(rc), cuda_ptr<scalar_t>(kc), cuda_ptr<scalar_t>(vc),
                           cuda_ptr<scalar_t>(wc), uf.data_ptr<float>(), y.data_ptr<float>(), state.data_ptr<float>(),
                           nullptr, stream);
@@ -111,7 +119,7 @@ WKV6Grads wkv6_chunked_backward_cuda(const torch::Tensor& r, const torch::Tensor
   auto dlw_tiles = torch::empty_like(dr_tiles), du_tiles = torch::empty({tiles, B, H, N}, options);
   auto dv = torch::empty({B, T, H, N}, options);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "wkv6_chunked_backward", [&] {
+  WKV6_DISPATCH_INPUT_TYPES(r.scalar_type(), "wkv6_chunked_backward", [&] {
     const auto *rp = cuda_ptr<scalar_t>(rc), *kp = cuda_ptr<scalar_t>(kc), *vp = cuda_ptr<scalar_t>(vc),
                *wp = cuda_ptr<scalar_t>(wc);
     wkv6_chunked::forward(B, T, H, N, rp, kp, vp, wp, uf.data_ptr<float>(), nullptr, end_state.data_ptr<float>(),
