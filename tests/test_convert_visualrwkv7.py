@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TEXT_WIDTH = 64
-TINY_RWKV7 = dict(hidden_size=TEXT_WIDTH, head_size=16, num_layers=3)
+TINY_RWKV7 = dict(hidden_size=TEXT_WIDTH, head_size=16, num_layers=2)
 FIXED_RANKS = (64, 64, 32, 128)  # decay / a / v / gate: the 0B1 and 0B4 files (before the formula ranks)
 FEATURES = 32 + 48 + 4 * 8  # the tiny towers' DINOv2 + SigLIP + folded SAM channels
 IMAGE_TOKEN_ID = 65535  # the original's IMAGE_TOKEN_INDEX
@@ -181,7 +181,7 @@ def test_release_is_detected_and_configured_as_the_original(release, model):
     assert config.text_config.model_type == "visualrwkv_rwkv7"
     assert type(model.model.language_model).__name__ == "Rwkv7Model"
     text = config.text_config
-    assert (text.num_hidden_layers, text.hidden_size, text.head_size, text.intermediate_size) == (3, 64, 16, 256)
+    assert (text.num_hidden_layers, text.hidden_size, text.head_size, text.intermediate_size) == (2, 64, 16, 256)
     ranks = (text.decay_low_rank_dim, text.a_low_rank_dim, text.v_low_rank_dim, text.gate_low_rank_dim)
     assert ranks == FIXED_RANKS
     assert config.vision_config.model_type == "visualrwkv_sam_dino_siglip" and config.vision_config.tiles_per_side == 0
@@ -194,7 +194,7 @@ def test_release_is_detected_and_configured_as_the_original(release, model):
     card = (release.folder / "README.md").read_text()
     assert "# VisualRWKV-7 (v0700) for transformers" in card  # a tiny size: no released row is this model
     assert "| VisualRWKV-7 1.5B (v0700-1B5) | 79.84 | 59.74 | 49.49 | 63.20 |" in card
-    assert "RWKV-7 (x070), 3 layers x 64, vocab 65536, LoRA ranks decay 64 / a 64 / v 32 / gate 128" in card
+    assert "RWKV-7 (x070), 2 layers x 64, vocab 65536, LoRA ranks decay 64 / a 64 / v 32 / gate 128" in card
     assert "rwkv7" in card.split("---")[1]  # the Hub tags
 
 
@@ -350,7 +350,7 @@ def test_x070_variants_and_damaged_language_models_are_refused_naming_keys(origi
     refused(sd | {"rwkv.blocks.1.att.x_x": torch.zeros(1, 1, TEXT_WIDTH)}, r"data-dependent token shift.*"
                                                                           r"'rwkv\.blocks\.1\.att\.x_x'")
     refused(sd | {"rwkv.blocks.0.att.extra": torch.zeros(3)}, r"unexpected tensors.*'rwkv\.blocks\.0\.att\.extra'")
-    refused({k: v for k, v in sd.items() if k != "rwkv.blocks.2.att.g2"}, r"missing tensors.*'rwkv\.blocks\.2\.att\.g2'")
+    refused({k: v for k, v in sd.items() if k != "rwkv.blocks.1.att.g2"}, r"missing tensors.*'rwkv\.blocks\.1\.att\.g2'")
     nan = sd["rwkv.blocks.1.att.w0"].clone()
     nan[0, 0, 3] = float("nan")
     refused(sd | {"rwkv.blocks.1.att.w0": nan}, r"NaN or infinite weights.*'rwkv\.blocks\.1\.att\.w0' \(1 NaN")

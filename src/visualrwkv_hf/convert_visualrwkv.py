@@ -45,10 +45,10 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.utils import logging as hf_logging
 
-from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
-from .configuration_visualrwkv import VisualRWKVConfig
 from . import convert_rwkv6, convert_rwkv7
+from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
+from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import check_state_dict, select_prefix
 from .convert_sam_dino_siglip import (
     ORIGINAL_PREFIXES,
@@ -58,8 +58,8 @@ from .convert_sam_dino_siglip import (
 )
 from .image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
-from .projectors import detect_projector_type
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
+from .projectors import detect_projector_type
 from .remote_code import add_remote_code
 from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
@@ -485,25 +485,27 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
     """README.md for a converted folder (`model_card_template.md`): what it is, how it was converted, how to use it,
     the paper's results."""
     text = config.text_config
-    rwkv7 = text.model_type == convert_rwkv7.Rwkv7Config.model_type
+    rwkv7 = config.rwkv7_text
     size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
     vision = config.vision_config
     if rwkv7:
         release = V7_RELEASES.get((text.num_hidden_layers, text.hidden_size))
         title = f"VisualRWKV-7 {release[0]} (v0700-{release[1]})" if release else "VisualRWKV-7 (v0700)"
-        description = V7_DESCRIPTION
         rows = [
             f"| VisualRWKV-7 {name} (v0700-{tag}){' (this model)' if (name, tag, numbers) == release else ''} | "
             f"{numbers} |"
             for name, tag, numbers in V7_RELEASES.values()
         ]
-        results = "\n".join([V7_RESULTS_HEADER, *rows])
+        description, results = V7_DESCRIPTION, "\n".join([V7_RESULTS_HEADER, *rows])
+    elif config.multi_encoder_vision:
+        family = "VisualRWKV-UHD" if vision.tiles_per_side else "VisualRWKV-HD"
+        release = "v0613" if vision.tiles_per_side else "v0612"
+        title = f"{family} {size} ({release})" if size else family
+        description, results = HD_DESCRIPTION, HD_RESULTS
+    else:
+        title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
+        description, results = V6_DESCRIPTION, V6_RESULTS
     if config.multi_encoder_vision:
-        if not rwkv7:
-            family = "VisualRWKV-UHD" if vision.tiles_per_side else "VisualRWKV-HD"
-            release = "v0613" if vision.tiles_per_side else "v0612"
-            title = f"{family} {size} ({release})" if size else family
-            description, results = HD_DESCRIPTION, HD_RESULTS
         encoder = (
             f"DINOv2 with registers ({_format_sizes(vision_sizes(vision.dino_config))}, block "
             f"{vision.dino_feature_layer}) + SigLIP ({_format_sizes(vision_sizes(vision.siglip_config))}, block "
@@ -511,8 +513,6 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
             + ("whole image and 2 x 2 tiles" if vision.tiles_per_side else "whole image")
         )
     else:
-        title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
-        description, results = V6_DESCRIPTION, V6_RESULTS
         encoder = f"`{vision.model_type}`: {_format_sizes(vision_sizes(vision))}"
     metadata = ModelCardData(
         library_name="transformers",
@@ -626,7 +626,7 @@ def convert_visualrwkv_checkpoint(
     file or a folder holding config.json (default: CLIP ViT-L/14-336), or for VisualRWKV-HD/UHD a JSON object
     `{"dino": {...}, "siglip": {...}, "sam": {...}}` of tower config arguments (default: the released towers);
     `projector_type` overrides how an HD/UHD MLP projector is read ("gated_mlp" or "relu_mlp"); `tokens_per_image`
-    pools a VisualRWKV-7 model's image tokens (a square dividing 32 x 32; 1024 by default). Settings left as None
+    pools a VisualRWKV-7 model's image tokens (g * g with g <= 32; 1024 by default). Settings left as None
     take the released models' (VisualRWKV-6/HD/UHD: bidirectional scan, sandwich prompt, all patches; VisualRWKV-7:
     no scan, images first, 1024 tokens per image). With `push_to_hub`, the finished folder is uploaded to that
     Hub repository. With `remote_code`, the folder also carries this package's code (`auto_map`), so it loads with
