@@ -176,7 +176,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 # -------------------------------------------------------------------------------------------------------- tests
 
 
-def test_release_is_detected_and_configured_as_the_original(release, model):
+def test_release_is_detected_and_configured_as_the_original(release, model, processor):
     config = model.config
     assert config.text_config.model_type == "visualrwkv_rwkv7"
     assert type(model.model.language_model).__name__ == "Rwkv7Model"
@@ -189,6 +189,9 @@ def test_release_is_detected_and_configured_as_the_original(release, model):
     assert (config.scan_mode, config.image_position, config.image_token_id) == ("unidirectional", "first", 65535)
     assert (config.grid_size, config.num_image_tokens) == (-1, TOKENS_PER_IMAGE)
     assert config.dtype == torch.float32  # the file's own
+    assert type(processor.image_processor).__name__ == "SamDinoSiglipImageProcessor"
+    assert (processor.image_token_id, processor.image_position, processor.num_image_tokens) == (65535, "first", 1024)
+    assert processor.prompt_pad_multiple == 0  # the original's left padding is an option, off by default
     generation = model.generation_config
     assert (generation.eos_token_id, generation.pad_token_id, generation.do_sample) == (STOP_TOKEN_ID, 0, False)
     card = (release.folder / "README.md").read_text()
@@ -378,6 +381,8 @@ def test_settings_that_do_not_apply_are_refused(original):
     refused(sd, "reads the image tokens in one direction.*scan_mode 'bidirectional' does not apply",
             scan_mode="bidirectional")
     refused(sd, "give its tokens per image as tokens_per_image", grid_size=4)
+    with pytest.raises(ValueError, match=r"reads 112 channels, but these towers give 3200 per view"):
+        convert_original_to_hf(OriginalCheckpoint.from_full(sd))  # the released towers by default
     hd = {f"rwkv.{k}": v for k, v in random_blinkdl_rwkv6(hidden_size=TEXT_WIDTH, head_size=16, num_layers=2,
                                                               mix_rank=8, decay_rank=16).items()}
     hd |= {k: v for k, v in sd.items() if not k.startswith("rwkv.")}
