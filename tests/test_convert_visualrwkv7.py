@@ -343,17 +343,18 @@ def test_a_file_without_its_vision_tower_is_refused_naming_the_keys(original):
     with pytest.raises(ValueError, match=r"RWKV-7 \(x070\) language model but not VisualRWKV-7's vision tower.*"
                                          r"'vit\.dino_featurizer\.\*'.*convert-rwkv7"):
         OriginalCheckpoint.from_full(no_tower)
-    clip_tower = {k: v for k, v in no_tower.items()} | {"vit.vision_model.embeddings.class_embedding": torch.zeros(8)}
+    clip_tower = no_tower | {"vit.vision_model.embeddings.class_embedding": torch.zeros(8)}
     with pytest.raises(ValueError, match="but not VisualRWKV-7's vision tower"):
         OriginalCheckpoint.from_full(clip_tower)
 
 
 def test_x070_variants_and_damaged_language_models_are_refused_naming_keys(original):
     sd = original
-    refused(sd | {"rwkv.blocks.1.att.x_x": torch.zeros(1, 1, TEXT_WIDTH)}, r"data-dependent token shift.*"
-                                                                          r"'rwkv\.blocks\.1\.att\.x_x'")
+    variant = sd | {"rwkv.blocks.1.att.x_x": torch.zeros(1, 1, TEXT_WIDTH)}
+    refused(variant, r"data-dependent token shift.*'rwkv\.blocks\.1\.att\.x_x'")
     refused(sd | {"rwkv.blocks.0.att.extra": torch.zeros(3)}, r"unexpected tensors.*'rwkv\.blocks\.0\.att\.extra'")
-    refused({k: v for k, v in sd.items() if k != "rwkv.blocks.1.att.g2"}, r"missing tensors.*'rwkv\.blocks\.1\.att\.g2'")
+    missing = {k: v for k, v in sd.items() if k != "rwkv.blocks.1.att.g2"}
+    refused(missing, r"missing tensors.*'rwkv\.blocks\.1\.att\.g2'")
     nan = sd["rwkv.blocks.1.att.w0"].clone()
     nan[0, 0, 3] = float("nan")
     refused(sd | {"rwkv.blocks.1.att.w0": nan}, r"NaN or infinite weights.*'rwkv\.blocks\.1\.att\.w0' \(1 NaN")
@@ -361,8 +362,11 @@ def test_x070_variants_and_damaged_language_models_are_refused_naming_keys(origi
 
 def test_other_projectors_and_tiles_are_refused_with_an_rwkv7_language_model(original):
     sd = {k: v for k, v in original.items() if not k.startswith("proj.")}
-    hd = {"proj.proj.weight": torch.zeros(TEXT_WIDTH, FEATURES), "proj.gate.weight": torch.zeros(TEXT_WIDTH, TEXT_WIDTH),
-          "proj.o_proj.weight": torch.zeros(TEXT_WIDTH, TEXT_WIDTH)}
+    hd = {
+        "proj.proj.weight": torch.zeros(TEXT_WIDTH, FEATURES),
+        "proj.gate.weight": torch.zeros(TEXT_WIDTH, TEXT_WIDTH),
+        "proj.o_proj.weight": torch.zeros(TEXT_WIDTH, TEXT_WIDTH),
+    }
     refused(sd | hd, r"RWKV-7 \(x070\) language model with the gated_mlp projector tensors")
     tiles = {"proj.gate.weight": torch.zeros(2 * FEATURES, 2 * FEATURES),
              "proj.o_proj.weight": torch.zeros(TEXT_WIDTH, 2 * FEATURES),

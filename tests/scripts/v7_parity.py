@@ -30,8 +30,9 @@ def main() -> None:
         )
         generated = model.generate(**inputs, max_new_tokens=v7.NEW_TOKENS, eos_token_id=None, suppress_tokens=None)
         same = generated[0, len(ids) :].tolist() == reference["greedy"].tolist()
+        same_ids = ids == v7.original_prompt_ids(v7.QUESTION, count)
         print(
-            f"{count} image(s), {len(ids)} prompt tokens: ids == original's {ids == v7.original_prompt_ids(v7.QUESTION, count)}, "
+            f"{count} image(s), {len(ids)} prompt tokens: ids == original's {same_ids}, "
             f"logits {v7.relative_error(model(**inputs).logits[0], reference['logits']):.2g}, "
             f"greedy {v7.NEW_TOKENS} tokens identical {same}"
         )
@@ -44,12 +45,13 @@ def main() -> None:
     )["logits"]
     logits = model(**inputs).logits[0]
     plain = model(**processor(images=[images[:1]], text=[v7.QUESTION], return_tensors="pt")).logits[0]
+    same_token = bool(plain[-1].argmax() == reference[-1].argmax())
     print(
         f"prompt_pad_multiple=16 ({pad} pad tokens) vs the original's padded forward: logits after the pad "
         f"{v7.relative_error(logits[pad:], reference[pad:]):.2g}, first generated token "
         f"{v7.relative_error(logits[-1], reference[-1]):.2g}. Unpadded prompt vs the original's padded forward: "
         f'"User: " {v7.relative_error(plain[:3], reference[pad : pad + 3]):.2g}, first generated token '
-        f"{v7.relative_error(plain[-1], reference[-1]):.2g} (same argmax: {bool(plain[-1].argmax() == reference[-1].argmax())})"
+        f"{v7.relative_error(plain[-1], reference[-1]):.2g} (same argmax: {same_token})"
     )
 
 if __name__ == "__main__":
