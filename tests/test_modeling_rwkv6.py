@@ -288,6 +288,104 @@ def left_padded(rows):
     return ids, mask
 
 
+def laid_out(rows, layouts):
+    """A batch of `rows` laid out by `layouts`, one string per row: "r" the row's next token, "p" padding (id 0)."""
+    ids = torch.zeros(len(rows), len(layouts[0]), dtype=torch.long)
+    mask = torch.tensor([[char == "r" for char in layout] for layout in layouts], dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, mask[i].bool()] = row
+    return ids, mask
+
+
+def row_states(cache, i):
+    """A copy of row `i` of every state a cache holds (per block, both token-shift vectors and the WKV state): the
+    cache is updated in place."""
+    return [
+        state[i].clone() for layer in cache.layers for state in (*layer.conv_states.values(), layer.recurrent_states[0])
+    ]
+
+
+def assert_padding_anywhere_is_exact(model, first_layouts, second_layouts, decode_steps=3):
+    """
+    A batch whose rows are padded anywhere (left, middle, right), then a second call continuing its cache with rows
+    padded differently, then one-token decode steps: at every real position each row's logits, and after every call
+    each row's cache (both token shifts and the WKV state), equal those of the row run alone without padding.
+    """
+    batch = len(first_layouts)
+    calls = []
+    for seed, layouts in enumerate((first_layouts, second_layouts)):
+        rows = [random_ids(1, layout.count("r"), seed=10 * seed + i)[0] for i, layout in enumerate(layouts)]
+        calls.append((rows, *laid_out(rows, layouts)))
+    steps = random_ids(batch, decode_steps, seed=99)
+
+    cache, past_mask, batched = None, torch.zeros(batch, 0, dtype=torch.long), []
+    for _, ids, mask in calls:
+        past_mask = torch.cat([past_mask, mask], 1)  # the mask covering the cached positions too, as generate's
+        out = model(ids, attention_mask=past_mask, cache=cache, use_cache=True)
+        cache = out.cache
+        batched.append((out.logits, [row_states(cache, i) for i in range(batch)]))
+    step_logits = [model(steps[:, t : t + 1], cache=cache).logits[:, 0] for t in range(decode_steps)]
+
+    for i in range(batch):
+        alone_cache = None
+        for (rows, _, mask), (logits, states) in zip(calls, batched, strict=True):
+            out = model(rows[i][None], cache=alone_cache, use_cache=True)
+            alone_cache = out.cache
+            torch.testing.assert_close(logits[i, mask[i].bool()], out.logits[0], rtol=1e-5, atol=1e-5)
+            for padded_state, alone_state in zip(states[i], row_states(alone_cache, 0), strict=True):
+                torch.testing.assert_close(padded_state, alone_state, rtol=1e-4, atol=1e-4)
+        for t in range(decode_steps):
+            alone = model(steps[i : i + 1, t : t + 1], cache=alone_cache).logits[0, 0]
+            torch.testing.assert_close(step_logits[t][i], alone, rtol=1e-5, atol=1e-5)
+
+
+# Rows padded in the middle and at the end, on the left, on the right, all over
+FIRST_LAYOUTS = ("rrpprrrpp", "pprrrrrrr", "rrrrrpppp", "prprprrpr")
+# Prompts for generate, which picks the first new token from the last column's logits: that column is real
+PROMPT_LAYOUTS = ("rrpprrrrr", "pprrrrrrr", "rrrrrpppr", "prprprrpr")
+# (first call, second call) layouts: padding within the first call; left padding only (exact before padding could
+# lie anywhere) followed by a left-padded continuation (follow-ups of different lengths); both calls padded anywhere
+PADDED_CALLS = {
+    "within_a_call": (FIRST_LAYOUTS, ("rrr",) * 4),
+    "continuing_a_cache": (("pprrrrrrr", "rrrrrrrrr", "pppprrrrr", "ppppppprr"), ("pprr", "rrrr", "prrr", "pppr")),
+    "both": (FIRST_LAYOUTS, ("pprr", "rrrr", "rprp", "prpr")),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("calls", PADDED_CALLS)
+def test_padding_anywhere_in_a_row_or_between_calls_is_exact(calls, backend, monkeypatch):
+    monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", backend)
+    assert_padding_anywhere_is_exact(tiny_model(), *PADDED_CALLS[calls])
+
+
+@torch.no_grad()
+def test_padded_steps_after_real_tokens_leave_the_wkv_state_untouched():
+    # A padded step's input is zero but its token shift holds the last real token, so its key would not be zero:
+    # the key is masked with the decay, and the WKV state passes padded steps bit for bit.
+    model = tiny_model()
+    ids = random_ids(1, 9)
+    cache = model(ids[:, :5]).cache
+    before = [layer.recurrent_states[0].clone() for layer in cache.layers]
+    model(ids[:, 5:], attention_mask=torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    for layer, state in zip(cache.layers, before):
+        torch.testing.assert_close(layer.recurrent_states[0], state, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generate_from_rows_padded_anywhere_equals_each_row_alone():
+    model = tiny_model()
+    rows = [random_ids(1, layout.count("r"), seed=i)[0] for i, layout in enumerate(PROMPT_LAYOUTS)]
+    ids, mask = laid_out(rows, PROMPT_LAYOUTS)
+    batch = greedy(model, ids, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = greedy(model, row[None])
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, len(row) :])
+        for batch_logits, alone_logits in zip(batch.logits, alone.logits, strict=True):
+            torch.testing.assert_close(batch_logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_the_cache_counts_every_position_it_has_seen_padding_included():
     model = tiny_model()
@@ -336,6 +434,12 @@ def test_prompt_reuse_in_a_left_padded_batch_equals_a_fresh_generate():
     gap_mask[1, ids.shape[1] : ids.shape[1] + 2] = 0
     reused = greedy(model, prompt, attention_mask=gap_mask, cache=copy.deepcopy(prefix_cache))
     assert_same_generation(reused, greedy(model, prompt, attention_mask=gap_mask))
+    # ... and the row with the gap generates what its real tokens generate alone
+    row = prompt[1, gap_mask[1].bool()][None]
+    alone = greedy(model, row)
+    assert torch.equal(reused.sequences[1, prompt.shape[1] :], alone.sequences[0, row.shape[1] :])
+    for reused_logits, alone_logits in zip(reused.logits, alone.logits, strict=True):
+        torch.testing.assert_close(reused_logits[1], alone_logits[0], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

@@ -12,7 +12,15 @@ from visualrwkv_hf.ops import wkv7_reference
 from visualrwkv_hf.remote_code import add_remote_code
 
 from rwkv7_reference import tiny_checkpoint
-from test_modeling_rwkv6 import assert_same_generation, greedy, left_padded
+from test_modeling_rwkv6 import (
+    PADDED_CALLS,
+    PROMPT_LAYOUTS,
+    assert_padding_anywhere_is_exact,
+    assert_same_generation,
+    greedy,
+    laid_out,
+    left_padded,
+)
 
 VOCAB = 97
 
@@ -159,6 +167,25 @@ def test_padded_steps_after_real_tokens_leave_the_wkv_state_untouched():
     model(ids[:, 5:], attention_mask=torch.zeros(1, 9, dtype=torch.long), cache=cache)
     for layer, state in zip(cache.layers, before):
         torch.testing.assert_close(layer.recurrent_states[0], state, rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("calls", PADDED_CALLS)
+def test_padding_anywhere_in_a_row_or_between_calls_is_exact(calls):
+    assert_padding_anywhere_is_exact(tiny_model(), *PADDED_CALLS[calls])
+
+
+@torch.no_grad()
+def test_generate_from_rows_padded_anywhere_equals_each_row_alone():
+    model = tiny_model()
+    rows = [random_ids(1, layout.count("r"), seed=i)[0] for i, layout in enumerate(PROMPT_LAYOUTS)]
+    ids, mask = laid_out(rows, PROMPT_LAYOUTS)
+    batch = greedy(model, ids, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = greedy(model, row[None])
+        assert torch.equal(batch.sequences[i, ids.shape[1] :], alone.sequences[0, len(row) :])
+        for batch_logits, alone_logits in zip(batch.logits, alone.logits, strict=True):
+            torch.testing.assert_close(batch_logits[i], alone_logits[0], rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

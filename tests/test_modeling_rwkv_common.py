@@ -32,6 +32,38 @@ def test_token_shift_reads_the_cached_last_token_and_caches_the_new_one():
     assert torch.equal(token_shift(first, None, 0, TIME_MIX_SHIFT), shifted)  # without a cache: zeros first
 
 
+def test_token_shift_skips_padding_wherever_it_lies():
+    # x_{t-1} is the last real position before t, else the cached last token (zeros without one); the cache keeps
+    # the last real token, or its previous value for a row with none in the call. Checked against a loop.
+    config = tiny_config(num_hidden_layers=1)
+    x, previous = torch.randn(4, 6, 32), torch.randn(4, 1, 32)
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+
+    def loop(last):
+        shifted = torch.empty_like(x)
+        last = last.clone()
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                shifted[b, t] = last[b]
+                if mask[b, t]:
+                    last[b] = x[b, t]
+        return shifted, last
+
+    expected, expected_last = loop(torch.zeros(4, 32))
+    assert torch.equal(token_shift(x, None, 0, TIME_MIX_SHIFT, mask), expected)
+    fresh = DynamicCache(config=config)
+    assert torch.equal(token_shift(x, fresh, 0, TIME_MIX_SHIFT, mask), expected)
+    assert torch.equal(fresh.get_conv_state(0, TIME_MIX_SHIFT)[..., 0], expected_last)
+
+    cache = DynamicCache(config=config)
+    token_shift(previous, cache, 0, TIME_MIX_SHIFT)
+    expected, expected_last = loop(previous[:, 0])
+    assert torch.equal(token_shift(x, cache, 0, TIME_MIX_SHIFT, mask), expected)
+    assert torch.equal(cache.get_conv_state(0, TIME_MIX_SHIFT)[..., 0], expected_last)
+    assert torch.equal(expected_last[3], previous[3, 0])  # the all-padding row kept its cached token
+    assert cache.get_seq_length() == 1 + 6  # padded positions are counted as seen
+
+
 @torch.no_grad()
 def test_the_wkv_state_is_read_through_its_accessor():
     model = tiny_model()

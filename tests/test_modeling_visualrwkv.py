@@ -361,6 +361,29 @@ def test_padded_batch_generates_what_each_row_generates_alone(scan_mode):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("scan_mode", ["bidirectional", "multidirectional"])
+def test_padding_inside_and_after_image_rows_equals_each_row_alone(scan_mode):
+    # Padding between text tokens before the image, between the image and the text, and on the right (the training
+    # collators' side): every block reads its own order with the padding skipped by the token shifts.
+    model = tiny_model(scan_mode=scan_mode)
+    rows, row_images = [prompt(4, 5, 17, seed=1), prompt(2, 3, 17, seed=2)], images(2, seed=7)
+    real = torch.ones(2, 30, dtype=torch.bool)
+    real[0, [1, 2, 28, 29]] = False  # two pads after the first text token, two at the end
+    real[1, [0, 20, 21, 22, 23, 24, 25, 29]] = False  # one pad first, six after the image, one at the end
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, real[i]] = row[0]
+    batch = model(ids, attention_mask=real.long(), pixel_values=row_images)
+    for i, row in enumerate(rows):
+        alone = model(row, pixel_values=row_images[i : i + 1])
+        torch.testing.assert_close(batch.logits[i, real[i]], alone.logits[0], rtol=1e-4, atol=1e-4)
+        for padded_state, alone_state in zip(
+            text_model_tests.row_states(batch.cache, i), text_model_tests.row_states(alone.cache, 0), strict=True
+        ):
+            torch.testing.assert_close(padded_state, alone_state, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
 def test_text_only_runs_the_language_model_alone():
     model = tiny_model()
     ids = torch.randint(1, IMAGE, (2, 8), generator=torch.Generator().manual_seed(3))

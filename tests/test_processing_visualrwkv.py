@@ -534,3 +534,122 @@ def test_folders_saved_with_the_earlier_template_get_the_current_one(tmp_path):
     own = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     (tmp_path / "chat_template.jinja").write_text(own, encoding="utf-8")
     assert AutoProcessor.from_pretrained(tmp_path).chat_template == own
+
+
+# ---------------------------------------------------------------- VisualRWKV-7: several images first, its ids, padding
+
+V7_IMAGE_ID = 65535  # the original's placeholder id
+
+
+def v7_processor(**kwargs) -> VisualRWKVProcessor:
+    # CLIP's image processor keeps these fast: the prompt ids do not depend on it
+    return VisualRWKVProcessor(
+        tokenizer=RwkvWorldTokenizer(), image_position="first", num_image_tokens=1024, image_token_id=V7_IMAGE_ID,
+        **kwargs,
+    )
+
+
+def test_v7_ids_for_one_image_are_the_spec_ids(reference, image):
+    ids = v7_processor()(images=image, text="What color is the bus?")["input_ids"][0]
+    tail = reference.encode("\nWhat color is the bus?\n\n")
+    assert tail[0] == 11 and tail[-1] == 261
+    assert ids == USER_PREFIX + [V7_IMAGE_ID] * 1024 + tail + GENERATION_PROMPT
+
+
+def test_v7_ids_for_several_images_put_one_line_per_image_first(reference, image):
+    """The original's `tokenize_with_image_token`: the prompt split at each "<image>", every piece tokenized alone."""
+    processor = v7_processor()
+    chat = [
+        {"role": "user", "content": [{"type": "text", "text": "Compare."}, {"type": "image"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Same."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+    ]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert prompt == "User: <image>\n<image>\nCompare.\n\nAssistant: Same.\n\nUser: <image>\nAnd this?\n\nAssistant:"
+    ids = processor(images=[image] * 3, text=prompt)["input_ids"][0]
+    block = [V7_IMAGE_ID] * 1024
+    first_turn = USER_PREFIX + block + reference.encode("\n") + block + reference.encode("\nCompare.\n\n")
+    assert ids == (
+        first_turn + reference.encode("Assistant: Same.\n\n") + USER_PREFIX + block
+        + reference.encode("\nAnd this?\n\n") + GENERATION_PROMPT
+    )
+    # a plain question with several images is the one-turn chat
+    plain = processor(images=[image, image], text="Compare.", return_tensors="pt")
+    assert plain["input_ids"][0].tolist() == first_turn + GENERATION_PROMPT
+    assert plain["pixel_values"].shape == (2, 3, 336, 336)
+
+
+def test_v7_template_matches_the_original_rules_on_random_conversations():
+    """Each user turn's k images become k lines "<image>" at its start, then the text (VisualRWKV-v7/v7.00's
+    dataset.py: markers removed, the image lines prepended)."""
+    processor, rng = v7_processor(), random.Random(1)
+    pieces = ["a", "b c", " ", "\n", "\n", "é", "?", "x\ny", "<image>", "<image>"]
+
+    def original(role, text):
+        images = text.count("<image>") if role == "user" else 0
+        text = re.sub(r"\n(\s*\n)+", "\n", text.replace("<image>", "").strip())
+        return ("\n".join(["<image>"] * images) + "\n" + text).strip() if images else text
+
+    for _ in range(200):
+        rendered, chat = "", []
+        for turn in range(rng.randint(1, 5)):
+            role = "user" if turn % 2 == 0 else "assistant"
+            text = "".join(rng.choice(pieces if role == "user" else pieces[:-2]) for _ in range(rng.randint(0, 8)))
+            # the images as parts, anywhere around the text (parts of one message are joined by "\n")
+            parts = [{"type": "image"}] * text.count("<image>")
+            parts.append({"type": "text", "text": text.replace("<image>", "")})
+            chat.append({"role": role, "content": rng.sample(parts, len(parts))})
+            formatted = original(role, text)
+            speaker = "User" if role == "user" else "Assistant"
+            rendered += f"{speaker}: {formatted}\n\n" if formatted else f"{speaker}:"
+        assert processor.apply_chat_template(chat) == rendered
+
+
+def test_images_go_to_the_prompts_by_their_markers(image):
+    processor = v7_processor()
+    texts = ["<image><image> Compare.", "Hi", "<image>What?"]
+    by_markers = processor(images=[image] * 3, text=texts, padding=True)
+    nested = processor(images=[[image, image], [], [image]], text=texts, padding=True)
+    assert by_markers["input_ids"] == nested["input_ids"]
+    assert [row.count(V7_IMAGE_ID) for row in nested["input_ids"]] == [2048, 0, 1024]
+    with pytest.raises(ValueError, match="Got 2 images for 3 prompts, which hold 3 '<image>' markers"):
+        processor(images=[image] * 2, text=texts)
+
+
+def test_image_token_id_defaults_to_the_tokenizers_and_is_saved(tmp_path, image):
+    assert VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer()).image_token_id == IMAGE_ID
+    v7_processor(prompt_pad_multiple=16).save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert (loaded.image_token_id, loaded.prompt_pad_multiple, loaded.image_position) == (V7_IMAGE_ID, 16, "first")
+    assert loaded(images=image, text="Hi")["input_ids"][0].count(V7_IMAGE_ID) == 1024
+    for bad, message in ((-1, "`image_token_id` must be a non-negative token id"), ("x", "non-negative")):
+        with pytest.raises(ValueError, match=message):
+            VisualRWKVProcessor(tokenizer=RwkvWorldTokenizer(), image_token_id=bad)
+
+
+@pytest.mark.parametrize("multiple", [16, 7])
+def test_prompt_pad_multiple_prepends_turn_ends_per_row(image, multiple):
+    plain, padded = v7_processor(), v7_processor(prompt_pad_multiple=multiple)
+    texts = ["Hi", "What color is the bus?", "Describe it in a few more words, please."]
+    for text, images in zip(texts, ([], [image], [image, image])):
+        ids = plain(images=images or None, text=text)["input_ids"][0]
+        pad = (multiple - len(ids) % multiple) % multiple
+        assert padded(images=images or None, text=text)["input_ids"][0] == [261] * pad + ids
+    # in a batch, each row is padded by its own length, as real tokens, then the batch is left-padded as usual
+    batch = padded(images=[[], [image]], text=texts[:2], padding=True)
+    for row, mask, text, images in zip(batch["input_ids"], batch["attention_mask"], texts, ([], [image])):
+        alone = padded(images=images or None, text=text)["input_ids"][0]
+        assert len(alone) % multiple == 0
+        assert [token for token, keep in zip(row, mask) if keep] == alone
+    # apply_chat_template tokenizes through the same path; the training collators' turns stay unpadded
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
+    templated = padded.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert templated["input_ids"][0] == padded(images=image, text="Hi")["input_ids"][0]
+    prompt = padded.apply_chat_template(chat, add_generation_prompt=True)
+    assert sum(padded.tokenize_turns(prompt), []) == plain(images=image, text="Hi")["input_ids"][0]
+
+
+def test_prompt_pad_multiple_is_refused_unless_a_non_negative_integer():
+    for bad in (-16, 1.5, "16"):
+        with pytest.raises(ValueError, match="`prompt_pad_multiple` must be 0 \\(no padding\\) or a positive integer"):
+            v7_processor(prompt_pad_multiple=bad)

@@ -77,7 +77,7 @@ class Rwkv6TimeMix(nn.Module):
         H, N = self.num_heads, self.head_size
         initial_state = previous_wkv_state(cache, self.layer_idx)  # before the token shift marks the layer as seen
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT) - x
+        dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT, padding_mask) - x
         slots = len(TIME_MIX_SLOTS)
         lora = torch.tanh(torch.addcmul(x, dx, self.time_maa_x) @ self.time_maa_w1)
         # All five slots at once (few large ops rather than many small ones: the decode step is overhead-bound):
@@ -95,8 +95,10 @@ class Rwkv6TimeMix(nn.Module):
         decay_lora = torch.tanh(x_w.reshape(B * T, C) @ self.time_decay_w1)
         w = torch.addmm(self.time_decay, decay_lora, self.time_decay_w2).view(B, T, C)
         if padding_mask is not None:
-            # A padded step must leave the state untouched: k is already 0 there, and decay exp(-exp(-inf)) = 1.
-            w = w.masked_fill(~padding_mask.bool()[:, :, None], float("-inf"))
+            # A padded step must leave the state untouched: no key, and decay exp(-exp(-inf)) = 1. (Its input is
+            # zero, but its token shift is the last real token, so its key is not.)
+            pad = ~padding_mask.bool()[:, :, None]
+            k, w = k.masked_fill(pad, 0), w.masked_fill(pad, float("-inf"))
 
         y, state = self.wkv(
             r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N),
@@ -135,7 +137,7 @@ class Rwkv6ChannelMix(nn.Module):
     ) -> torch.Tensor:
         """`output_scale`: a power of two the output is scaled by (the float16 guard, see `Rwkv6Block`)."""
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, CHANNEL_MIX_SHIFT) - x
+        dx = token_shift(x, cache, self.layer_idx, CHANNEL_MIX_SHIFT, padding_mask) - x
         k = relu_squared(self.ffn_key(torch.addcmul(x, dx, self.time_maa_k)))
         if output_scale != 1.0:
             k = k * output_scale  # before the value projection, whose own output may be past the float16 range
@@ -273,8 +275,9 @@ class Rwkv6Model(Rwkv6PreTrainedModel):
         """
         Args:
             attention_mask: (batch, seq) with 1 for real tokens and 0 for padding; padded positions leave every token
-                shift and WKV state untouched, so a left-padded row computes exactly what it computes alone. May
-                also cover cached positions (batch, past + seq): only its last `seq` columns are used.
+                shift and WKV state untouched wherever they lie (left, middle, right, or between a cache and new
+                tokens), so each row computes at its real positions exactly what it computes alone. May also cover
+                cached positions (batch, past + seq): only its last `seq` columns are used.
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it, as in
                 transformers' models.

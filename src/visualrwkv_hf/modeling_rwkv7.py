@@ -90,7 +90,7 @@ class Rwkv7TimeMix(nn.Module):
         H, N = self.num_heads, self.head_size
         initial_state = previous_wkv_state(cache, self.layer_idx)  # before the token shift marks the layer as seen
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT) - x
+        dx = token_shift(x, cache, self.layer_idx, TIME_MIX_SHIFT, padding_mask) - x
         mixes = torch.stack([getattr(self, f"x_{slot}") for slot in TIME_MIX_SLOTS])
         x_r, x_w, x_k, x_v, x_a, x_g = torch.addcmul(x, dx, mixes[:, None, None]).unbind(0)
 
@@ -141,7 +141,7 @@ class Rwkv7ChannelMix(nn.Module):
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         x = mask_padding(hidden_states, padding_mask)
-        dx = token_shift(x, cache, self.layer_idx, CHANNEL_MIX_SHIFT) - x
+        dx = token_shift(x, cache, self.layer_idx, CHANNEL_MIX_SHIFT, padding_mask) - x
         return self.ffn_value(relu_squared(self.ffn_key(torch.addcmul(x, dx, self.x_k))))
 
 
@@ -246,8 +246,9 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         """
         Args:
             attention_mask: (batch, seq) with 1 for real tokens and 0 for padding; padded positions leave every token
-                shift and WKV state untouched, so a left-padded row computes exactly what it computes alone. May
-                also cover cached positions (batch, past + seq): only its last `seq` columns are used.
+                shift and WKV state untouched wherever they lie (left, middle, right, or between a cache and new
+                tokens), so each row computes at its real positions exactly what it computes alone. May also cover
+                cached positions (batch, past + seq): only its last `seq` columns are used.
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
         """

@@ -33,17 +33,32 @@ WKV_STATE = 0
 
 
 def mask_padding(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero padded positions so they feed nothing into a token shift or the WKV state."""
+    """Zero padded positions, so that what earlier blocks left there feeds nothing (the time-mix also masks their key
+    and decay: a padded step leaves the WKV state untouched)."""
     if padding_mask is None:
         return hidden_states
     return hidden_states * padding_mask[:, :, None].to(hidden_states.dtype)
 
 
-def token_shift(hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, slot: int) -> torch.Tensor:
+def token_shift(
+    hidden_states: torch.Tensor,
+    cache: Cache | None,
+    layer_idx: int,
+    slot: int,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
     Returns x_{t-1} for every t (the cached last token, or zeros, before t = 0) and caches the new last token in conv
     slot `slot` (`TIME_MIX_SHIFT` or `CHANNEL_MIX_SHIFT`) of block `layer_idx`: a one-column "conv" state (B, C, 1).
+
+    With a `padding_mask` ((B, T), 0 = padding) padding is skipped wherever it lies: x_{t-1} is the last real position
+    before t (the cached last token, or zeros, if the row has none before t in this call), and the cache keeps the
+    row's last real token (its previous value if the row has none in this call). So a row padded on the left, in the
+    middle or on the right, or continuing a cache after padding, computes at its real positions and leaves in the
+    cache exactly what it does alone.
     """
+    if padding_mask is not None:
+        return _token_shift_over_padding(hidden_states, cache, layer_idx, slot, padding_mask)
     if cache is None or not cache.has_previous_state(layer_idx, slot):
         if cache is not None:
             cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, slot, conv_kernel_size=1)
@@ -51,6 +66,29 @@ def token_shift(hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int
     # (B, C, 1 + T): the cached last token, then this call's positions; one copy, as the shift itself needs
     window = cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, slot, conv_kernel_size=1)
     return window[..., :-1].transpose(1, 2).to(hidden_states.dtype)
+
+
+def _token_shift_over_padding(
+    hidden_states: torch.Tensor, cache: Cache | None, layer_idx: int, slot: int, padding_mask: torch.Tensor
+) -> torch.Tensor:
+    """`token_shift` for a call holding padding: one running maximum over the real positions and one gather."""
+    B, T, C = hidden_states.shape
+    if cache is not None and cache.has_previous_state(layer_idx, slot):
+        window = cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, slot, conv_kernel_size=1)
+        window = window.transpose(1, 2).to(hidden_states.dtype)
+    else:
+        if cache is not None:  # marks the slot as seen and counts this call's positions, padding included
+            cache.update_conv_state(hidden_states.transpose(1, 2), layer_idx, slot, conv_kernel_size=1)
+        window = F.pad(hidden_states, (0, 0, 1, 0))
+    # window[:, i] holds position i - 1 (i = 0: the cached last token or zeros). source[:, t] is the window index of
+    # the last real position before t (0 if none), and its last column that of the row's last real position.
+    real_index = torch.arange(1, T + 1, device=padding_mask.device) * padding_mask.bool()
+    source = F.pad(real_index.cummax(dim=1).values, (1, 0))
+    shifted = window.gather(1, source[:, :, None].expand(B, T + 1, C))
+    if cache is not None:
+        # the update above cached position T - 1, which may be padding: keep the last real token instead
+        cache.get_conv_state(layer_idx, slot).copy_(shifted[:, -1:].transpose(1, 2))
+    return shifted[:, :-1]
 
 
 def previous_wkv_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:

@@ -236,7 +236,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             pixel_values: One image per placeholder span, row by row and left to right within a row; needed whenever
                 the call holds placeholders (with a cache, only the call that holds the image spans, usually the
                 prefill).
-            attention_mask: (batch, seq) 1 for real tokens, 0 for (left) padding.
+            attention_mask: (batch, seq) 1 for real tokens, 0 for padding (wherever it lies).
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
             mm_encoder_outputs: `{"image": model.get_image_features(pixel_values)}` instead of `pixel_values`: the

@@ -1,10 +1,10 @@
 """The VisualRWKV processor: images -> `pixel_values`, chats -> the prompt format VisualRWKV was trained with.
 
-Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py`, and `VisualRWKV-v7/v7.00/src/dataset.py`). A human turn is `"User: " + text + "\\n\\n"`, an
-assistant turn `"Assistant: " + text + "\\n\\n"`, an empty turn just `"User:"` / `"Assistant:"` (that is how the
-generation prompt `"Assistant:"` is made); no system prompt, no BOS. Turn text is stripped and runs of blank lines
-inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The user turn that holds the image (an
-`{"type": "image"}` part) gets `"<image>"` placed by `image_position`:
+Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py` and `VisualRWKV-v7/v7.00/src/dataset.py`). A human
+turn is `"User: " + text + "\\n\\n"`, an assistant turn `"Assistant: " + text + "\\n\\n"`, an empty turn just
+`"User:"` / `"Assistant:"` (that is how the generation prompt `"Assistant:"` is made); no system prompt, no BOS. Turn
+text is stripped and runs of blank lines inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn.
+The user turn that holds the image (an `{"type": "image"}` part) gets `"<image>"` placed by `image_position`:
 
 * `"first"`: `"<image>\\n" + text`; with several images (VisualRWKV-7's format, the only position that takes more
   than one), a user turn holding k image parts starts with k lines `"<image>"`, then `"\\n"` + text;
@@ -27,8 +27,8 @@ Rules for what the original never saw:
   prompt, so its text opens the first user message, followed by `"\\n"`, and follows that message's rules from there
   (in the sandwich it is repeated with the question after the image). Anything else the model cannot take (other
   roles, a system message later on, more than one image with `"middle"` / `"last"`, an image outside a user message,
-  video or audio parts, an empty conversation) is refused by the chat template with a message saying so. Folders saved with this package's
-  earlier chat templates get the current one when loaded; a template of one's own is kept.
+  video or audio parts, an empty conversation) is refused by the chat template with a message saying so. Folders
+  saved with this package's earlier chat templates get the current one when loaded; a template of one's own is kept.
 
 Tokenization is per segment, as the original does it: each turn on its own, and in the image turn the text on either
 side of the image on its own (tokenizing the joined prompt could merge tokens across those boundaries). The image
@@ -397,8 +397,8 @@ class VisualRWKVProcessor(ProcessorMixin):
                     )
                 if markers > num_images:
                     raise ValueError(
-                        f"Prompt {index} has {describe_images(num_images)} and holds {markers} {IMAGE_TOKEN!r} markers; "
-                        f"a prompt with images cannot also hold the text {IMAGE_TOKEN!r}."
+                        f"Prompt {index} has {describe_images(num_images)} and holds {markers} {IMAGE_TOKEN!r} "
+                        f"markers; a prompt with images cannot also hold the text {IMAGE_TOKEN!r}."
                     )
                 if formatted and markers < num_images:
                     raise ValueError(
