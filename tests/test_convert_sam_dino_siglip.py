@@ -253,16 +253,9 @@ def test_wrong_towers_and_wrong_projector_choices_are_refused(release, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_visualrwkv7_checkpoint_is_recognised_and_refused(release):
-    state_dict = dict(release.state_dict)
-    state_dict["rwkv.blocks.0.att.x_r"] = torch.zeros(1, 1, TEXT_WIDTH)
-    with pytest.raises(ValueError, match=r"VisualRWKV-7 \(v0700\) checkpoint: its language model is RWKV-7"):
-        convert_original_to_hf(OriginalCheckpoint.from_full(state_dict), vision_config=TINY_VISION_CONFIG)
-
-
 def test_visualrwkv7_projector_layout_converts_with_the_three_encoder_tower(release):
-    """v0700's vision side (same towers, input-gated MLP + LayerNorm under proj.gate/o_proj/ln_v), here next to an
-    RWKV-6 language model: what is left for VisualRWKV-7 is its RWKV-7 language model."""
+    """v0700's vision side (same towers, input-gated MLP + LayerNorm under proj.gate/o_proj/ln_v) is read from the
+    keys whatever the language model: here next to an RWKV-6 one (VisualRWKV-7 itself: test_convert_visualrwkv7)."""
     if release.uhd:
         pytest.skip("VisualRWKV-7 reads whole images")
     generator = torch.Generator().manual_seed(7)

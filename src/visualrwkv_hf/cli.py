@@ -110,7 +110,7 @@ def convert_language_model(args: argparse.Namespace) -> int:
 
 
 # Options of `convert` that only a VisualRWKV checkpoint has a use for.
-VISUAL_ONLY_OPTIONS = ("visual", "vision_config", "scan_mode", "image_position", "grid_size")
+VISUAL_ONLY_OPTIONS = ("visual", "vision_config", "scan_mode", "image_position", "grid_size", "tokens_per_image")
 
 
 def checkpoint_family(path: str) -> str:
@@ -169,6 +169,7 @@ def convert_visualrwkv(args: argparse.Namespace) -> int:
         remote_code=args.remote_code,
         allow_nonfinite=args.allow_nonfinite,
         projector_type=args.projector_type,
+        tokens_per_image=args.tokens_per_image,
     )
     print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
@@ -394,12 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert_parser = commands.add_parser(
         "convert",
-        help="convert an original VisualRWKV checkpoint (6.0, HD, UHD), or a BlinkDL RWKV-6 / RWKV-7 language model "
+        help="convert an original VisualRWKV checkpoint (6.0, HD, UHD, 7), or a BlinkDL RWKV-6 / RWKV-7 language model "
         "(told apart by its keys), into a transformers folder",
     )
     source = convert_parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.weight), or a BlinkDL RWKV-6 / RWKV-7 .pth"
+        "--checkpoint", help="full VisualRWKV .pth (rwkv.*, vit.*, proj.*), or a BlinkDL RWKV-6 / RWKV-7 .pth"
     )
     source.add_argument("--rwkv", help="the exported pair's RWKV-6 file (<name>_rwkv.pth); needs --visual")
     convert_parser.add_argument("--visual", help="the exported pair's vision file (<name>_visual.pth)")
@@ -409,22 +410,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--vision-config", metavar="JSON_OR_DIR",
         help="vision encoder config: a JSON file or a folder holding config.json (default: CLIP ViT-L/14-336); for "
-        'VisualRWKV-HD/UHD, a JSON file {"dino": {...}, "siglip": {...}, "sam": {...}} (default: the released towers)',
+        'VisualRWKV-HD/UHD/7, a JSON file {"dino": {...}, "siglip": {...}, "sam": {...}} (default: the released '
+        "towers)",
     )
     convert_parser.add_argument(
         "--projector-type", choices=["gated_mlp", "relu_mlp"],
         help="how an HD/UHD MLP projector is read (default: gated for HD v0612, ReLU for UHD v0613, as their code)",
     )
     convert_parser.add_argument(
-        "--scan-mode", choices=SCAN_MODES, help=f"image scanning (default: {VisualRWKVConfig.scan_mode}, as released)"
+        "--scan-mode", choices=SCAN_MODES,
+        help=f"image scanning (default: {VisualRWKVConfig.scan_mode}, as released; VisualRWKV-7: unidirectional only)",
     )
     convert_parser.add_argument(
         "--image-position", choices=IMAGE_POSITIONS,
-        help=f"the processor's image position (default: {VisualRWKVConfig.image_position}, the sandwich prompt)",
+        help=f"the processor's image position (default: {VisualRWKVConfig.image_position}, the sandwich prompt; "
+        "VisualRWKV-7: first)",
     )
     convert_parser.add_argument(
         "--grid-size", type=int,
         help=f"patch pooling: -1 all patches, 0 cls only, g > 0 a g x g grid (default: {VisualRWKVConfig.grid_size})",
+    )
+    convert_parser.add_argument(
+        "--tokens-per-image", type=int, metavar="N",
+        help="VisualRWKV-7 only: image tokens per image, the original's num_token_per_image (default: "
+        "1024, as the release scripts; a square dividing 32 x 32 average-pools the feature map)",
     )
     convert_parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto",

@@ -115,7 +115,7 @@ def _not_rwkv7_hint(keys: set[str]) -> str:
     if any(k.startswith("rwkv.") for k in keys):
         return (
             " It looks like a full VisualRWKV checkpoint (keys start with 'rwkv.'), which `visualrwkv convert "
-            "--checkpoint` converts for VisualRWKV-6; VisualRWKV-7 checkpoints are not supported yet."
+            "--checkpoint` converts (VisualRWKV-6, -HD, -UHD and -7)."
         )
     if "blocks.0.att.time_maa_w1" in keys:
         return (

@@ -16,8 +16,13 @@ tokenizer with `"<image>"`, chat template, image position) and a model card; it 
 
 VisualRWKV-HD (v0612) and -UHD (v0613) are full checkpoints with the DINOv2 + SigLIP + SAM backbone under `vit.` and an
 MLP projector: told apart from v6.0 by their keys, their vision side is converted by `convert_sam_dino_siglip`.
-VisualRWKV-7 (v0700) checkpoints are recognised by their RWKV-7 blocks and refused: their language model is not
-supported yet.
+
+VisualRWKV-7 (v0700) checkpoints hold an RWKV-7 ("x070") language model under `rwkv.` (told apart by its blocks'
+keys, validated and mapped by `convert_rwkv7`, LoRA ranks read from the shapes), the same three-encoder backbone and
+the input-gated MLP projector (`proj.gate`, `proj.o_proj`, `proj.ln_v`). Their converted config follows the original
+v7 code: no image scanning, images first in the prompt (several allowed), the placeholder id 65535 (the original's,
+so prompt ids are identical), and `tokens_per_image` (the original's `num_token_per_image`, 1024 in the release
+scripts and not stored in the file) average-pooling the 32 x 32 feature map to a square grid.
 """
 
 from __future__ import annotations
@@ -40,13 +45,21 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from . import convert_rwkv6, convert_rwkv7
 from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
+from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
-from .convert_rwkv6 import check_state_dict, convert_blinkdl_to_hf, select_prefix
-from .convert_sam_dino_siglip import convert_three_encoder_visual, is_three_encoder_checkpoint, read_tower_configs
+from .convert_rwkv6 import check_state_dict, select_prefix
+from .convert_sam_dino_siglip import (
+    ORIGINAL_PREFIXES,
+    convert_three_encoder_visual,
+    is_three_encoder_checkpoint,
+    read_tower_configs,
+)
 from .image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
 from .modeling_visualrwkv import VisualRWKVForConditionalGeneration
 from .processing_visualrwkv import VisualRWKVProcessor, default_image_processor
+from .projectors import detect_projector_type
 from .remote_code import add_remote_code
 from .tokenization_rwkv_world import PAD_TOKEN_ID, TURN_END_TOKEN_ID, RwkvWorldTokenizer
 
@@ -104,8 +117,37 @@ HD_RESULTS = """\
 | VisualRWKV-HD 1.6B (v0612) | 54.39 | 54.71 | 60.84 | 54.97 | 1378.62 / 266.07 | 86.0 | 60.31 | 55.41 |
 | VisualRWKV-UHD 1.6B (v0613) | 56.97 | 56.31 | 59.52 | 49.88 | 1321.33 / 232.14 | 85.3 | 58.42 | 52.84 |"""
 
+V7_DESCRIPTION = """\
+VisualRWKV-7 (v0700, the VisualRWKV-v7/v7.00 code of howard-hou/VisualRWKV) reads each image with three frozen
+encoders, DINOv2 ViT-L/14 with registers and SigLIP so400m/14 at 448 px and SAM ViT-B at 1024 px, whose 1024 x 3200
+features an input-gated MLP with LayerNorm projects into an RWKV-7 ("Goose", x070) language model; the image tokens are
+read in one direction like text (no scanning), and a prompt may hold several images, each on its own line before the
+question. This folder is the original checkpoint converted to a native transformers model by `visualrwkv convert`
+(package `visualrwkv_hf`).
+
+Two settings are not stored in the release file and are options here: the tokens per image (1024, the release
+scripts' `num_token_per_image`; `visualrwkv convert --tokens-per-image N` pools to fewer), and the original's
+inference-time left padding (it prepends "\\n\\n" tokens, id 261, until the prompt length is a multiple of 16): off by
+default, since training never saw it; the processor's `prompt_pad_multiple=16` reproduces the original's first
+generated token exactly (later tokens use our cache, where the original re-pads its whole sequence at every step)."""
+V7_RESULTS_HEADER = """\
+## Results reported by the authors (official README of VisualRWKV)
+
+| Model | VQAv2 (test-dev) | SQA-IMG | TextVQA | GQA |
+|---|---|---|---|---|"""
+# (layers, width) of the released VisualRWKV-7 language models -> (size, file tag, VQAv2 / SQA-IMG / TextVQA / GQA).
+V7_RELEASES = {
+    (12, 768): ("0.1B", "0B1", "75.22 | 50.62 | 37.90 | 59.92"),
+    (24, 1024): ("0.4B", "0B4", "77.85 | 54.98 | 41.05 | 62.30"),
+    (24, 2048): ("1.5B", "1B5", "79.84 | 59.74 | 49.49 | 63.20"),
+}
+
 # An RWKV-7 ("x070") block's tensor, which x060 blocks do not have: a VisualRWKV-7 (v0700) checkpoint.
 RWKV7_MARKER = "blocks.0.att.x_r"
+# VisualRWKV-7's image placeholder (the original's IMAGE_TOKEN_INDEX, the vocabulary's last row, overwritten by the
+# image features), and its tokens per image in the release scripts (the 32 x 32 feature map unpooled).
+V7_IMAGE_TOKEN_ID = 65535
+V7_TOKENS_PER_IMAGE = 1024
 
 _LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.")
 
@@ -145,7 +187,7 @@ class OriginalCheckpoint:
                 f"'vit.*' (the vision tower) and 'proj.weight' (the projector).{hint}"
             )
         visual = {k: v for k, v in tensors.items() if not k.startswith(RWKV_PREFIX)}
-        _check_has_vision_tower(visual, source)
+        _check_has_vision_tower(visual, source, rwkv7=RWKV_PREFIX + RWKV7_MARKER in tensors)
         return cls(tensors, RWKV_PREFIX, source, visual, source)
 
     @classmethod
@@ -164,11 +206,28 @@ class OriginalCheckpoint:
             )
         visual = select_prefix(visual_state_dict, "", visual_source)
         swapped = "emb.weight" in visual and any(k.startswith(VISION_PREFIX) for k in rwkv)
-        _check_has_vision_tower(visual, visual_source, " Are the RWKV-6 and visual files swapped?" if swapped else "")
+        _check_has_vision_tower(
+            visual, visual_source, " Are the RWKV-6 and visual files swapped?" if swapped else "",
+            rwkv7=RWKV7_MARKER in rwkv,
+        )
         return cls(rwkv, "", rwkv_source, visual, visual_source)
 
+    @property
+    def is_visualrwkv7(self) -> bool:
+        """Whether the language model is RWKV-7 (x070): a VisualRWKV-7 (v0700) checkpoint."""
+        return self.rwkv_prefix + RWKV7_MARKER in self.rwkv
 
-def _check_has_vision_tower(visual: Mapping[str, torch.Tensor], source: str, hint: str = "") -> None:
+
+def _check_has_vision_tower(
+    visual: Mapping[str, torch.Tensor], source: str, hint: str = "", rwkv7: bool = False
+) -> None:
+    if rwkv7 and not is_three_encoder_checkpoint(visual):
+        towers = ", ".join(f"'{VISION_PREFIX}{prefix}*'" for prefix in ORIGINAL_PREFIXES)
+        raise ValueError(
+            f"{source} has an RWKV-7 (x070) language model but not VisualRWKV-7's vision tower: a VisualRWKV-7 "
+            f"(v0700) checkpoint holds the three encoders {towers} and the projector 'proj.*' next to 'rwkv.*'. A "
+            "BlinkDL RWKV-7 language model alone (no 'rwkv.' prefix) converts with `visualrwkv convert-rwkv7`."
+        )
     if not any(k.startswith(VISION_PREFIX) for k in visual):
         raise ValueError(
             f"{source} holds no vision tower: expected 'vit.*' tensors (a CLIP vision model) and 'proj.weight' next "
@@ -257,6 +316,60 @@ def _vision_state_dict(
     return {k.removeprefix(prefix): v for k, v in vision.items()}, prefix
 
 
+def visualrwkv7_grid_size(tokens_per_image: int | None) -> int:
+    """`VisualRWKVConfig.grid_size` for VisualRWKV-7's tokens per image (the original's `num_token_per_image`): -1
+    for None or 1024 (the released models: the 32 x 32 feature map unpooled), else the side g of the g x g grid the
+    original's `nn.AdaptiveAvgPool2d` pools the map to (the model pools this backbone adaptively too). ValueError
+    unless the count is g * g with 1 <= g <= 32."""
+    if tokens_per_image is None:
+        return -1
+    rows, _ = SamDinoSiglipVisionConfig().feature_grid
+    side = math.isqrt(tokens_per_image) if isinstance(tokens_per_image, int) and tokens_per_image > 0 else 0
+    if not 1 <= side <= rows or side * side != tokens_per_image:
+        raise ValueError(
+            f"tokens_per_image {tokens_per_image!r} (--tokens-per-image) is not a grid VisualRWKV-7 can pool its "
+            f"{rows} x {rows} feature map to: the original average-pools it to g x g tokens, so the count must be "
+            f"g * g with 1 <= g <= {rows} (1, 4, 9, ..., {rows * rows}; the released models: {V7_TOKENS_PER_IMAGE})."
+        )
+    return -1 if side == rows else side
+
+
+def _visualrwkv7_settings(
+    checkpoint: OriginalCheckpoint,
+    scan_mode: str | None,
+    image_position: str | None,
+    grid_size: int | None,
+    tokens_per_image: int | None,
+) -> dict[str, object]:
+    """The `VisualRWKVConfig` settings of a VisualRWKV-7 conversion: the original v7 code's, which has no scanning,
+    puts images first and marks them with id 65535."""
+    if scan_mode not in (None, "unidirectional"):
+        raise ValueError(
+            f"{checkpoint.rwkv_source} is a VisualRWKV-7 (v0700) checkpoint, which reads the image tokens in one "
+            f"direction like text (the original has no scanning): scan_mode {scan_mode!r} does not apply; leave "
+            "--scan-mode out."
+        )
+    if grid_size is not None:
+        raise ValueError(
+            f"{checkpoint.rwkv_source} is a VisualRWKV-7 (v0700) checkpoint: give its tokens per image as "
+            "tokens_per_image (--tokens-per-image N, the original's num_token_per_image), not grid_size."
+        )
+    names = {key.removeprefix("proj.") for key in checkpoint.visual if key.startswith("proj.")}
+    layout = detect_projector_type(names)
+    if layout not in ("input_gated_mlp", "linear"):
+        raise ValueError(
+            f"{checkpoint.visual_source} has an RWKV-7 (x070) language model with the {layout} projector tensors "
+            f"{sorted('proj.' + name for name in names)} of VisualRWKV-HD/UHD: VisualRWKV-7's projector is "
+            "proj.gate.weight, proj.o_proj.weight and proj.ln_v.{weight,bias} (or proj.weight if trained linear)."
+        )
+    return {
+        "scan_mode": "unidirectional",
+        "image_position": image_position or "first",
+        "grid_size": visualrwkv7_grid_size(tokens_per_image),
+        "image_token_id": V7_IMAGE_TOKEN_ID,
+    }
+
+
 def convert_original_to_hf(
     checkpoint: OriginalCheckpoint,
     vision_config: PreTrainedConfig | dict | None = None,
@@ -267,6 +380,7 @@ def convert_original_to_hf(
     progress: bool = False,
     allow_nonfinite: bool = False,
     projector_type: str | None = None,
+    tokens_per_image: int | None = None,
 ) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
     """Validates an original checkpoint and returns the `VisualRWKVConfig` and the state dict of
     `VisualRWKVForConditionalGeneration`.
@@ -278,19 +392,25 @@ def convert_original_to_hf(
 
     A VisualRWKV-HD/UHD checkpoint (DINOv2 + SigLIP + SAM under `vit.`) takes `vision_config` as its towers' sizes
     (`convert_sam_dino_siglip`; the released towers by default) and `projector_type` to override how its MLP is
-    read; a v6.0 one refuses `projector_type` other than "linear".
+    read; a v6.0 one refuses `projector_type` other than "linear". A VisualRWKV-7 one (RWKV-7 blocks under `rwkv.`)
+    takes the same tower sizes and `tokens_per_image` (1024, the released models', by default) instead of
+    `grid_size`; its scan mode is "unidirectional" and its image position "first" unless given.
     """
-    if checkpoint.rwkv_prefix + RWKV7_MARKER in checkpoint.rwkv:
+    if checkpoint.is_visualrwkv7:
+        settings = _visualrwkv7_settings(checkpoint, scan_mode, image_position, grid_size, tokens_per_image)
+    elif tokens_per_image is not None:
         raise ValueError(
-            f"{checkpoint.rwkv_source} is a VisualRWKV-7 (v0700) checkpoint: its language model is RWKV-7 (x070), "
-            "which this version converts only for the vision tower and projector; the RWKV-7 language model is not "
-            "supported yet."
+            f"tokens_per_image (--tokens-per-image) applies to VisualRWKV-7 (v0700) checkpoints, and "
+            f"{checkpoint.rwkv_source} holds an RWKV-6 language model: use grid_size (--grid-size) to pool its "
+            "image tokens."
         )
+    else:
+        settings = {"scan_mode": scan_mode, "image_position": image_position, "grid_size": grid_size}
     dtype = resolve_dtype(dtype, {**checkpoint.rwkv, **checkpoint.visual})
-    text_config, text_state_dict = convert_blinkdl_to_hf(
+    language_model = convert_rwkv7 if checkpoint.is_visualrwkv7 else convert_rwkv6
+    text_config, text_state_dict = language_model.convert_blinkdl_to_hf(
         checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress, allow_nonfinite
     )
-    settings = {"scan_mode": scan_mode, "image_position": image_position, "grid_size": grid_size}
     text_state_dict = {
         HF_TEXT_BACKBONE_PREFIX + k.removeprefix(CAUSAL_LM_BACKBONE_PREFIX) if k.startswith(CAUSAL_LM_BACKBONE_PREFIX)
         else k: v
@@ -301,6 +421,12 @@ def convert_original_to_hf(
             checkpoint.visual, text_config, dtype, checkpoint.visual_source, vision_config, projector_type, settings,
             allow_nonfinite,
         )
+        if checkpoint.is_visualrwkv7 and config.vision_config.tiles_per_side:
+            raise ValueError(
+                f"The projector in {checkpoint.visual_source} reads {config.vision_config.feature_size} "
+                "channels, VisualRWKV-UHD's whole image + tiles; VisualRWKV-7 reads whole images "
+                f"({config.vision_config.feature_size // 2} channels with these towers)."
+            )
         config.dtype = dtype
         return config, text_state_dict | visual_state_dict
     if projector_type not in (None, "linear"):
@@ -359,13 +485,27 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
     """README.md for a converted folder (`model_card_template.md`): what it is, how it was converted, how to use it,
     the paper's results."""
     text = config.text_config
+    rwkv7 = config.rwkv7_text
     size = RELEASED_SIZES.get((text.num_hidden_layers, text.hidden_size))
     vision = config.vision_config
-    if config.multi_encoder_vision:
+    if rwkv7:
+        release = V7_RELEASES.get((text.num_hidden_layers, text.hidden_size))
+        title = f"VisualRWKV-7 {release[0]} (v0700-{release[1]})" if release else "VisualRWKV-7 (v0700)"
+        rows = [
+            f"| VisualRWKV-7 {name} (v0700-{tag}){' (this model)' if (name, tag, numbers) == release else ''} | "
+            f"{numbers} |"
+            for name, tag, numbers in V7_RELEASES.values()
+        ]
+        description, results = V7_DESCRIPTION, "\n".join([V7_RESULTS_HEADER, *rows])
+    elif config.multi_encoder_vision:
         family = "VisualRWKV-UHD" if vision.tiles_per_side else "VisualRWKV-HD"
         release = "v0613" if vision.tiles_per_side else "v0612"
         title = f"{family} {size} ({release})" if size else family
         description, results = HD_DESCRIPTION, HD_RESULTS
+    else:
+        title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
+        description, results = V6_DESCRIPTION, V6_RESULTS
+    if config.multi_encoder_vision:
         encoder = (
             f"DINOv2 with registers ({_format_sizes(vision_sizes(vision.dino_config))}, block "
             f"{vision.dino_feature_layer}) + SigLIP ({_format_sizes(vision_sizes(vision.siglip_config))}, block "
@@ -373,27 +513,35 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
             + ("whole image and 2 x 2 tiles" if vision.tiles_per_side else "whole image")
         )
     else:
-        title = f"VisualRWKV-6 {size}" if size else "VisualRWKV-6"
-        description, results = V6_DESCRIPTION, V6_RESULTS
         encoder = f"`{vision.model_type}`: {_format_sizes(vision_sizes(vision))}"
     metadata = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        tags=["visualrwkv", "rwkv", "rwkv6", "vision-language", "linear-rnn"],
+        tags=["visualrwkv", "rwkv", "rwkv7" if rwkv7 else "rwkv6", "vision-language", "linear-rnn"],
     ).to_yaml()
+    language_model = f"{text.num_hidden_layers} layers x {text.hidden_size}, vocab {text.vocab_size}"
+    if rwkv7:
+        language_model = (
+            f"RWKV-7 (x070), {language_model}, LoRA ranks decay {text.decay_low_rank_dim} / a {text.a_low_rank_dim} "
+            f"/ v {text.v_low_rank_dim} / gate {text.gate_low_rank_dim}"
+        )
+    else:
+        language_model = f"RWKV-6 (x060), {language_model}"
+    image_position = config.image_position + (" (the sandwich prompt)" if config.image_position == "middle" else "")
+    if rwkv7 and config.image_position == "first":
+        image_position += ' (several images: one "<image>" line each, then the text)'
     settings = [
         ("Converted from", ", ".join(f"`{source}`" for source in sources)),
         ("Weights dtype", str(config.dtype).removeprefix("torch.")),
-        ("Language model", f"RWKV-6 (x060), {text.num_hidden_layers} layers x {text.hidden_size}, "
-                           f"vocab {text.vocab_size}"),
+        ("Language model", language_model),
         ("Vision encoder", encoder),
         ("Projector (`projector_type`)", config.projector_type),
-        ("Image tokens", f"{config.num_image_tokens} (grid_size {config.grid_size}, "
-                         f"{'cls token last' if config.vision_has_cls_token else 'no cls token'})"),
+        ("Image tokens", f"{config.num_image_tokens}{' per image' if rwkv7 else ''} (grid_size {config.grid_size}, "
+                         f"{'cls token last' if config.vision_has_cls_token else 'no cls token'}), placeholder id "
+                         f"{config.image_token_id}"),
         ("Image scanning (`scan_mode`)", config.scan_mode),
-        ("Image position in the prompt (`image_position`)",
-         config.image_position + (" (the sandwich prompt)" if config.image_position == "middle" else "")),
-        ("Generation", f'stops at "\\n\\n" (eos {TURN_END_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
+        ("Image position in the prompt (`image_position`)", image_position),
+        ("Generation", f'greedy, stops at "\\n\\n" (eos {TURN_END_TOKEN_ID}), pad {PAD_TOKEN_ID}'),
         ("Converter", f"visualrwkv-hf {version('visualrwkv-hf')}"),
     ]
     settings_table = "\n".join(f"| {name} | {value} |" for name, value in settings)
@@ -412,12 +560,14 @@ def save_visualrwkv_folder(
     # Keeps what the model's default generation config holds (the image placeholder is never generated).
     model.generation_config.eos_token_id = TURN_END_TOKEN_ID
     model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model.generation_config.do_sample = False  # the original generates greedily only
     model.save_pretrained(directory)
     VisualRWKVProcessor(
         image_processor=image_processor_for(config),
         tokenizer=RwkvWorldTokenizer(),
         image_position=config.image_position,
         num_image_tokens=config.num_image_tokens,
+        image_token_id=config.image_token_id,
     ).save_pretrained(directory)
     (directory / "README.md").write_text(model_card(config, sources), encoding="utf-8")
 
@@ -468,14 +618,17 @@ def convert_visualrwkv_checkpoint(
     remote_code: bool = False,
     allow_nonfinite: bool = False,
     projector_type: str | None = None,
+    tokens_per_image: int | None = None,
 ) -> Path:
     """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
 
     Give either `checkpoint` (the full `.pth`) or `rwkv` and `visual` (the exported pair). `vision_config` is a JSON
     file or a folder holding config.json (default: CLIP ViT-L/14-336), or for VisualRWKV-HD/UHD a JSON object
     `{"dino": {...}, "siglip": {...}, "sam": {...}}` of tower config arguments (default: the released towers);
-    `projector_type` overrides how an HD/UHD MLP projector is read ("gated_mlp" or "relu_mlp"). Settings left as None take the released models'
-    (bidirectional scan, sandwich prompt, all patches). With `push_to_hub`, the finished folder is uploaded to that
+    `projector_type` overrides how an HD/UHD MLP projector is read ("gated_mlp" or "relu_mlp"); `tokens_per_image`
+    pools a VisualRWKV-7 model's image tokens (g * g with g <= 32; 1024 by default). Settings left as None
+    take the released models' (VisualRWKV-6/HD/UHD: bidirectional scan, sandwich prompt, all patches; VisualRWKV-7:
+    no scan, images first, 1024 tokens per image). With `push_to_hub`, the finished folder is uploaded to that
     Hub repository. With `remote_code`, the folder also carries this package's code (`auto_map`), so it loads with
     `trust_remote_code=True` where the package is not installed.
 
@@ -493,6 +646,7 @@ def convert_visualrwkv_checkpoint(
     output_dir = Path(output_dir)
     inputs = [path for path in (checkpoint, rwkv, visual, vision_config) if path is not None]
     check_output_dir(output_dir.absolute(), overwrite, inputs)  # fail before reading a multi-GB file
+    visualrwkv7_grid_size(tokens_per_image)  # likewise
     loaded_vision_config = None
     if vision_config is not None:
         loaded_vision_config = read_tower_configs(vision_config) or load_vision_config(vision_config)
@@ -504,7 +658,7 @@ def convert_visualrwkv_checkpoint(
         original = OriginalCheckpoint.from_pair(load_checkpoint(rwkv), load_checkpoint(visual), str(rwkv), str(visual))
     config, state_dict = convert_original_to_hf(
         original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite,
-        projector_type,
+        projector_type, tokens_per_image,
     )
     size = sum(t.nbytes for t in state_dict.values())
     with atomic_output_dir(output_dir, overwrite, inputs, size) as staging, _progress_bars(progress):
@@ -523,4 +677,5 @@ __all__ = [
     "image_processor_for",
     "model_card",
     "push_folder_to_hub",
+    "visualrwkv7_grid_size",
 ]
