@@ -122,7 +122,10 @@ def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     """Random bfloat16 tensors of these shapes saved with `torch.save` (zip format, as the released files); returns
     the file's size. Small values, so that no cast overflows."""
     generator = torch.Generator().manual_seed(0)
-    state_dict = {k: torch.empty(s, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator) for k, s in shapes.items()}
+    state_dict = {
+        key: torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+        for key, shape in shapes.items()
+    }
     torch.save(state_dict, path)
     del state_dict
     return path.stat().st_size

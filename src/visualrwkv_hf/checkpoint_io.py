@@ -5,10 +5,12 @@ Nothing here knows a model's layout: `convert_rwkv6` and `convert_visualrwkv` ma
 writes them. Conversion streams: `load_checkpoint` memory-maps the `.pth` (tensors are read from the file when used),
 the converters rename and reshape views of those tensors, `check_finite` casts and checks one tensor at a time, and
 `save_safetensors_shards` casts and writes one shard at a time, so a conversion holds at most one shard of cast
-tensors in memory (none when the dtype is kept), not copies of the whole file. `atomic_output_dir` stages the output beside its destination (`.NAME.partial-HOST-PID-XXXXXXXX`) and
-renames it into place; a later run removes what a killed one left (`remove_stale_staging`). Out-of-space failures,
-wherever they surface (an OSError or safetensors' own error), become one `OutOfSpaceError` saying how much was needed
-and how much is free.
+tensors in memory (none when the dtype is kept), not copies of the whole file.
+
+`atomic_output_dir` stages the output beside its destination (`.NAME.partial-HOST-PID-XXXXXXXX`) and renames it into
+place; a later run removes what a killed one left (`remove_stale_staging`). Out-of-space failures, wherever they
+surface (an OSError or safetensors' own error), become one `OutOfSpaceError` saying how much was needed and how much
+is free.
 """
 
 from __future__ import annotations

@@ -320,8 +320,9 @@ def convert_rwkv6_checkpoint(
     Everything is validated before anything is written, and the folder appears complete or not at all; an output
     folder holding the checkpoint is refused, even with `overwrite`. NaN or infinite weights are refused unless
     `allow_nonfinite`. The file is streamed: memory holds at most one weight shard (`max_shard_size`) of cast
-    tensors, none when the dtype is kept. Raises ValueError (not an RWKV-6 checkpoint, an inconsistent one, non-finite weights, an
-    output that would delete the input), FileNotFoundError, FileExistsError or OSError (unreadable, out of space).
+    tensors, none when the dtype is kept. Raises ValueError (not an RWKV-6 checkpoint, an inconsistent one, non-finite
+    weights, an output that would delete the input), FileNotFoundError, FileExistsError or OSError (unreadable, out of
+    space).
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir.absolute(), overwrite, [checkpoint])  # fail before reading a multi-GB file

@@ -36,6 +36,7 @@ import torch
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from .checkpoint_io import (
@@ -426,7 +427,9 @@ def save_visualrwkv_folder(
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
-    save_safetensors_shards(directory, state_dict, config.dtype, max_shard_size)
+    # The names save_pretrained writes: transformers' towers keep their original checkpoints' names on disk (DINOv2's
+    # attention.attention.query, ...). Renaming passes the tensors through, still uncast.
+    save_safetensors_shards(directory, revert_weight_conversion(model, dict(state_dict)), config.dtype, max_shard_size)
     VisualRWKVProcessor(
         image_processor=image_processor_for(config),
         tokenizer=RwkvWorldTokenizer(),
@@ -483,8 +486,8 @@ def convert_visualrwkv_checkpoint(
     Everything is validated before anything is written, and the folder appears complete or not at all; an output
     folder holding one of the input files (or the vision config) is refused, even with `overwrite`. NaN or infinite
     weights are refused unless `allow_nonfinite`. The files are streamed: memory holds at most one weight shard
-    (`max_shard_size`) of cast tensors, none when the dtype is kept. Raises ValueError (not a VisualRWKV checkpoint, inconsistent
-    tensors, a vision config that does not fit, non-finite weights, an output that would delete an input),
+    (`max_shard_size`) of cast tensors, none when the dtype is kept. Raises ValueError (not a VisualRWKV checkpoint,
+    inconsistent tensors, a vision config that does not fit, non-finite weights, an output that would delete an input),
     FileNotFoundError, FileExistsError or OSError (unreadable, out of space).
     """
     if (checkpoint is None) == (rwkv is None and visual is None) or (checkpoint is None and None in (rwkv, visual)):
