@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,8 +152,9 @@ def _last_resort_for_oom_killer() -> None:
         adjust.write("1000")
 
 
-def measure(command: list[str]) -> dict[str, float]:
-    """Runs `command`, returning its wall time and its peak RSS, anonymous and file-backed resident bytes."""
+def measure(command: list[str]) -> dict[str, float] | None:
+    """Runs `command`, returning its wall time and its peak RSS, anonymous and file-backed resident bytes; None if
+    the out-of-memory killer (or anyone) killed it."""
     start = time.perf_counter()
     child = subprocess.Popen(command, preexec_fn=_last_resort_for_oom_killer)
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -170,6 +172,8 @@ def measure(command: list[str]) -> dict[str, float]:
     child.returncode = os.waitstatus_to_exitcode(status)
     finished.set()
     sampler.join()
+    if child.returncode == -signal.SIGKILL:
+        return None
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {child.returncode}")
     return {
@@ -221,11 +225,14 @@ def main() -> None:
                           f"{available / GIB:.1f} GiB available)", flush=True)
                     continue
                 result = measure(command)
-                shutil.rmtree(output)
+                shutil.rmtree(output, ignore_errors=True)
+                if result is None:
+                    print(f"{way}, dtype {dtype}: killed (SIGKILL: out of memory, with what other processes held)")
+                    continue
                 rows.append((way, dtype, result))
                 print(f"{way}, dtype {dtype}: {result}", flush=True)
         print()
-        print(f"| way | --dtype | output | peak RSS | RSS / file | peak anonymous | peak file-backed | time |")
+        print("| way | --dtype | output | peak RSS | RSS / file | peak anonymous | peak file-backed | time |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         for way, dtype, result in rows:
             output_bytes = size * (2 if dtype == "float32" else 1)
