@@ -237,8 +237,8 @@ def main() -> None:
         for way, dtype, result in rows:
             output_bytes = size * (2 if dtype == "float32" else 1)
             print(
-                f"| {way} | {dtype} | {output_bytes / 1e9:.1f} GB | {result['rss'] / GIB:.2f} GiB | "
-                f"{result['rss'] / size:.2f} | {result['anon'] / GIB:.2f} GiB | {result['file'] / GIB:.2f} GiB | "
+                f"| {way} | {dtype} | {output_bytes / 1e9:.1f} GB | {result['rss'] / 1e9:.2f} GB | "
+                f"{result['rss'] / size:.2f} | {result['anon'] / 1e9:.2f} GB | {result['file'] / 1e9:.2f} GB | "
                 f"{result['seconds']:.0f} s |"
             )
     finally:
