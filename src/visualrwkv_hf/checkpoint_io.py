@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 # `--dtype` choices; "auto" keeps the checkpoint's own precision (see `resolve_dtype`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,6 +168,7 @@ def save_safetensors_shards(
     tensors: Mapping[str, torch.Tensor],
     dtype: torch.dtype,
     max_shard_size: int | str = MAX_SHARD_SIZE,
+    progress: bool = False,
 ) -> None:
     """Writes `tensors`, cast to `dtype`, as transformers' `save_pretrained` names them: `model.safetensors`, or
     `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` (bytes, or a string such as "2GB") with
@@ -174,17 +176,20 @@ def save_safetensors_shards(
 
     Tensors are cast one shard at a time and written from their memory (safetensors copies nothing), so writing
     holds at most one shard of cast tensors, and nothing when the tensors already have `dtype` (views of a
-    memory-mapped checkpoint are then written straight from the file).
+    memory-mapped checkpoint are then written straight from the file). `progress` shows a bar over the bytes written.
     """
     # Shards are planned on shapes alone, at the output dtype's size.
     planned = {k: torch.empty(t.shape, dtype=dtype, device="meta") for k, t in tensors.items()}
     split = split_torch_state_dict_into_shards(
         planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
-    for filename, keys in split.filename_to_tensors.items():
-        shard = {key: tensors[key].to(dtype).contiguous() for key in keys}
-        save_file(shard, directory / filename, metadata={"format": "pt"})
-        del shard  # before the next shard is cast
+    total = split.metadata["total_size"]
+    with tqdm(total=total, desc="Writing weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {key: tensors[key].to(dtype).contiguous() for key in keys}
+            save_file(shard, directory / filename, metadata={"format": "pt"})
+            del shard  # before the next shard is cast
+            bar.update(sum(planned[key].nbytes for key in keys))
     if split.is_sharded:
         index = {
             "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},

@@ -294,14 +294,14 @@ def map_hf_to_blinkdl(
 
 def save_hf_text_model(
     directory: Path, config: PreTrainedConfig, hf_state_dict: Mapping[str, torch.Tensor],
-    architecture: str = "Rwkv6ForCausalLM", max_shard_size: int | str = MAX_SHARD_SIZE,
+    architecture: str = "Rwkv6ForCausalLM", max_shard_size: int | str = MAX_SHARD_SIZE, progress: bool = False,
 ) -> None:
     """Writes config, weights (cast to `config.dtype` shard by shard), generation config and tokenizer of a
     World-tokenizer language model (RWKV-6, or RWKV-7 with `architecture="Rwkv7ForCausalLM"`): a folder the Auto
     classes load."""
     config.architectures = [architecture]
     config.save_pretrained(directory)
-    save_safetensors_shards(directory, hf_state_dict, config.dtype, max_shard_size)
+    save_safetensors_shards(directory, hf_state_dict, config.dtype, max_shard_size, progress)
     GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)
     RwkvWorldTokenizer().save_pretrained(directory)
 
@@ -331,7 +331,7 @@ def convert_rwkv6_checkpoint(
         cast=False,
     )
     with atomic_output_dir(output_dir, overwrite, [checkpoint], output_size(hf_state_dict, config.dtype)) as staging:
-        save_hf_text_model(staging, config, hf_state_dict, max_shard_size=max_shard_size)
+        save_hf_text_model(staging, config, hf_state_dict, max_shard_size=max_shard_size, progress=progress)
     return output_dir
 
 

@@ -258,7 +258,7 @@ def convert_rwkv7_checkpoint(
         cast=False,
     )
     with atomic_output_dir(output_dir, overwrite, [checkpoint], output_size(hf_state_dict, config.dtype)) as staging:
-        save_hf_text_model(staging, config, hf_state_dict, "Rwkv7ForCausalLM", max_shard_size)
+        save_hf_text_model(staging, config, hf_state_dict, "Rwkv7ForCausalLM", max_shard_size, progress)
     return output_dir
 
 

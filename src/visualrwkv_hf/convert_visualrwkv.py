@@ -415,6 +415,7 @@ def save_visualrwkv_folder(
     state_dict: Mapping[str, torch.Tensor],
     sources: list[str],
     max_shard_size: int | str = MAX_SHARD_SIZE,
+    progress: bool = False,
 ) -> None:
     """Writes model (weights cast to `config.dtype` shard by shard), generation config, processor and model card: a
     folder the Auto classes load."""
@@ -429,7 +430,8 @@ def save_visualrwkv_folder(
     model.generation_config.save_pretrained(directory)
     # The names save_pretrained writes: transformers' towers keep their original checkpoints' names on disk (DINOv2's
     # attention.attention.query, ...). Renaming passes the tensors through, still uncast.
-    save_safetensors_shards(directory, revert_weight_conversion(model, dict(state_dict)), config.dtype, max_shard_size)
+    weights = revert_weight_conversion(model, dict(state_dict))
+    save_safetensors_shards(directory, weights, config.dtype, max_shard_size, progress)
     VisualRWKVProcessor(
         image_processor=image_processor_for(config),
         tokenizer=RwkvWorldTokenizer(),
@@ -513,7 +515,7 @@ def convert_visualrwkv_checkpoint(
     )
     size = output_size(state_dict, config.dtype)
     with atomic_output_dir(output_dir, overwrite, inputs, size) as staging:
-        save_visualrwkv_folder(staging, config, state_dict, sources, max_shard_size)
+        save_visualrwkv_folder(staging, config, state_dict, sources, max_shard_size, progress)
         if remote_code:
             add_remote_code(staging)
     if push_to_hub:
