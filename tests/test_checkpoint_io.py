@@ -1,7 +1,10 @@
 """checkpoint_io: reading a checkpoint safely, output folders that appear complete or not at all (inputs protected,
-symlinks followed), and the staging folders a killed conversion leaves. Driven through `convert_rwkv6_checkpoint`,
-the smallest real writer of a checkpoint folder."""
+symlinks followed), the staging folders a killed conversion leaves, and streaming (the checkpoint memory-mapped, the
+converted tensors views of it, the output cast and written one shard at a time). Driven through
+`convert_rwkv6_checkpoint`, the smallest real writer of a checkpoint folder."""
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -11,11 +14,17 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from torch.profiler import ProfilerActivity, profile
+from transformers import CLIPVisionConfig
 
 import visualrwkv_hf
-from visualrwkv_hf.convert_rwkv6 import convert_rwkv6_checkpoint
+from visualrwkv_hf.checkpoint_io import load_checkpoint, save_safetensors_shards
+from visualrwkv_hf.convert_rwkv6 import convert_blinkdl_to_hf, convert_rwkv6_checkpoint
+from visualrwkv_hf.convert_visualrwkv import OriginalCheckpoint, convert_original_to_hf
 
-from rwkv6_reference import save_checkpoint, tiny_checkpoint
+from rwkv6_reference import random_blinkdl_rwkv6, save_checkpoint, tiny_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------- reading checkpoints
@@ -219,3 +228,124 @@ def test_staging_folders_of_killed_conversions_are_cleaned_and_live_ones_kept(tm
         convert_rwkv6_checkpoint(checkpoint, output, progress=False)
     assert previous.is_dir() and (output / "model.safetensors").is_file()
     assert any(f"mv '{previous}' '{output}'" in message for message in caplog.messages)
+
+
+# --------------------------------------------------------------------------------------------------------- streaming
+
+needs_proc_maps = pytest.mark.skipif(
+    not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings from Linux's /proc/self/maps"
+)
+
+
+def file_mapped(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether `tensor`'s memory lies in a memory mapping of the file `path`."""
+    with open("/proc/self/maps") as maps:
+        fields = [line.split(maxsplit=5) for line in maps]
+    regions = [
+        [int(address, 16) for address in field[0].split("-")]
+        for field in fields
+        if len(field) == 6 and field[5].strip() == str(path.resolve())
+    ]
+    return any(start <= tensor.data_ptr() < end for start, end in regions)
+
+
+@needs_proc_maps
+def test_checkpoints_are_memory_mapped_and_legacy_files_read_whole(tmp_path, caplog):
+    state_dict = tiny_checkpoint()
+    checkpoint = save_checkpoint(state_dict, tmp_path / "model.pth")
+    loaded = load_checkpoint(checkpoint)
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+    assert all(file_mapped(tensor, checkpoint) for tensor in loaded.values())
+    assert not caplog.records
+
+    legacy = tmp_path / "legacy.pth"  # torch.save's format before PyTorch 1.6: no zip archive, no mapping
+    torch.save(state_dict, legacy, _use_new_zipfile_serialization=False)
+    with caplog.at_level(logging.WARNING, logger="visualrwkv_hf.checkpoint_io"):
+        loaded = load_checkpoint(legacy)
+    assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+    assert not any(file_mapped(tensor, legacy) for tensor in loaded.values())
+    assert caplog.messages == [
+        f"{legacy} is in the legacy format of torch.save (PyTorch before 1.6, not a zip archive), which cannot be "
+        "memory-mapped: it was read into memory whole. Saving it again with a current PyTorch "
+        "(torch.save(torch.load(old, weights_only=True), new)) lets a conversion stream it."
+    ]
+
+
+@needs_proc_maps
+def test_converters_map_views_of_the_file_and_leave_the_cast_to_the_writer(tmp_path):
+    from test_convert_visualrwkv import TINY_CLIP, original_state_dict
+
+    checkpoint = save_checkpoint(tiny_checkpoint(), tmp_path / "model.pth")
+    config, converted = convert_blinkdl_to_hf(load_checkpoint(checkpoint), "float16", cast=False)
+    assert config.dtype == torch.float16
+    assert all(t.dtype == torch.float32 and file_mapped(t, checkpoint) for t in converted.values())
+    # The default casts, as the in-memory API always did; the values are those the writer casts to.
+    _, cast = convert_blinkdl_to_hf(load_checkpoint(checkpoint), "float16")
+    assert all(torch.equal(cast[k], v.half()) for k, v in converted.items())
+
+    full = save_checkpoint(original_state_dict(), tmp_path / "full.pth")  # VisualRWKV-6.0: RWKV-6 + CLIP + linear
+    original = OriginalCheckpoint.from_full(load_checkpoint(full), str(full))
+    config, converted = convert_original_to_hf(original, CLIPVisionConfig(**TINY_CLIP), "bfloat16", cast=False)
+    assert config.dtype == torch.bfloat16 and all(file_mapped(t, full) for t in converted.values())
+
+
+@needs_proc_maps
+def test_three_encoder_tensors_are_views_of_the_file_but_the_two_made_ones(tmp_path):
+    from sam_dino_siglip_reference import import_original_libraries
+
+    if import_original_libraries() is None:
+        pytest.skip("timm and segment-anything (the `test` extra) are not installed")
+    from test_convert_sam_dino_siglip import TINY_VISION_CONFIG
+    from test_convert_sam_dino_siglip import original_state_dict as hd_state_dict
+
+    checkpoint = save_checkpoint(hd_state_dict(uhd=False), tmp_path / "hd.pth")
+    original = OriginalCheckpoint.from_full(load_checkpoint(checkpoint), str(checkpoint))
+    _, converted = convert_original_to_hf(original, TINY_VISION_CONFIG, cast=False)
+    made = {k for k, t in converted.items() if not file_mapped(t, checkpoint)}
+    # DINOv2's position table with its zero class row, and the unused mask token (zeros): both new tensors.
+    dino = "model.vision_tower.dino.embeddings."
+    assert made == {dino + "position_embeddings", dino + "mask_token"}
+
+
+def peak_allocated_bytes(function) -> int:
+    """The most CPU memory that torch's allocator held at once while `function` ran, from the profiler's allocation
+    and free events (a memory-mapped file counts as one allocation of its size)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    events = sorted(
+        (event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+        key=lambda event: event.start_ns(),
+    )
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_writing_casts_one_shard_at_a_time(tmp_path):
+    tensors = {f"layer.{i}.weight": torch.randn(256, 256, dtype=torch.bfloat16) for i in range(16)}  # 128 KiB each
+    shard = 4 * 256 * 256 * 4  # four float32 tensors: 1 MiB
+    peak = peak_allocated_bytes(lambda: save_safetensors_shards(tmp_path, tensors, torch.float32, shard))
+    assert peak < 1.5 * shard  # one shard cast at a time; the whole output cast at once would be 4 MiB
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert sorted(set(index["weight_map"].values())) == files and index["metadata"]["total_size"] == 4 * shard
+    written = {k: v for name in files for k, v in load_file(tmp_path / name).items()}
+    assert written.keys() == tensors.keys() and all(torch.equal(written[k], v.float()) for k, v in tensors.items())
+
+
+def test_conversion_to_another_dtype_holds_one_shard_of_cast_tensors(tmp_path):
+    state_dict = random_blinkdl_rwkv6(hidden_size=128, head_size=16, num_layers=8, vocab_size=512, mix_rank=8,
+                                      decay_rank=16)
+    checkpoint = save_checkpoint({k: v.bfloat16() for k, v in state_dict.items()}, tmp_path / "model.pth")
+    file_size, output_size = checkpoint.stat().st_size, sum(4 * t.numel() for t in state_dict.values())  # 3.9, 7.9 MB
+    peak = peak_allocated_bytes(
+        lambda: convert_rwkv6_checkpoint(checkpoint, tmp_path / "hf", "float32", progress=False, max_shard_size=10**6)
+    )
+    # The mapped file, one 1 MB shard and one tensor's check; casting everything before writing holds the whole output.
+    assert peak < file_size + output_size / 2
+    _, expected = convert_blinkdl_to_hf(load_checkpoint(checkpoint), "float32")  # the in-memory API
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    written = {k: v for name in set(index["weight_map"].values()) for k, v in load_file(tmp_path / "hf" / name).items()}
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], v) for k, v in expected.items())

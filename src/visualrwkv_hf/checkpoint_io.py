@@ -2,15 +2,21 @@
 choosing the output dtype, and writing an output folder that appears complete or not at all.
 
 Nothing here knows a model's layout: `convert_rwkv6` and `convert_visualrwkv` map the tensors, this module reads and
-writes them. `atomic_output_dir` stages the output beside its destination (`.NAME.partial-HOST-PID-XXXXXXXX`) and
-renames it into place; a later run removes what a killed one left (`remove_stale_staging`). Out-of-space failures,
-wherever they surface (an OSError or safetensors' own error), become one `OutOfSpaceError` saying how much was needed
-and how much is free.
+writes them. Conversion streams: `load_checkpoint` memory-maps the `.pth` (tensors are read from the file when used),
+the converters rename and reshape views of those tensors, `check_finite` casts and checks one tensor at a time, and
+`save_safetensors_shards` casts and writes one shard at a time, so a conversion holds at most one shard of cast
+tensors in memory (none when the dtype is kept), not copies of the whole file.
+
+`atomic_output_dir` stages the output beside its destination (`.NAME.partial-HOST-PID-XXXXXXXX`) and renames it into
+place; a later run removes what a killed one left (`remove_stale_staging`). Out-of-space failures, wherever they
+surface (an OSError or safetensors' own error), become one `OutOfSpaceError` saying how much was needed and how much
+is free.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pickle
@@ -18,15 +24,22 @@ import re
 import shutil
 import socket
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import reduce
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 # `--dtype` choices; "auto" keeps the checkpoint's own precision (see `resolve_dtype`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Largest weight file a conversion writes (bytes in the output dtype): writing holds one shard's cast tensors at a time.
+MAX_SHARD_SIZE = "2GB"
 
 # Problems listed per kind in one error message; the rest are counted.
 MAX_LISTED_PROBLEMS = 8
@@ -73,7 +86,12 @@ def _os_error(kind: type[OSError], code: int | None, message: str) -> OSError:
 
 
 def load_checkpoint(path: str | os.PathLike) -> object:
-    """Unpickles a `.pth` with `weights_only=True` (tensors and plain containers only: nothing else executes)."""
+    """Unpickles a `.pth` with `weights_only=True` (tensors and plain containers only: nothing else executes).
+
+    The file is memory-mapped: a tensor's bytes are read from the file when it is used, and the kernel can drop them
+    again under memory pressure, so the loaded checkpoint holds no copy of the file in memory. A file in the legacy
+    format of `torch.save` (PyTorch before 1.6, not a zip archive) cannot be mapped: it is read whole, with a warning.
+    """
     path = Path(path)
     if path.is_dir():
         weights = sorted(p.name for p in path.glob("*.pth"))
@@ -83,8 +101,9 @@ def load_checkpoint(path: str | os.PathLike) -> object:
         raise _os_error(IsADirectoryError, errno.EISDIR, f"Checkpoint {path} is a folder: give the .pth file{hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist or is not a file.")
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError as error:  # unreadable (permissions, I/O error): say which file, without a traceback
         message = f"Cannot read the checkpoint {path}: {error.strerror or error}."
         raise _os_error(type(error), error.errno, message) from error
@@ -93,27 +112,32 @@ def load_checkpoint(path: str | os.PathLike) -> object:
             f"{path} could not be read as a PyTorch weights file (loaded with weights_only=True, which refuses "
             f"anything but tensors and plain containers): {error}"
         ) from error
+    if not mmap:
+        logger.warning(
+            f"{path} is in the legacy format of torch.save (PyTorch before 1.6, not a zip archive), which cannot be "
+            "memory-mapped: it was read into memory whole. Saving it again with a current PyTorch "
+            "(torch.save(torch.load(old, weights_only=True), new)) lets a conversion stream it."
+        )
+    return checkpoint
 
 
-def check_finite(
-    originals: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype
-) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, dtype: torch.dtype) -> None:
     """Raises one ValueError naming every tensor with NaN or infinite values after conversion to `dtype`.
 
-    Both mappings use the file's key names; `converted` holds the tensors as written. A non-finite value in the
-    file makes the model compute NaN (a damaged download or a diverged training run); one that appears only in
-    `converted` overflowed in the cast to a narrower dtype.
+    `tensors` holds the tensors as read, under the file's key names; each is cast and checked alone, so the check
+    holds one cast tensor at a time. A non-finite value in the file makes the model compute NaN (a damaged download
+    or a diverged training run); one that appears only after the cast overflowed in it (a narrower dtype).
     """
     in_file, overflowed = [], []
-    for key, tensor in converted.items():
-        if tensor.is_meta or torch.isfinite(tensor).all():  # meta tensors (shape checks) hold no values
+    for key, original in tensors.items():
+        converted = original.to(dtype)
+        if converted.is_meta or torch.isfinite(converted).all():  # meta tensors (shape checks) hold no values
             continue
-        original = originals[key]
         nan, inf = int(original.isnan().sum()), int(original.isinf().sum())
         if nan or inf:
             in_file.append(f"'{key}' ({nan} NaN, {inf} inf of {original.numel()} values)")
         else:
-            overflowed.append(f"'{key}' ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)")
+            overflowed.append(f"'{key}' ({int((~torch.isfinite(converted)).sum())} of {converted.numel()} values)")
     problems = []
     if in_file:
         problems.append(
@@ -131,6 +155,48 @@ def check_finite(
         raise ValueError(
             "; ".join(problems) + ". Pass allow_nonfinite=True (--allow-nonfinite on the command line) to convert "
             "it anyway."
+        )
+
+
+def output_size(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """Bytes `tensors` take once cast to `dtype` (what `save_safetensors_shards` writes, headers aside)."""
+    return sum(t.numel() for t in tensors.values()) * dtype.itemsize
+
+
+def save_safetensors_shards(
+    directory: Path,
+    tensors: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    progress: bool = False,
+) -> None:
+    """Writes `tensors`, cast to `dtype`, as transformers' `save_pretrained` names them: `model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` (bytes, or a string such as "2GB") with
+    `model.safetensors.index.json` when they do not fit in one.
+
+    Tensors are cast one shard at a time and written from their memory (safetensors copies nothing), so writing
+    holds at most one shard of cast tensors, and nothing when the tensors already have `dtype` (views of a
+    memory-mapped checkpoint are then written straight from the file). `progress` shows a bar over the bytes written.
+    """
+    # Shards are planned on shapes alone, at the output dtype's size.
+    planned = {k: torch.empty(t.shape, dtype=dtype, device="meta") for k, t in tensors.items()}
+    split = split_torch_state_dict_into_shards(
+        planned, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    total = split.metadata["total_size"]
+    with tqdm(total=total, desc="Writing weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for filename, keys in split.filename_to_tensors.items():
+            shard = {key: tensors[key].to(dtype).contiguous() for key in keys}
+            save_file(shard, directory / filename, metadata={"format": "pt"})
+            del shard  # before the next shard is cast
+            bar.update(sum(planned[key].nbytes for key in keys))
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
 
 
@@ -346,11 +412,14 @@ def atomic_output_dir(
 
 __all__ = [
     "DTYPES",
+    "MAX_SHARD_SIZE",
     "OutOfSpaceError",
     "atomic_output_dir",
     "check_finite",
     "check_output_dir",
     "load_checkpoint",
     "no_space_errno",
+    "output_size",
     "resolve_dtype",
+    "save_safetensors_shards",
 ]

@@ -9,6 +9,7 @@ starting with the prefix are read (others are the caller's business) and error m
 
 `convert_rwkv6_checkpoint` writes a complete folder (config, safetensors weights, generation config, tokenizer)
 that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load after `import visualrwkv_hf`.
+It streams (see `checkpoint_io`): the tensors stay views of the memory-mapped file until each shard is cast and written.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedConfig
 
 from .checkpoint_io import (
+    MAX_SHARD_SIZE,
     atomic_output_dir,
     check_finite,
     check_output_dir,
     load_checkpoint,
+    output_size,
     resolve_dtype,
+    save_safetensors_shards,
     short_list,
 )
 from .configuration_rwkv6 import Rwkv6Config
@@ -232,15 +235,17 @@ def convert_blinkdl_to_hf(
     source: str = "the checkpoint",
     progress: bool = False,
     allow_nonfinite: bool = False,
+    cast: bool = True,
 ) -> tuple[Rwkv6Config, dict[str, torch.Tensor]]:
     """Validates a BlinkDL RWKV-6 state dict and returns its config (with `dtype` set) and the HF state dict.
 
     NaN or infinite weights (in the file, or from overflow in the cast to `dtype`) are refused unless
-    `allow_nonfinite`.
+    `allow_nonfinite`. With `cast=False` the tensors keep the file's dtype (views of `state_dict`'s, nothing copied),
+    for a writer that casts them to `config.dtype` as it writes (`save_safetensors_shards`).
     """
     config = rwkv6_config_from_state_dict(state_dict, prefix, source)
     return config, map_blinkdl_to_hf(
-        state_dict, config, rwkv6_parameters, dtype, prefix, source, progress, allow_nonfinite
+        state_dict, config, rwkv6_parameters, dtype, prefix, source, progress, allow_nonfinite, cast
     )
 
 
@@ -253,24 +258,22 @@ def map_blinkdl_to_hf(
     source: str,
     progress: bool,
     allow_nonfinite: bool,
+    cast: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The HF state dict of an already validated BlinkDL state dict, through the family's parameter table
-    (`parameters(config)`); sets `config.dtype`. Shared by the RWKV-6 and RWKV-7 converters."""
+    (`parameters(config)`); sets `config.dtype`. With `cast=False` the tensors keep the file's dtype (reshaped views,
+    nothing copied). Shared by the RWKV-6 and RWKV-7 converters."""
     tensors = select_prefix(state_dict, prefix, source)
     config.dtype = resolve_dtype(dtype, tensors)
     params = parameters(config)
-    hf_state_dict = {
-        p.hf_key: tensors[p.blinkdl_key].to(config.dtype).reshape(p.hf_shape).contiguous()
+    if not allow_nonfinite:
+        check_finite({prefix + p.blinkdl_key: tensors[p.blinkdl_key] for p in params}, source, config.dtype)
+    return {
+        p.hf_key: (tensors[p.blinkdl_key].to(config.dtype) if cast else tensors[p.blinkdl_key])
+        .reshape(p.hf_shape)
+        .contiguous()
         for p in tqdm(params, desc="Converting tensors", unit="tensor", disable=not progress)
     }
-    if not allow_nonfinite:
-        check_finite(
-            {prefix + p.blinkdl_key: tensors[p.blinkdl_key] for p in params},
-            {prefix + p.blinkdl_key: hf_state_dict[p.hf_key] for p in params},
-            source,
-            config.dtype,
-        )
-    return hf_state_dict
 
 
 def convert_hf_to_blinkdl(
@@ -291,13 +294,14 @@ def map_hf_to_blinkdl(
 
 def save_hf_text_model(
     directory: Path, config: PreTrainedConfig, hf_state_dict: Mapping[str, torch.Tensor],
-    architecture: str = "Rwkv6ForCausalLM",
+    architecture: str = "Rwkv6ForCausalLM", max_shard_size: int | str = MAX_SHARD_SIZE, progress: bool = False,
 ) -> None:
-    """Writes config, weights, generation config and tokenizer of a World-tokenizer language model (RWKV-6, or
-    RWKV-7 with `architecture="Rwkv7ForCausalLM"`): a folder the Auto classes load."""
+    """Writes config, weights (cast to `config.dtype` shard by shard), generation config and tokenizer of a
+    World-tokenizer language model (RWKV-6, or RWKV-7 with `architecture="Rwkv7ForCausalLM"`): a folder the Auto
+    classes load."""
     config.architectures = [architecture]
     config.save_pretrained(directory)
-    save_file(dict(hf_state_dict), directory / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors_shards(directory, hf_state_dict, config.dtype, max_shard_size, progress)
     GenerationConfig(eos_token_id=TURN_END_TOKEN_ID, pad_token_id=PAD_TOKEN_ID).save_pretrained(directory)
     RwkvWorldTokenizer().save_pretrained(directory)
 
@@ -309,22 +313,25 @@ def convert_rwkv6_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """Converts a BlinkDL RWKV-6 `.pth` into a Hugging Face folder; returns the folder.
 
     Everything is validated before anything is written, and the folder appears complete or not at all; an output
     folder holding the checkpoint is refused, even with `overwrite`. NaN or infinite weights are refused unless
-    `allow_nonfinite`. Raises ValueError (not an RWKV-6 checkpoint, an inconsistent one, non-finite weights, an
-    output that would delete the input), FileNotFoundError, FileExistsError or OSError (unreadable, out of space).
+    `allow_nonfinite`. The file is streamed: memory holds at most one weight shard (`max_shard_size`) of cast
+    tensors, none when the dtype is kept. Raises ValueError (not an RWKV-6 checkpoint, an inconsistent one, non-finite
+    weights, an output that would delete the input), FileNotFoundError, FileExistsError or OSError (unreadable, out of
+    space).
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir.absolute(), overwrite, [checkpoint])  # fail before reading a multi-GB file
     config, hf_state_dict = convert_blinkdl_to_hf(
-        load_checkpoint(checkpoint), dtype, source=str(checkpoint), progress=progress, allow_nonfinite=allow_nonfinite
+        load_checkpoint(checkpoint), dtype, source=str(checkpoint), progress=progress, allow_nonfinite=allow_nonfinite,
+        cast=False,
     )
-    size = sum(t.nbytes for t in hf_state_dict.values())
-    with atomic_output_dir(output_dir, overwrite, [checkpoint], size) as staging:
-        save_hf_text_model(staging, config, hf_state_dict)
+    with atomic_output_dir(output_dir, overwrite, [checkpoint], output_size(hf_state_dict, config.dtype)) as staging:
+        save_hf_text_model(staging, config, hf_state_dict, max_shard_size=max_shard_size, progress=progress)
     return output_dir
 
 

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import atomic_output_dir, check_output_dir, load_checkpoint, resolve_dtype
+from .checkpoint_io import (
+    MAX_SHARD_SIZE,
+    atomic_output_dir,
+    check_output_dir,
+    load_checkpoint,
+    output_size,
+    resolve_dtype,
+)
 from .configuration_rwkv7 import Rwkv7Config
 from .convert_rwkv6 import Rwkv6Parameter as Parameter
 from .convert_rwkv6 import (
@@ -205,15 +212,17 @@ def convert_blinkdl_to_hf(
     source: str = "the checkpoint",
     progress: bool = False,
     allow_nonfinite: bool = False,
+    cast: bool = True,
 ) -> tuple[Rwkv7Config, dict[str, torch.Tensor]]:
     """Validates a BlinkDL RWKV-7 state dict and returns its config (with `dtype` set) and the HF state dict.
 
     NaN or infinite weights (in the file, or from overflow in the cast to `dtype`) are refused unless
-    `allow_nonfinite`.
+    `allow_nonfinite`. With `cast=False` the tensors keep the file's dtype (views, nothing copied) for a writer that
+    casts them to `config.dtype` as it writes.
     """
     config = rwkv7_config_from_state_dict(state_dict, prefix, source)
     return config, map_blinkdl_to_hf(
-        state_dict, config, rwkv7_parameters, dtype, prefix, source, progress, allow_nonfinite
+        state_dict, config, rwkv7_parameters, dtype, prefix, source, progress, allow_nonfinite, cast
     )
 
 
@@ -231,22 +240,25 @@ def convert_rwkv7_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """Converts a BlinkDL RWKV-7 `.pth` into a Hugging Face folder; returns the folder.
 
     Everything is validated before anything is written, and the folder appears complete or not at all; an output
     folder holding the checkpoint is refused, even with `overwrite`. NaN or infinite weights are refused unless
-    `allow_nonfinite`. Raises ValueError (not an RWKV-7 checkpoint, an unsupported variant, an inconsistent one,
-    non-finite weights, an output that would delete the input), FileNotFoundError, FileExistsError or OSError.
+    `allow_nonfinite`. The file is streamed: memory holds at most one weight shard (`max_shard_size`) of cast
+    tensors, none when the dtype is kept. Raises ValueError (not an RWKV-7 checkpoint, an unsupported variant, an
+    inconsistent one, non-finite weights, an output that would delete the input), FileNotFoundError, FileExistsError
+    or OSError.
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir.absolute(), overwrite, [checkpoint])  # fail before reading a multi-GB file
     config, hf_state_dict = convert_blinkdl_to_hf(
-        load_checkpoint(checkpoint), dtype, source=str(checkpoint), progress=progress, allow_nonfinite=allow_nonfinite
+        load_checkpoint(checkpoint), dtype, source=str(checkpoint), progress=progress, allow_nonfinite=allow_nonfinite,
+        cast=False,
     )
-    size = sum(t.nbytes for t in hf_state_dict.values())
-    with atomic_output_dir(output_dir, overwrite, [checkpoint], size) as staging:
-        save_hf_text_model(staging, config, hf_state_dict, architecture="Rwkv7ForCausalLM")
+    with atomic_output_dir(output_dir, overwrite, [checkpoint], output_size(hf_state_dict, config.dtype)) as staging:
+        save_hf_text_model(staging, config, hf_state_dict, "Rwkv7ForCausalLM", max_shard_size, progress)
     return output_dir
 
 

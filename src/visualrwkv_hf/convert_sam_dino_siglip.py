@@ -251,6 +251,7 @@ def convert_three_encoder_visual(
     projector_type: str | None = None,
     settings: Mapping[str, object] | None = None,
     allow_nonfinite: bool = False,
+    cast: bool = True,
 ) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
     """The `VisualRWKVConfig` and the vision tower + projector part of the state dict of
     `VisualRWKVForConditionalGeneration` from a three-encoder checkpoint's `vit.*` and `proj.*` tensors.
@@ -258,7 +259,8 @@ def convert_three_encoder_visual(
     `vision_config`: tower sizes (dict of `TOWER_CONFIG_KEYS` or a `SamDinoSiglipVisionConfig`), the released towers
     by default; the tiles follow from the projector's input width. `projector_type` overrides the release's reading
     of an HD/UHD MLP ("gated_mlp" or "relu_mlp"). `settings`: other `VisualRWKVConfig` fields (scan mode, image
-    position, grid size). Raises ValueError naming every problem.
+    position, grid size). With `cast=False` the tensors keep the file's dtype (views where the mapping allows, for a
+    writer that casts as it writes). Raises ValueError naming every problem.
     """
     stray = [key for key in visual if not key.startswith(("vit.", "proj."))]
     if stray:
@@ -318,11 +320,10 @@ def convert_three_encoder_visual(
         f"vision features {backbone.feature_size})",
         prefix=projector_prefix,
     )
-    originals = {vision_prefix + k: v for k, v in tower.items()} | ours
-    state_dict = {k: v.to(dtype).contiguous() for k, v in originals.items()}
+    state_dict = {vision_prefix + k: v for k, v in tower.items()} | ours
     if not allow_nonfinite:
-        check_finite(originals, state_dict, source, dtype)
-    return config, state_dict
+        check_finite(state_dict, source, dtype)
+    return config, {k: v.to(dtype if cast else v.dtype).contiguous() for k, v in state_dict.items()}
 
 
 __all__ = [

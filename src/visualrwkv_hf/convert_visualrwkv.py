@@ -30,8 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from importlib.resources import files
@@ -42,11 +41,20 @@ import torch
 from huggingface_hub import HfApi, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-from transformers.utils import logging as hf_logging
 
 from . import convert_rwkv6, convert_rwkv7
-from .checkpoint_io import atomic_output_dir, check_finite, check_output_dir, load_checkpoint, resolve_dtype
+from .checkpoint_io import (
+    MAX_SHARD_SIZE,
+    atomic_output_dir,
+    check_finite,
+    check_output_dir,
+    load_checkpoint,
+    output_size,
+    resolve_dtype,
+    save_safetensors_shards,
+)
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
 from .convert_rwkv6 import check_state_dict, select_prefix
@@ -381,6 +389,7 @@ def convert_original_to_hf(
     allow_nonfinite: bool = False,
     projector_type: str | None = None,
     tokens_per_image: int | None = None,
+    cast: bool = True,
 ) -> tuple[VisualRWKVConfig, dict[str, torch.Tensor]]:
     """Validates an original checkpoint and returns the `VisualRWKVConfig` and the state dict of
     `VisualRWKVForConditionalGeneration`.
@@ -395,6 +404,8 @@ def convert_original_to_hf(
     read; a v6.0 one refuses `projector_type` other than "linear". A VisualRWKV-7 one (RWKV-7 blocks under `rwkv.`)
     takes the same tower sizes and `tokens_per_image` (1024, the released models', by default) instead of
     `grid_size`; its scan mode is "unidirectional" and its image position "first" unless given.
+    With `cast=False` the tensors keep the file's dtype (views of the checkpoint's, nothing copied), for
+    `save_visualrwkv_folder` to cast as it writes.
     """
     if checkpoint.is_visualrwkv7:
         settings = _visualrwkv7_settings(checkpoint, scan_mode, image_position, grid_size, tokens_per_image)
@@ -409,7 +420,7 @@ def convert_original_to_hf(
     dtype = resolve_dtype(dtype, {**checkpoint.rwkv, **checkpoint.visual})
     language_model = convert_rwkv7 if checkpoint.is_visualrwkv7 else convert_rwkv6
     text_config, text_state_dict = language_model.convert_blinkdl_to_hf(
-        checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress, allow_nonfinite
+        checkpoint.rwkv, dtype, checkpoint.rwkv_prefix, checkpoint.rwkv_source, progress, allow_nonfinite, cast
     )
     text_state_dict = {
         HF_TEXT_BACKBONE_PREFIX + k.removeprefix(CAUSAL_LM_BACKBONE_PREFIX) if k.startswith(CAUSAL_LM_BACKBONE_PREFIX)
@@ -419,7 +430,7 @@ def convert_original_to_hf(
     if is_three_encoder_checkpoint(checkpoint.visual):
         config, visual_state_dict = convert_three_encoder_visual(
             checkpoint.visual, text_config, dtype, checkpoint.visual_source, vision_config, projector_type, settings,
-            allow_nonfinite,
+            allow_nonfinite, cast,
         )
         if checkpoint.is_visualrwkv7 and config.vision_config.tiles_per_side:
             raise ValueError(
@@ -450,17 +461,14 @@ def convert_original_to_hf(
     )
 
     state_dict = dict(text_state_dict)
-    state_dict.update({HF_VISION_PREFIX + k: v.to(dtype).contiguous() for k, v in vision_state_dict.items()})
-    state_dict[HF_PROJECTOR_KEY] = checkpoint.visual[PROJECTOR_KEY].to(dtype).contiguous()
+    state_dict.update(
+        {HF_VISION_PREFIX + k: v.to(dtype if cast else v.dtype).contiguous() for k, v in vision_state_dict.items()}
+    )
+    projector = checkpoint.visual[PROJECTOR_KEY]
+    state_dict[HF_PROJECTOR_KEY] = projector.to(dtype if cast else projector.dtype).contiguous()
     if not allow_nonfinite:
-        file_keys = {vision_prefix + k: HF_VISION_PREFIX + k for k in vision_state_dict}
-        file_keys[PROJECTOR_KEY] = HF_PROJECTOR_KEY
-        check_finite(
-            {key: checkpoint.visual[key] for key in file_keys},
-            {key: state_dict[hf_key] for key, hf_key in file_keys.items()},
-            checkpoint.visual_source,
-            dtype,
-        )
+        file_keys = [vision_prefix + k for k in vision_state_dict] + [PROJECTOR_KEY]
+        check_finite({key: checkpoint.visual[key] for key in file_keys}, checkpoint.visual_source, dtype)
     return config, state_dict
 
 
@@ -551,17 +559,29 @@ def model_card(config: VisualRWKVConfig, sources: list[str]) -> str:
 
 
 def save_visualrwkv_folder(
-    directory: Path, config: VisualRWKVConfig, state_dict: Mapping[str, torch.Tensor], sources: list[str]
+    directory: Path,
+    config: VisualRWKVConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    sources: list[str],
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    progress: bool = False,
 ) -> None:
-    """Writes model, generation config, processor and model card: a folder the Auto classes load."""
-    with torch.device("meta"):  # the converted tensors become the parameters: nothing is allocated twice
+    """Writes model (weights cast to `config.dtype` shard by shard), generation config, processor and model card: a
+    folder the Auto classes load."""
+    with torch.device("meta"):  # shapes only: the model checks the names and shapes, the weights are written below
         model = VisualRWKVForConditionalGeneration(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Keeps what the model's default generation config holds (the image placeholder is never generated).
     model.generation_config.eos_token_id = TURN_END_TOKEN_ID
     model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.do_sample = False  # the original generates greedily only
-    model.save_pretrained(directory)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    # The names save_pretrained writes: transformers' towers keep their original checkpoints' names on disk (DINOv2's
+    # attention.attention.query, ...). Renaming passes the tensors through, still uncast.
+    weights = revert_weight_conversion(model, dict(state_dict))
+    save_safetensors_shards(directory, weights, config.dtype, max_shard_size, progress)
     VisualRWKVProcessor(
         image_processor=image_processor_for(config),
         tokenizer=RwkvWorldTokenizer(),
@@ -570,20 +590,6 @@ def save_visualrwkv_folder(
         image_token_id=config.image_token_id,
     ).save_pretrained(directory)
     (directory / "README.md").write_text(model_card(config, sources), encoding="utf-8")
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """Turns transformers' progress bars (save_pretrained's "Writing model shards") off for the block if not
-    `enabled`."""
-    if enabled or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str) -> str:
@@ -619,6 +625,7 @@ def convert_visualrwkv_checkpoint(
     allow_nonfinite: bool = False,
     projector_type: str | None = None,
     tokens_per_image: int | None = None,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """Converts an original VisualRWKV checkpoint into a Hugging Face folder; returns the folder.
 
@@ -634,8 +641,9 @@ def convert_visualrwkv_checkpoint(
 
     Everything is validated before anything is written, and the folder appears complete or not at all; an output
     folder holding one of the input files (or the vision config) is refused, even with `overwrite`. NaN or infinite
-    weights are refused unless `allow_nonfinite`. Raises ValueError (not a VisualRWKV checkpoint, inconsistent
-    tensors, a vision config that does not fit, non-finite weights, an output that would delete an input),
+    weights are refused unless `allow_nonfinite`. The files are streamed: memory holds at most one weight shard
+    (`max_shard_size`) of cast tensors, none when the dtype is kept. Raises ValueError (not a VisualRWKV checkpoint,
+    inconsistent tensors, a vision config that does not fit, non-finite weights, an output that would delete an input),
     FileNotFoundError, FileExistsError or OSError (unreadable, out of space).
     """
     if (checkpoint is None) == (rwkv is None and visual is None) or (checkpoint is None and None in (rwkv, visual)):
@@ -658,11 +666,11 @@ def convert_visualrwkv_checkpoint(
         original = OriginalCheckpoint.from_pair(load_checkpoint(rwkv), load_checkpoint(visual), str(rwkv), str(visual))
     config, state_dict = convert_original_to_hf(
         original, loaded_vision_config, dtype, scan_mode, image_position, grid_size, progress, allow_nonfinite,
-        projector_type, tokens_per_image,
+        projector_type, tokens_per_image, cast=False,
     )
-    size = sum(t.nbytes for t in state_dict.values())
-    with atomic_output_dir(output_dir, overwrite, inputs, size) as staging, _progress_bars(progress):
-        save_visualrwkv_folder(staging, config, state_dict, sources)
+    size = output_size(state_dict, config.dtype)
+    with atomic_output_dir(output_dir, overwrite, inputs, size) as staging:
+        save_visualrwkv_folder(staging, config, state_dict, sources, max_shard_size, progress)
         if remote_code:
             add_remote_code(staging)
     if push_to_hub:
