@@ -1,5 +1,6 @@
 """LlavaDataset and VisualRWKVDataCollator: ids and label masks against the spec's example, multi-turn masking,
-padding, truncation, malformed records, and both loss reductions checked by hand."""
+padding, truncation, malformed records, and several images per sample (VisualRWKV-7): each row as the processor gives
+the sample alone, every image of the batch in order."""
 
 import itertools
 import json
@@ -11,6 +12,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from visualrwkv_hf import RwkvWorldTokenizer, VisualRWKVProcessor
 from visualrwkv_hf.data import LlavaDataset, MalformedRecordError, VisualRWKVDataCollator
+from visualrwkv_hf.image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
 
 from test_pipeline import random_image
 
@@ -227,3 +229,90 @@ def test_an_undecodable_image_names_the_record_and_the_file(tmp_path):
     dataset = LlavaDataset([record("Hi", "Hello"), record("<image>\nWhat?", "X", image=str(truncated))])
     with pytest.raises(MalformedRecordError, match=r"record 1: Cannot read image file '.*truncated\.png'"):
         dataset[1]
+
+
+# ------------------------------------------------------------------ several images per sample (VisualRWKV-7)
+
+V7_IMAGE_ID = 65535  # VisualRWKV-7's placeholder id
+V7_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def v7_processor():
+    """VisualRWKV-7's processor: the three-encoder image processor (pixel_values and high_res_pixel_values), images
+    first, its placeholder id; few tokens per image so that the ids read easily."""
+    return VisualRWKVProcessor(
+        image_processor=SamDinoSiglipImageProcessor(), tokenizer=RwkvWorldTokenizer(), num_image_tokens=V7_TOKENS,
+        image_position="first", image_token_id=V7_IMAGE_ID,
+    )
+
+
+def test_several_images_collate_as_the_processor_gives_each_sample_alone(v7_processor):
+    images = [random_image(seed) for seed in range(5)]
+    samples = [
+        record("<image>\n<image>\nCompare them.", "The left is darker.", image=images[:2]),
+        record("Hi", "Hello there, friend"),
+        # one image in each of two human turns, as the original's multi-turn records
+        record("<image>\nWhat is it?", "A bus.", "<image>\nAnd this?", "A car.", image=images[2:4]),
+        record("Describe it.", "Noise.", image=images[4]),  # no marker: the image opens the first human turn
+    ]
+    collator = VisualRWKVDataCollator(v7_processor)
+    batch = collator(samples)
+    image_parts = [[2, 0], [0, 0], [1, 0, 1, 0], [1, 0]]  # image parts per turn, from the markers
+    for row, (sample, parts) in enumerate(zip(samples, image_parts)):
+        messages = [
+            {"role": "user" if index % 2 == 0 else "assistant",
+             "content": [{"type": "image"}] * count + [{"type": "text", "text": turn["value"].replace("<image>", "")}]}
+            for index, (turn, count) in enumerate(zip(sample["conversations"], parts, strict=True))
+        ]
+        sample_images = sample["image"] if isinstance(sample["image"], list) else [sample["image"]] * sum(parts)
+        alone = v7_processor(images=sample_images or None, text=v7_processor.apply_chat_template(messages))
+        ids = alone["input_ids"][0]
+        assert batch["input_ids"][row, : len(ids)].tolist() == ids
+        assert batch["attention_mask"][row].sum() == len(ids)
+        labels = batch["labels"][row, : len(ids)]
+        assert labels[torch.tensor(ids) == V7_IMAGE_ID].eq(-100).all()
+    # the original's ids for two images: "User: ", image, "\n", image, "\nCompare them.\n\n", each piece on its own
+    encode = v7_processor.tokenizer.encode
+    image = [V7_IMAGE_ID] * V7_TOKENS
+    expected = encode("User: ") + image + encode("\n") + image + encode("\nCompare them.\n\n")
+    assert batch["input_ids"][0, : len(expected)].tolist() == expected
+    assert batch["labels"][0, : len(expected)].eq(-100).all()
+    assert int((batch["input_ids"] == V7_IMAGE_ID).sum()) == 5 * V7_TOKENS
+    # every image of the batch, sample by sample, left to right
+    pixels = v7_processor.image_processor(images, return_tensors="pt")
+    for name in ("pixel_values", "high_res_pixel_values"):
+        assert torch.equal(batch[name], pixels[name]), name
+
+
+def test_more_images_than_the_prompt_takes_are_refused_naming_the_sample(processor, v7_processor):
+    two_images = {**record("<image>\n<image>\nCompare them.", "Same.", image=[random_image(0)] * 2), "id": "cats-7"}
+    good = record("Hi", "Hello")
+    with pytest.raises(MalformedRecordError, match=r"sample 'cats-7': it has 2 images, but with image_position "
+                       r"'middle' VisualRWKV takes one image per sample; .*image_position='first'"):
+        VisualRWKVDataCollator(processor)([good, two_images])
+    no_id = {key: value for key, value in two_images.items() if key != "id"}
+    with pytest.raises(MalformedRecordError, match=r"sample 1 of the batch: it has 2 images, but with image_position "
+                       r"'last'"):
+        VisualRWKVDataCollator(processor, image_position="last")([good, no_id])
+    skipping = VisualRWKVDataCollator(processor, on_error="skip")
+    assert skipping([good, two_images])["input_ids"].shape[0] == 1 and sum(skipping.skipped.values()) == 1
+    one_marker = record("<image>\nCompare them.", "Same.", image=[random_image(0)] * 2)
+    with pytest.raises(MalformedRecordError, match=r"sample 0 of the batch: it holds 1 '<image>' marker for 2 images"):
+        VisualRWKVDataCollator(v7_processor)([one_marker])
+
+
+def test_dataset_reads_a_list_of_images_and_checks_each(tmp_path):
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        random_image(seed).save(tmp_path / name)
+    two = {**record("<image>\n<image>\nCompare.", "Same."), "image": ["a.png", "b.png"], "id": 3}
+    dataset = LlavaDataset([two, {**two, "image": ["a.png"]}], image_folder=tmp_path, on_error="skip")
+    item = dataset[0]
+    assert [image.size for image in item["image"]] == [(52, 40)] * 2 and item["id"] == 3
+    assert item["image"][1].tobytes() == random_image(1).tobytes()
+    assert dataset.skipped == {1: "it holds 2 '<image>' markers for an image: one marker where each image goes, or "
+                                  "none (the images then open the first human turn)"}
+    with pytest.raises(MalformedRecordError, match=r"record 0: its image path '.*c\.png' does not exist"):
+        LlavaDataset([{**two, "image": ["a.png", "c.png"]}], image_folder=tmp_path)
+    with pytest.raises(MalformedRecordError, match=r"record 0: turn 1 holds '<image>'; only human turns hold images"):
+        LlavaDataset([record("<image>\nA?", "<image>", image=["a.png", "b.png"])], image_folder=tmp_path)

@@ -1,5 +1,6 @@
 """Training with plain transformers.Trainer and PEFT on a tiny VisualRWKV: full fine-tuning and LoRA lower the loss,
-freezing options, bf16 on CPU, merge equality, the merged folder, resume equality, and two processes (gloo)."""
+freezing options, bf16 on CPU, merge equality, the merged folder, resume equality, two processes (gloo), and LoRA on
+two-image samples with a tiny VisualRWKV-7."""
 
 import os
 import subprocess
@@ -12,8 +13,9 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
-from visualrwkv_hf import VisualRWKVForConditionalGeneration
+from visualrwkv_hf import RwkvWorldTokenizer, VisualRWKVForConditionalGeneration, VisualRWKVProcessor
 from visualrwkv_hf.data import LlavaDataset, VisualRWKVDataCollator
+from visualrwkv_hf.image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
 from visualrwkv_hf.ops.loss import sample_level_causal_lm_loss, sample_level_loss
 from visualrwkv_hf.training import LORA_TARGETS, freeze_for_training, lora_config
 
@@ -201,3 +203,35 @@ def test_two_processes_match_one_process(tmp_path):
     assert any(not torch.equal(one[key], initial[key]) for key in one)  # training changed the model
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_lora_on_two_image_samples_lowers_the_loss_of_a_tiny_visualrwkv7(tmp_path):
+    """VisualRWKV-7 reads several images per sample: LoRA (projector included) through Trainer on two-image records,
+    each batch's images collated row by row."""
+    from test_modeling_visualrwkv7 import IMAGE_ID, random_image, tiny_model
+
+    model = tiny_model(grid_size=4)  # 16 tokens per image, the original train.py's default
+    with torch.no_grad():  # a head of trained scale: at the 0.02 init every logit is ~0, whatever the adapters do
+        model.lm_head.weight.normal_(0, 1)
+    processor = VisualRWKVProcessor(
+        image_processor=SamDinoSiglipImageProcessor(), tokenizer=RwkvWorldTokenizer(),
+        num_image_tokens=model.config.num_image_tokens, image_position="first", image_token_id=IMAGE_ID,
+    )
+    dataset = LlavaDataset([
+        {"image": [random_image(seed), random_image(seed + 10)], "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhich one is brighter?"}, {"from": "gpt", "value": answer}]}
+        for seed, answer in enumerate(["The left one.", "The second image, clearly."])
+    ])
+    collator = VisualRWKVDataCollator(processor)
+    batch = collator([dataset[0], dataset[1]])
+    assert batch["pixel_values"].shape[0] == batch["high_res_pixel_values"].shape[0] == 4
+    peft_model = get_peft_model(model, lora_config("all", r=4, lora_alpha=8))
+    before = batch_loss(peft_model, batch)
+    Trainer(
+        model=peft_model,
+        args=training_args(tmp_path, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2),
+        train_dataset=dataset,
+        data_collator=collator,
+    ).train()
+    assert batch_loss(peft_model, batch) < before - 0.1
+    assert not any("vision_tower" in name and "lora_" in name for name, _ in peft_model.named_parameters())

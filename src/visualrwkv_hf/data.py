@@ -1,9 +1,13 @@
 """LLaVA-format training data for VisualRWKV: a dataset that reads and checks the records, and a collator that formats,
-tokenizes and labels them as the original VisualRWKV-6 training did.
+tokenizes and labels them as the original VisualRWKV-6 and VisualRWKV-7 training did.
 
 Record format (LLaVA's): `{"image": "relative/path.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "..."}, ...]}`; `"image"` is optional (text-only samples), `"<image>"` marks the human turn
-that holds the image (the first human turn when no turn has it).
+{"from": "gpt", "value": "..."}, ...]}`; `"image"` is optional (text-only samples) and may be a list of files (the
+original VisualRWKV-7 dataset's several images). Each `"<image>"` marks where one image goes: a human turn holding k
+markers takes the next k images, in order (as the original, the markers are then removed and the chat template places
+the images by `image_position`: with `"first"`, k lines `"<image>"` open the turn). Without markers, all images go
+into the first human turn. Several images per sample need `image_position="first"` (VisualRWKV-7); VisualRWKV-6, HD
+and UHD take one.
 
 Labels (the original's `VisualRWKV-v6/v6.0/src/dataset.py`): every human-turn token is ignored (-100); in an
 assistant turn the tokens of `"Assistant:"` (3 with the World tokenizer) are ignored and the rest is trained: the
@@ -25,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .image_loading import load_rgb_image
-from .processing_visualrwkv import GENERATION_PROMPT, IMAGE_TOKEN, check_image_position
+from .processing_visualrwkv import GENERATION_PROMPT, IMAGE_TOKEN, PIXEL_INPUTS, check_image_position, describe_images
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +82,15 @@ def _read_records(source: str | os.PathLike | Sequence[dict]) -> list:
     return records
 
 
-def _check_conversations(record: Any) -> tuple[list[dict], int | None]:
-    """The record's turns as chat messages and the index of the turn that holds the image marker (None if none).
-    Raises `MalformedRecordError` (without the record index) for anything the collator cannot label."""
+def _check_conversations(record: Any) -> tuple[list[dict], list[int]]:
+    """The record's turns as chat messages and the number of image markers in each turn. Raises
+    `MalformedRecordError` (without the record index) for anything the collator cannot label."""
     if not isinstance(record, dict):
         raise MalformedRecordError(f"a record must be a dict, not a {type(record).__name__}")
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise MalformedRecordError("it has no 'conversations' list (or an empty one)")
-    messages = []
-    marker_turns = []
+    messages, markers = [], []
     for turn_index, turn in enumerate(conversations):
         expected = "human" if turn_index % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -98,23 +101,39 @@ def _check_conversations(record: Any) -> tuple[list[dict], int | None]:
                 "starting with human)"
             )
         value = turn["value"]
-        if value.count(IMAGE_TOKEN) > (expected == "human"):
-            raise MalformedRecordError(
-                f"turn {turn_index} holds {value.count(IMAGE_TOKEN)} {IMAGE_TOKEN!r} markers; only a human turn may "
-                "hold one"
-            )
-        if IMAGE_TOKEN in value:
-            marker_turns.append(turn_index)
-        elif not value.strip():
+        if IMAGE_TOKEN in value and expected == "gpt":
+            raise MalformedRecordError(f"turn {turn_index} holds {IMAGE_TOKEN!r}; only human turns hold images")
+        if IMAGE_TOKEN not in value and not value.strip():
             raise MalformedRecordError(f"turn {turn_index} is empty")
         messages.append({"role": ROLES[expected], "content": value})
-    if len(marker_turns) > 1:
-        raise MalformedRecordError(
-            f"turns {marker_turns} each hold {IMAGE_TOKEN!r}; VisualRWKV-6 takes one image per sample"
-        )
+        markers.append(value.count(IMAGE_TOKEN))
     if messages[-1]["role"] != "assistant":
         raise MalformedRecordError("it ends with a human turn: there is no answer to learn")
-    return messages, marker_turns[0] if marker_turns else None
+    return messages, markers
+
+
+def _images_per_turn(markers: list[int], num_images: int) -> list[int]:
+    """How many of the record's images each turn takes: one per marker, or all in the first human turn when no turn
+    holds a marker. Raises `MalformedRecordError` when the markers and the images do not match."""
+    if not num_images:
+        if any(markers):
+            turn = next(index for index, count in enumerate(markers) if count)
+            raise MalformedRecordError(f"turn {turn} holds {IMAGE_TOKEN!r} but the record has no 'image'")
+        return markers
+    if not any(markers):
+        return [num_images] + markers[1:]
+    if sum(markers) != num_images:
+        raise MalformedRecordError(
+            f"it holds {sum(markers)} {IMAGE_TOKEN!r} marker{'s' * (sum(markers) > 1)} for "
+            f"{describe_images(num_images)}: one marker where each image goes, or none (the images then open the "
+            "first human turn)"
+        )
+    return markers
+
+
+def _image_list(image: Any) -> list:
+    """A record's `"image"` as a list: none, one, or the given list of several."""
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 class LlavaDataset(Dataset):
@@ -123,7 +142,8 @@ class LlavaDataset(Dataset):
 
     Args:
         source: A JSON file holding a list of records, a JSONL file (one record a line), or an in-memory list of
-            records. In-memory records may hold an image itself (PIL image, array, tensor, bytes) under `"image"`.
+            records. `"image"` is a path or a list of paths; in-memory records may hold images themselves (PIL image,
+            array, tensor, bytes) there.
         image_folder: Folder that relative image paths are read from; `None` reads them as given (relative to the
             current directory).
         on_error: `"raise"` fails at the first malformed record or unreadable image with an error that names the
@@ -134,7 +154,8 @@ class LlavaDataset(Dataset):
             DataLoader worker's count stays in the worker) and gives the next readable record instead. A source
             without one usable record raises a `ValueError`.
 
-    Items are dicts `{"conversations": [...], "image": RGB PIL image or None}`: what `VisualRWKVDataCollator` takes.
+    Items are dicts `{"conversations": [...], "image": RGB PIL image, list of them (when the record lists its images)
+    or None}`, with the record's `"id"` when it has one: what `VisualRWKVDataCollator` takes.
     Indexing works as on a list (negative indices count from the end; past the end raises `IndexError`).
     With `transformers.Trainer`, set `remove_unused_columns=False` so that these keys reach the collator.
     """
@@ -152,20 +173,11 @@ class LlavaDataset(Dataset):
         self.skipped: dict[int, str] = {}
         for index, record in enumerate(_read_records(source)):
             try:
-                _check_conversations(record)
-                image = record.get("image")
-                if image is None:
-                    if any(IMAGE_TOKEN in turn["value"] for turn in record["conversations"]):
-                        raise MalformedRecordError(f"a turn holds {IMAGE_TOKEN!r} but the record has no 'image'")
-                elif isinstance(image, (str, os.PathLike)):
-                    path = self._image_path(image)
-                    if "://" not in path and not os.path.isfile(path):
-                        problem = "is a folder, not an image file" if os.path.isdir(path) else "does not exist"
-                        raise MalformedRecordError(f"its image path {path!r} {problem}")
-                elif isinstance(image, (bool, int, float, list, dict)):  # JSON values that cannot be an image
-                    raise MalformedRecordError(
-                        f"its 'image' is a {type(image).__name__}, not an image file path (or an image in memory)"
-                    )
+                _, markers = _check_conversations(record)
+                images = _image_list(record.get("image"))
+                _images_per_turn(markers, len(images))
+                for image in images:
+                    self._check_image(image)
             except MalformedRecordError as error:
                 self._report(index, error)
                 continue
@@ -191,6 +203,17 @@ class LlavaDataset(Dataset):
             ) from error
         self.skipped[index] = str(error)
 
+    def _check_image(self, image: Any) -> None:
+        if isinstance(image, (str, os.PathLike)):
+            path = self._image_path(image)
+            if "://" not in path and not os.path.isfile(path):
+                problem = "is a folder, not an image file" if os.path.isdir(path) else "does not exist"
+                raise MalformedRecordError(f"its image path {path!r} {problem}")
+        elif isinstance(image, (bool, int, float, list, tuple, dict)) or image is None:  # JSON values, not images
+            raise MalformedRecordError(
+                f"its 'image' is a {type(image).__name__}, not an image file path (or an image in memory)"
+            )
+
     def _image_path(self, image: str | os.PathLike) -> str:
         path = os.fspath(image)
         return path if self.image_folder is None or "://" in path else os.path.join(self.image_folder, path)
@@ -211,14 +234,17 @@ class LlavaDataset(Dataset):
             record = self.records[position]
             image = record.get("image")
             try:
-                if isinstance(image, (str, os.PathLike)):
-                    image = self._image_path(image)
-                image = None if image is None else load_rgb_image(image)
+                images = [
+                    load_rgb_image(self._image_path(one) if isinstance(one, (str, os.PathLike)) else one)
+                    for one in _image_list(image)
+                ]
             except (OSError, ValueError, TypeError) as error:
                 self._report(self.record_indices[position], error)
                 logger.warning(f"LlavaDataset skipped record {self.record_indices[position]}: {error}")
                 continue
-            return {"conversations": record["conversations"], "image": image}
+            item = {"conversations": record["conversations"]}
+            item["image"] = images if isinstance(image, (list, tuple)) else images[0] if images else None
+            return item | ({"id": record["id"]} if "id" in record else {})
         raise MalformedRecordError("LlavaDataset: no record has a readable image")
 
 
@@ -235,15 +261,18 @@ class VisualRWKVDataCollator:
         image_position: `"first"`, `"middle"` (the sandwich) or `"last"`; `None` uses the processor's (the
             sandwich, unless set otherwise).
         max_length: Longest sequence kept. Longer samples lose their end (the answer side): the cut never comes
-            before the first trained token after the image, so the instruction and the whole image span are kept.
+            before the first trained token after the last image, so the instruction and every image span are kept.
             A sample whose instruction alone does not fit is handled by `on_error`.
-        on_error: `"raise"` fails on a sample that cannot be used (malformed, or too long to keep its instruction),
-            naming the problem; `"skip"` drops it from its batch, counts it in `skipped` (reason -> count) and logs a
-            warning. A batch left empty raises.
+        on_error: `"raise"` fails on a sample that cannot be used (malformed, too long to keep its instruction, or
+            with more images than `image_position` takes), naming the sample (its `"id"`, else its place in the
+            batch) and the problem; `"skip"` drops it from its batch, counts it in `skipped` (reason -> count) and
+            logs a warning. A batch left empty raises.
 
-    Samples are dicts `{"conversations": [...], "image": image or None}` (what `LlavaDataset` gives). The batch holds
-    `input_ids`, `attention_mask` and `labels` (batch, seq) and, when any sample has an image, `pixel_values` with one
-    image per such sample in batch order (text-only samples need none).
+    Samples are dicts `{"conversations": [...], "image": image, list of images or None}` (what `LlavaDataset` gives).
+    The batch holds `input_ids`, `attention_mask` and `labels` (batch, seq; every image position ignored) and, when
+    any sample has an image, the processor's pixel inputs (`pixel_values`, and `high_res_pixel_values` for the
+    three-encoder backbone) holding every image of the batch, sample by sample and in order within a sample
+    (text-only samples need none): the layout the model reads them in.
     """
 
     def __init__(
@@ -274,19 +303,25 @@ class VisualRWKVDataCollator:
                 "a sample must be a dict with 'conversations' (and 'image'); with Trainer, set "
                 "`remove_unused_columns=False` so that these keys reach the collator"
             )
-        messages, marker_turn = _check_conversations(sample)
-        has_image = sample.get("image") is not None
-        if has_image and marker_turn is None:
-            marker_turn = 0
-        elif not has_image and marker_turn is not None:
-            raise MalformedRecordError(f"turn {marker_turn} holds {IMAGE_TOKEN!r} but the sample has no image")
-        if has_image:  # the chat template takes the image as a part ("<image>" in a message's text is text)
-            text = messages[marker_turn]["content"].replace(IMAGE_TOKEN, "")
-            messages[marker_turn] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+        messages, markers = _check_conversations(sample)
+        num_images = len(_image_list(sample.get("image")))
+        images_per_turn = _images_per_turn(markers, num_images)
+        if num_images > 1 and self.image_position != "first":
+            raise MalformedRecordError(
+                f"it has {num_images} images, but with image_position {self.image_position!r} VisualRWKV takes one "
+                "image per sample; several images go first in their turn (image_position='first', VisualRWKV-7)"
+            )
+        for turn_index, count in enumerate(images_per_turn):
+            if count:  # the chat template takes images as parts ("<image>" in a message's text is text)
+                text = messages[turn_index]["content"].replace(IMAGE_TOKEN, "")
+                content = [{"type": "image"}] * count + [{"type": "text", "text": text}]
+                messages[turn_index] = {"role": "user", "content": content}
         prompt = self.processor.apply_chat_template(messages, image_position=self.image_position, tokenize=False)
-        turn_ids = self.processor.tokenize_turns(prompt, has_image)
+        turn_ids = self.processor.tokenize_turns(prompt, bool(num_images))
         if len(turn_ids) != len(messages):
             raise MalformedRecordError(f"its {len(messages)} turns formatted into {len(turn_ids)}")
+        # the instruction runs through the last turn with an image
+        last_image_turn = max((index for index, count in enumerate(images_per_turn) if count), default=0)
 
         input_ids, labels = [], []
         min_length = None  # the instruction (through the image turn) and the first trained token after it
@@ -296,7 +331,7 @@ class VisualRWKVDataCollator:
             else:
                 prefix = min(self.assistant_prefix_length, len(ids))
                 turn_labels = [IGNORE_INDEX] * prefix + ids[prefix:]
-                if min_length is None and turn_index > (marker_turn or 0) and len(ids) > prefix:
+                if min_length is None and turn_index > last_image_turn and len(ids) > prefix:
                     min_length = len(input_ids) + prefix + 1
             input_ids.extend(ids)
             labels.extend(turn_labels)
@@ -306,7 +341,7 @@ class VisualRWKVDataCollator:
             if min_length > self.max_length:
                 raise MalformedRecordError(
                     f"its instruction and first answer token take {min_length} tokens, more than max_length "
-                    f"{self.max_length} (the image alone takes {self.processor.num_image_tokens})"
+                    f"{self.max_length} (each image takes {self.processor.num_image_tokens})"
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         return input_ids, labels
@@ -315,18 +350,19 @@ class VisualRWKVDataCollator:
         if not samples:
             raise ValueError("VisualRWKVDataCollator: the batch holds no samples.")
         rows, images = [], []
-        for sample in samples:
+        for index, sample in enumerate(samples):
             try:
                 rows.append(self.tokenize(sample))
             except MalformedRecordError as error:
                 if self.on_error == "raise":
-                    raise
+                    named = isinstance(sample, dict) and "id" in sample
+                    name = repr(sample["id"]) if named else f"{index} of the batch"
+                    raise MalformedRecordError(f"sample {name}: {error}") from error
                 self.skipped[str(error)] += 1
                 total = sum(self.skipped.values())
                 logger.warning(f"VisualRWKVDataCollator skipped a sample: {error} ({total} so far)")
                 continue
-            if sample.get("image") is not None:
-                images.append(sample["image"])
+            images.extend(_image_list(sample.get("image")))
         if not rows:
             raise ValueError(f"VisualRWKVDataCollator: every sample of this batch was skipped ({dict(self.skipped)}).")
 
@@ -340,7 +376,8 @@ class VisualRWKVDataCollator:
             attention_mask[row, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if images:
-            batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=images, return_tensors="pt")
+            batch.update({name: pixels[name] for name in PIXEL_INPUTS if name in pixels})
         return batch
 
 

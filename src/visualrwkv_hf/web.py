@@ -2,7 +2,8 @@
 
 Upload, paste or pick an image (the examples are the demo's synthetic shapes, with a question each), ask about it, and
 the answer streams in; follow-up questions continue the conversation; Clear starts it again on the same image, and a
-new image starts a new one (VisualRWKV-6 takes one image per conversation).
+new image starts a new one. The page holds one image per conversation, as VisualRWKV-6, HD and UHD take;
+VisualRWKV-7 reads several (through `visualrwkv serve` or the pipeline).
 
 * Answers are the pipeline's. The first question's prompt is the one `pipeline("image-text-to-text")` builds (the
   chat template with the folder's image position); generation is greedy and stops at the turn end `"\\n\\n"`. The
