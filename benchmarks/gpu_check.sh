@@ -5,6 +5,8 @@
 # cut short still leaves every number measured so far. Total limit ~15 minutes (the sum of the stage limits).
 #
 # Usage (from the repository root): bash benchmarks/gpu_check.sh [OUT]      (OUT defaults to gpu_results/)
+#   GPU_CHECK_STAGES="1 2 3 4" runs only those stages (numbered from 1 in the list below), so the run can be split
+#   over calls shorter than the total: e.g. "1 2 3 4", then "1 5 6 7" (the second build loads the first one's cache).
 #   PYTHON=... picks the interpreter (default .venv/bin/python); it needs a CUDA build of torch, pytest, peft,
 #   and optionally flash-linear-attention (the comparison anchor of bench_wkv6_cuda.py and bench_wkv7_cuda.py) and
 #   matplotlib (the plot).
@@ -18,10 +20,16 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 status=0
+stage_number=0
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run COMMAND under the limit, its output to the terminal and the log
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  stage_number=$((stage_number + 1))
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $stage_number "* ]]; then
+    echo "=== stage $stage_number ($name): skipped (GPU_CHECK_STAGES=$GPU_CHECK_STAGES) ===" | tee -a "$LOG"
+    return
+  fi
   echo "=== $name (limit ${limit} s) ===" | tee -a "$LOG"
   timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
