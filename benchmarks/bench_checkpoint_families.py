@@ -2,7 +2,8 @@
 prefill, one generation step with our recurrent cache, and the original's generation step (the whole sequence, image
 included, re-run for every new token), side by side in one run.
 
-Run: .venv/bin/python benchmarks/bench_checkpoint_families.py [--quick] [--families v6.0-1B6,hd-v0612] [--dtypes float32]
+Run: .venv/bin/python benchmarks/bench_checkpoint_families.py [--quick] [--families v6.0-1B6,...] [--dtypes float32]
+     (the whole run at real sizes takes about an hour on a busy 2-core CPU and needs ~12 GB of free memory)
 
 Families (the released files' shapes; see docs/checkpoints.md):
   v6.0-1B6     VisualRWKV-6.0 1.6B: CLIP ViT-L/14-336 (577 tokens), linear projector, RWKV-6 24 x 2048;
@@ -23,8 +24,9 @@ around one image's placeholders (batch 1). Measured, per family:
   step: one new token with the cache (greedy: the previous step's argmax), median over the timed steps after a few
      untimed ones;
   recompute: the original's generation step, the prompt plus the first new token through the model without a cache,
-     image included, timed once; its next-token logits are checked against the cached step's (the run stops if they
-     disagree in float32);
+     image included, timed once for the families in --recompute (a whole-sequence forward costs minutes at these
+     sizes on a small CPU); its next-token logits are checked against the cached step's (the run stops if they
+     disagree in float32). For the other families it is estimated by the prefill, the same work less one token;
   weights: bytes of the parameters and buffers; peak RSS: the subprocess's VmHWM (Linux), with everything above.
 """
 
@@ -43,6 +45,7 @@ TEXT_TOKENS = 20  # prompt text tokens, half before the image placeholders and h
 STEP_WARMUP = 2  # generation steps left out of the timing
 FILL_BLOCK = 1 << 20  # elements of the noise block tiled into every weight
 FILL_STD = 0.02
+DEFAULT_RECOMPUTE = "v6.0-1B6,v0700-0B1"  # the cheapest families of each tower kind
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ def fill_weights(model) -> None:
     """Every floating parameter from one tiled block of uniform noise (std FILL_STD); norm weights 1, biases 0."""
     import torch
 
-    block = torch.empty(FILL_BLOCK).uniform_(-FILL_STD * 3**0.5, FILL_STD * 3**0.5, generator=torch.Generator().manual_seed(0))
+    bound = FILL_STD * 3**0.5
+    block = torch.empty(FILL_BLOCK).uniform_(-bound, bound, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for module in model.modules():
             is_norm = "norm" in type(module).__name__.lower()
@@ -196,7 +200,7 @@ def build_model(family: Family, quick: bool, dtype):
     return model, config, model.model.vision_tower, [model]
 
 
-def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int) -> dict:
+def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int, recompute: bool) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -254,14 +258,18 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
                 first_step_logits = logits[0, -1].float()
             token = int(logits[0, -1].argmax())
 
-        # The original's step for the first new token: the whole sequence again, image included, no cache.
-        began = time.perf_counter()
-        recomputed = model(input_ids=torch.tensor([ids + [first_token]]), **pixels, use_cache=False, logits_to_keep=1)
-        recompute_seconds = time.perf_counter() - began
-    recomputed = recomputed.logits[0, -1].float()
-    difference = (first_step_logits - recomputed).abs().max().item() / max(recomputed.abs().max().item(), 1e-30)
-    if dtype == torch.float32 and difference > 1e-3:
-        raise SystemExit(f"{name}: cached step and full recompute disagree (max |diff| / max |logit| {difference:.1e}).")
+        recompute_seconds = difference = None
+        if recompute:
+            # The original's step for the first new token: the whole sequence again, image included, no cache.
+            began = time.perf_counter()
+            logits = model(input_ids=torch.tensor([ids + [first_token]]), **pixels, use_cache=False, logits_to_keep=1)
+            recompute_seconds = time.perf_counter() - began
+            recomputed = logits.logits[0, -1].float()
+            difference = (first_step_logits - recomputed).abs().max().item() / recomputed.abs().max().item()
+            if dtype == torch.float32 and difference > 1e-3:
+                raise SystemExit(
+                    f"{name}: cached step and full recompute disagree (max |diff| / max |logit| {difference:.1e})."
+                )
 
     return {
         "family": name,
@@ -286,24 +294,50 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
 # ---------------------------------------------------------------- the driver
 
 
+TABLE_HEADER = (
+    "| family | dtype | parameters (vision) | image tokens | weights GB | prefill s (vision s) | step ms | recompute s | "
+    "recompute / step | peak RSS GB |"
+)
+
+
+def table_row(row: dict) -> str:
+    # without a measurement, the original's step is estimated by the prefill (the same sequence less one token)
+    measured = row["recompute_s"] is not None
+    recompute, mark = (row["recompute_s"], "") if measured else (row["prefill_s"], "~")
+    return (
+        f"| {FAMILIES[row['family']].label} | {row['dtype']} | {row['parameters'] / 1e9:.2f} G "
+        f"({row['vision_parameters'] / 1e9:.2f} G) | {row['image_tokens']} | {row['weight_bytes'] / 1e9:.2f} | "
+        f"{row['prefill_s']:.1f} ({row['vision_s']:.1f}) | {row['step_s'] * 1e3:.0f} | "
+        f"{mark}{recompute:.1f} | {mark}{recompute / row['step_s']:.0f}x | {row['peak_rss'] / 1e9:.1f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--steps", type=int, default=8, help="timed generation steps per family")
+    parser.add_argument(
+        "--recompute",
+        help="families whose full-recompute step is measured, or 'all' (default: v6.0-1B6,v0700-0B1; with --quick, "
+        "all); the others' is estimated as their prefill, the same work less one token",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes of the same architectures: checks the script")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # FAMILY:DTYPE, run in the subprocess
     args = parser.parse_args()
     threads = args.threads or os.cpu_count()
     if args.worker:
-        name, dtype_name = args.worker.split(":")
-        print(json.dumps(run_family(name, dtype_name, args.quick, args.steps, threads)))
+        name, dtype_name, recompute = args.worker.split(":")
+        print(json.dumps(run_family(name, dtype_name, args.quick, args.steps, threads, recompute == "recompute")))
         return
 
     families = args.families.split(",")
     dtypes = args.dtypes.split(",")
-    unknown = [f for f in families if f not in FAMILIES] + [d for d in dtypes if d not in ("float32", "bfloat16")]
+    recompute = args.recompute or ("all" if args.quick else DEFAULT_RECOMPUTE)
+    recomputed = families if recompute == "all" else recompute.split(",")
+    unknown = [f for f in families + recomputed if f not in FAMILIES]
+    unknown += [d for d in dtypes if d not in ("float32", "bfloat16")]
     if unknown:
         parser.error(f"unknown families or dtypes {unknown}; families are {list(FAMILIES)}, dtypes float32, bfloat16")
     if not os.path.exists("/proc/self/status"):
@@ -317,31 +351,31 @@ def main() -> None:
     rows = []
     for dtype_name in dtypes:
         for name in families:
-            command = [sys.executable, __file__, "--worker", f"{name}:{dtype_name}", "--steps", str(args.steps),
+            worker = f"{name}:{dtype_name}:{'recompute' if name in recomputed else 'no'}"
+            command = [sys.executable, __file__, "--worker", worker, "--steps", str(args.steps),
                        "--threads", str(threads)] + (["--quick"] if args.quick else [])
             began = time.perf_counter()
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-            if done.returncode:
-                raise SystemExit(f"{name} {dtype_name} failed (exit {done.returncode}); its error is above.")
+            if done.returncode:  # the others still run (a kill by the kernel's OOM killer shows as exit -9)
+                failed = f"| {FAMILIES[name].label} | {dtype_name} | failed: exit {done.returncode}, error above |"
+                print("  " + failed, flush=True)
+                rows.append(failed)
+                continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  {name} {dtype_name}: done in {time.perf_counter() - began:.0f} s (load "
-                  f"{os.getloadavg()[0]:.2f}); cached step vs recompute, max |logit diff| / max |logit| "
-                  f"{row['logit_difference']:.1e}", flush=True)
+            check = row["logit_difference"]
+            print(f"  {name} {dtype_name}: done in {time.perf_counter() - began:.0f} s (load {os.getloadavg()[0]:.2f})"
+                  + ("" if check is None else f"; cached step vs recompute, max |diff| / max |logit| {check:.1e}"))
+            print("  " + table_row(row), flush=True)
 
     print()
+    print("recompute: the original's generation step (the whole sequence again, no cache); ~ marks an estimate, the "
+          "prefill's time")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    header = (f"| family | dtype | parameters (vision) | image tokens | weights GB | prefill s (vision s) | step ms | "
-              f"recompute s | recompute / step | peak RSS GB |")
-    print(header)
-    print("|" + "---|" * header.count(" | ") + "---|")
+    print(TABLE_HEADER)
+    print("|" + "---|" * TABLE_HEADER.count(" | ") + "---|")
     for row in rows:
-        print(
-            f"| {FAMILIES[row['family']].label} | {row['dtype']} | {row['parameters'] / 1e9:.2f} G "
-            f"({row['vision_parameters'] / 1e9:.2f} G) | {row['image_tokens']} | {row['weight_bytes'] / 1e9:.2f} | "
-            f"{row['prefill_s']:.1f} ({row['vision_s']:.1f}) | {row['step_s'] * 1e3:.0f} | "
-            f"{row['recompute_s']:.1f} | {row['recompute_s'] / row['step_s']:.0f}x | {row['peak_rss'] / 1e9:.1f} |"
-        )
+        print(row if isinstance(row, str) else table_row(row))
 
 
 if __name__ == "__main__":
