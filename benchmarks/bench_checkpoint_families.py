@@ -46,11 +46,15 @@ STEP_WARMUP = 2  # generation steps left out of the timing
 FILL_BLOCK = 1 << 20  # elements of the noise block tiled into every weight
 FILL_STD = 0.02
 DEFAULT_RECOMPUTE = "v6.0-1B6,v0700-0B1"  # the cheapest families of each tower kind
+# Timed by default: one per architecture (v6.0 3B and 7B differ from 1.6B only in width and depth; 7B in float32 needs
+# more than 24 GB). --weights-only lists every released file.
+DEFAULT_FAMILIES = "v6.0-1B6,hd-v0612,uhd-v0613,v0700-0B1,v0700-0B4,v0700-1B5"
 
 
 @dataclass(frozen=True)
 class Family:
     label: str
+    file: str  # the released checkpoint
     text_family: str  # "rwkv6" or "rwkv7"
     text: dict  # the text config's sizes
     projector_type: str
@@ -62,24 +66,36 @@ RWKV7_RANKS_SMALL = {"decay_low_rank_dim": 64, "a_low_rank_dim": 64, "v_low_rank
 RWKV7_RANKS_1B5 = {"decay_low_rank_dim": 96, "a_low_rank_dim": 96, "v_low_rank_dim": 64, "gate_low_rank_dim": 256}
 V7_SETTINGS = {"scan_mode": "unidirectional", "image_position": "first", "image_token_id": 65535}
 
+RWKV6_1B6 = {"hidden_size": 2048, "num_hidden_layers": 24}
+
 FAMILIES = {
-    "v6.0-1B6": Family("VisualRWKV-6.0 1.6B", "rwkv6", {"hidden_size": 2048, "num_hidden_layers": 24}, "linear"),
+    "v6.0-1B6": Family("VisualRWKV-6.0 1.6B", "VisualRWKV-v060-1B6-v1.0-20240612.pth", "rwkv6", RWKV6_1B6, "linear"),
+    "v6.0-3B": Family(
+        "VisualRWKV-6.0 3B", "VisualRWKV-v060-3B-v1.0-20240612.pth", "rwkv6",
+        {"hidden_size": 2560, "num_hidden_layers": 32}, "linear",
+    ),
+    "v6.0-7B": Family(
+        "VisualRWKV-6.0 7B", "VisualRWKV-v060-7B-v1.0-20240612.pth", "rwkv6",
+        {"hidden_size": 4096, "num_hidden_layers": 32}, "linear",
+    ),
     "hd-v0612": Family(
-        "VisualRWKV-HD 1.6B", "rwkv6", {"hidden_size": 2048, "num_hidden_layers": 24}, "gated_mlp", tiles_per_side=0
+        "VisualRWKV-HD 1.6B", "VisualRWKV-v0612-1B6-v1.0-20241016.pth", "rwkv6", RWKV6_1B6, "gated_mlp",
+        tiles_per_side=0,
     ),
     "uhd-v0613": Family(
-        "VisualRWKV-UHD 1.6B", "rwkv6", {"hidden_size": 2048, "num_hidden_layers": 24}, "relu_mlp", tiles_per_side=2
+        "VisualRWKV-UHD 1.6B", "VisualRWKV-v0613-1B6-v1.0-20241016.pth", "rwkv6", RWKV6_1B6, "relu_mlp",
+        tiles_per_side=2,
     ),
     "v0700-0B1": Family(
-        "VisualRWKV-7 0.1B", "rwkv7", {"hidden_size": 768, "num_hidden_layers": 12, **RWKV7_RANKS_SMALL},
+        "VisualRWKV-7 0.1B", "VisualRWKV-v0700-0B1-v1.0-20250109.pth", "rwkv7", {"hidden_size": 768, "num_hidden_layers": 12, **RWKV7_RANKS_SMALL},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
     "v0700-0B4": Family(
-        "VisualRWKV-7 0.4B", "rwkv7", {"hidden_size": 1024, "num_hidden_layers": 24, **RWKV7_RANKS_SMALL},
+        "VisualRWKV-7 0.4B", "VisualRWKV-v0700-0B4-v1.0-20250109.pth", "rwkv7", {"hidden_size": 1024, "num_hidden_layers": 24, **RWKV7_RANKS_SMALL},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
     "v0700-1B5": Family(
-        "VisualRWKV-7 1.5B", "rwkv7", {"hidden_size": 2048, "num_hidden_layers": 24, **RWKV7_RANKS_1B5},
+        "VisualRWKV-7 1.5B", "VisualRWKV-v0700-1B5-v1.0-20250204.pth", "rwkv7", {"hidden_size": 2048, "num_hidden_layers": 24, **RWKV7_RANKS_1B5},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
 }
@@ -295,8 +311,8 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
 
 
 TABLE_HEADER = (
-    "| family | dtype | parameters (vision) | image tokens | weights GB | prefill s (vision s) | step ms | recompute s | "
-    "recompute / step | peak RSS GB |"
+    "| family | dtype | parameters (vision) | image tokens | weights GB | prefill s (vision s) | step ms | "
+    "recompute s | recompute / step | peak RSS GB |"
 )
 
 
@@ -312,9 +328,29 @@ def table_row(row: dict) -> str:
     )
 
 
+def print_weights() -> None:
+    """Parameters and weight bytes of every released file at its real size, from models built on the meta device."""
+    import torch
+
+    print("| file | release | parameters (vision, projector) | weights GB, bfloat16 | float32 |")
+    print("|---|---|---|---|---|")
+    for family in FAMILIES.values():
+        with torch.device("meta"):
+            model, _, vision_tower, modules = build_model(family, quick=False, dtype=torch.float32)
+        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        count = sum(t.numel() for t in tensors)
+        vision = sum(p.numel() for p in vision_tower.parameters())
+        projector = model.projector if hasattr(model, "projector") else model.model.multi_modal_projector
+        projector_count = sum(p.numel() for p in projector.parameters())
+        print(
+            f"| `{family.file}` | {family.label} | {count / 1e9:.3f} G ({vision / 1e9:.3f} G, "
+            f"{projector_count / 1e6:.1f} M) | {2 * count / 1e9:.2f} | {4 * count / 1e9:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    parser.add_argument("--families", default=DEFAULT_FAMILIES, help=f"comma-separated, of {', '.join(FAMILIES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     parser.add_argument("--steps", type=int, default=8, help="timed generation steps per family")
     parser.add_argument(
@@ -324,9 +360,16 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes of the same architectures: checks the script")
+    parser.add_argument(
+        "--weights-only", action="store_true",
+        help="only the parameters and weight bytes of every released file (built on the meta device: no memory)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # FAMILY:DTYPE, run in the subprocess
     args = parser.parse_args()
     threads = args.threads or os.cpu_count()
+    if args.weights_only:
+        print_weights()
+        return
     if args.worker:
         name, dtype_name, recompute = args.worker.split(":")
         print(json.dumps(run_family(name, dtype_name, args.quick, args.steps, threads, recompute == "recompute")))
