@@ -87,15 +87,18 @@ FAMILIES = {
         tiles_per_side=2,
     ),
     "v0700-0B1": Family(
-        "VisualRWKV-7 0.1B", "VisualRWKV-v0700-0B1-v1.0-20250109.pth", "rwkv7", {"hidden_size": 768, "num_hidden_layers": 12, **RWKV7_RANKS_SMALL},
+        "VisualRWKV-7 0.1B", "VisualRWKV-v0700-0B1-v1.0-20250109.pth", "rwkv7",
+        {"hidden_size": 768, "num_hidden_layers": 12, **RWKV7_RANKS_SMALL},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
     "v0700-0B4": Family(
-        "VisualRWKV-7 0.4B", "VisualRWKV-v0700-0B4-v1.0-20250109.pth", "rwkv7", {"hidden_size": 1024, "num_hidden_layers": 24, **RWKV7_RANKS_SMALL},
+        "VisualRWKV-7 0.4B", "VisualRWKV-v0700-0B4-v1.0-20250109.pth", "rwkv7",
+        {"hidden_size": 1024, "num_hidden_layers": 24, **RWKV7_RANKS_SMALL},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
     "v0700-1B5": Family(
-        "VisualRWKV-7 1.5B", "VisualRWKV-v0700-1B5-v1.0-20250204.pth", "rwkv7", {"hidden_size": 2048, "num_hidden_layers": 24, **RWKV7_RANKS_1B5},
+        "VisualRWKV-7 1.5B", "VisualRWKV-v0700-1B5-v1.0-20250204.pth", "rwkv7",
+        {"hidden_size": 2048, "num_hidden_layers": 24, **RWKV7_RANKS_1B5},
         "input_gated_mlp", tiles_per_side=0, settings=V7_SETTINGS,
     ),
 }
