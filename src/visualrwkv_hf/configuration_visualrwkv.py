@@ -1,4 +1,5 @@
-"""Configuration of VisualRWKV: a vision encoder, a projector and the RWKV-6 language model (`Rwkv6Config`)."""
+"""Configuration of VisualRWKV: a vision encoder, a projector and an RWKV language model (`Rwkv6Config` for
+VisualRWKV-6 / HD / UHD, `Rwkv7Config` for VisualRWKV-7)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .configuration_rwkv6 import Rwkv6Config
-from .configuration_rwkv_common import ModelTypeCheckMixin
+from .configuration_rwkv7 import Rwkv7Config
+from .configuration_rwkv_common import ModelTypeCheckMixin, accepted_model_types
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .projectors import check_projector_type
 from .scanning import SCAN_MODES
@@ -40,33 +42,47 @@ CLS_TOKEN_BY_VISION_MODEL_TYPE = {
 # The three-encoder backbone of VisualRWKV-HD/UHD/7 is a vision config like any other for `vision_config`.
 AutoConfig.register(SamDinoSiglipVisionConfig.model_type, SamDinoSiglipVisionConfig, exist_ok=True)
 
+# The language models `text_config` may hold, by the model types a dict (or a saved folder) names them with; a dict
+# without a model type is an RWKV-6 one, as every folder saved before VisualRWKV-7.
+TEXT_CONFIG_CLASSES = {
+    **dict.fromkeys(accepted_model_types(Rwkv6Config), Rwkv6Config),
+    **dict.fromkeys(accepted_model_types(Rwkv7Config), Rwkv7Config),
+}
+
 
 @strict
 class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
     r"""
-    Configuration of VisualRWKV: a vision encoder, a projector and the RWKV-6 language model. The defaults
-    reproduce the released VisualRWKV-6 1.6B model (CLIP ViT-L/14-336, all 576 patches with the cls token last,
-    linear projector, bidirectional scan, sandwich prompt, text 24 x 2048). VisualRWKV-HD and -UHD use the
+    Configuration of VisualRWKV: a vision encoder, a projector and an RWKV language model. The defaults reproduce
+    the released VisualRWKV-6 1.6B model (CLIP ViT-L/14-336, all 576 patches with the cls token last, linear
+    projector, bidirectional scan, sandwich prompt, RWKV-6 text 24 x 2048). VisualRWKV-HD and -UHD use the
     three-encoder backbone (`SamDinoSiglipVisionConfig`: 1024 tokens, no cls token) and an MLP projector.
+    VisualRWKV-7 uses that backbone, the "input_gated_mlp" projector and an RWKV-7 language model (`Rwkv7Config`),
+    reads the image tokens in order (`scan_mode="unidirectional"`, which also allows several images per prompt) and
+    puts the images first (`image_position="first"`, placeholder id 65535 as the original's).
 
     Args:
         vision_config: Any vision encoder config (`AutoConfig` model types, e.g. `clip_vision_model` or
             `siglip_vision_model`, or `visualrwkv_sam_dino_siglip` for the DINOv2 + SigLIP + SAM backbone, whose
             output is the feature map itself: `vision_feature_layer` does not apply to it); CLIP ViT-L/14-336 by
             default.
-        text_config: The RWKV-6 language model (`Rwkv6Config`).
-        image_token_id: Id of the image placeholder token; the processor repeats it `num_image_tokens` times and the
-            model replaces those positions with the image features. 65530 is the first unused id of the World
-            vocabulary.
+        text_config: The language model: an `Rwkv6Config` (the default; a dict without `model_type` is one) or an
+            `Rwkv7Config` (a dict with `model_type="visualrwkv_rwkv7"`).
+        image_token_id: Id of the image placeholder token; the processor repeats it `num_image_tokens` times per
+            image and the model replaces those positions with the image features. 65530 is the first unused id of the
+            World vocabulary; VisualRWKV-7 used 65535.
         vision_feature_layer: Which vision encoder hidden state to use; -1 is the last layer (before any
             post-layernorm).
         vision_has_cls_token: Whether the vision encoder output starts with a class token (moved after the patches).
             `None` infers it from the vision model type (CLIP: yes, SigLIP: no).
         grid_size: Patch tokens kept per image: -1 all patches; 0 none (cls only); g >= 1 average-pools the patch grid
-            with kernel = stride = rows // g (g = 1: the mean patch).
+            with kernel = stride = rows // g (g = 1: the mean patch). The three-encoder backbone's 32 x 32 map is
+            pooled adaptively to g x g (any g up to 32), as VisualRWKV-7's `num_token_per_image` = g * g.
         scan_mode: The order in which blocks read the image patches: "unidirectional" (row-major everywhere),
             "bidirectional" (odd blocks reversed) or "multidirectional" (row-major, reversed, column-major, reversed,
-            by block index mod 4; needs a square grid). See `scanning.py`.
+            by block index mod 4; needs a square grid). See `scanning.py`. Only "unidirectional" allows several
+            images per prompt (scanning reorders one image span per row), and an RWKV-7 language model takes only
+            it (VisualRWKV-7 does not scan).
         image_position: Where the processor puts the image in the prompt: "first", "middle" (the sandwich prompt)
             or "last".
         projector_bias: Whether the linear vision-to-text projection has a bias (the released models: no).
@@ -79,6 +95,7 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         "vision_config": SubConfigSpec(
             config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_L_14_336
         ),
+        # A dict naming RWKV-7 becomes an `Rwkv7Config` in `__post_init__`, before this default would read it.
         "text_config": SubConfigSpec(config_class=Rwkv6Config),
     }
 
@@ -96,13 +113,19 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.pop_model_type(kwargs)
-        super().__post_init__(**kwargs)  # builds the sub-configs
+        self.text_config = text_config_of(self.text_config)
+        super().__post_init__(**kwargs)  # builds the other sub-configs
         vision, text = self.vision_config, self.text_config
         if self.scan_mode not in SCAN_MODES:
             raise ValueError(f"Unknown `scan_mode` {self.scan_mode!r}; expected one of {SCAN_MODES}.")
         if self.image_position not in IMAGE_POSITIONS:
             raise ValueError(f"Unknown `image_position` {self.image_position!r}; expected one of {IMAGE_POSITIONS}.")
         check_projector_type(self.projector_type)
+        if self.rwkv7_text and self.scan_mode != "unidirectional":
+            raise ValueError(
+                f"An RWKV-7 language model reads the image tokens in order (VisualRWKV-7 does not scan): `scan_mode` "
+                f"must be 'unidirectional', got {self.scan_mode!r}."
+            )
         if self.vision_has_cls_token is None:
             if vision.model_type not in CLS_TOKEN_BY_VISION_MODEL_TYPE:
                 raise ValueError(
@@ -129,7 +152,13 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
             raise ValueError(f"`grid_size` must be -1 (all patches), 0 (cls only) or positive, got {self.grid_size}.")
         if self.grid_size == 0 and not self.vision_has_cls_token:
             raise ValueError("`grid_size=0` keeps only the cls token, but this vision encoder has none.")
-        if self.grid_size > 0:
+        if self.grid_size > 0 and self.multi_encoder_vision:
+            if self.grid_size > min(rows, cols):
+                raise ValueError(
+                    f"`grid_size` {self.grid_size} is larger than the vision backbone's {rows} x {cols} feature map: "
+                    "pooling can only shrink it."
+                )
+        elif self.grid_size > 0:
             kernel = rows // self.grid_size
             if kernel == 0 or rows % self.grid_size or cols % kernel:
                 raise ValueError(
@@ -151,6 +180,12 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         return getattr(self.vision_config, "model_type", None) == SamDinoSiglipVisionConfig.model_type
 
     @property
+    def rwkv7_text(self) -> bool:
+        """Whether the language model is RWKV-7 (VisualRWKV-7) rather than RWKV-6."""
+        # by model type, as `multi_encoder_vision`
+        return getattr(self.text_config, "model_type", None) == Rwkv7Config.model_type
+
+    @property
     def patch_grid(self) -> tuple[int, int]:
         """(rows, columns) of patches the vision encoder produces."""
         if self.multi_encoder_vision:
@@ -169,6 +204,8 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
             return rows, cols
         if self.grid_size == 0:
             return 0, 0
+        if self.multi_encoder_vision:
+            return self.grid_size, self.grid_size
         kernel = rows // self.grid_size
         return rows // kernel, cols // kernel
 
@@ -177,6 +214,25 @@ class VisualRWKVConfig(ModelTypeCheckMixin, PreTrainedConfig):
         """Feature vectors per image: the (pooled) patches, then the cls token when the encoder has one."""
         rows, cols = self.image_grid
         return rows * cols + int(self.vision_has_cls_token)
+
+
+def text_config_of(text_config):
+    """`text_config` as given, or a dict naming RWKV-7 built into an `Rwkv7Config` (any other dict is left for the
+    RWKV-6 default); refuses a config or model type of any other language model."""
+    if isinstance(text_config, dict):
+        model_type = text_config.get("model_type", Rwkv6Config.model_type)
+        if model_type not in TEXT_CONFIG_CLASSES:
+            raise ValueError(
+                f"`text_config` is a {model_type!r} configuration; VisualRWKV's language model is RWKV-6 "
+                f"({Rwkv6Config.model_type!r}) or RWKV-7 ({Rwkv7Config.model_type!r})."
+            )
+        return Rwkv7Config(**text_config) if TEXT_CONFIG_CLASSES[model_type] is Rwkv7Config else text_config
+    if text_config is not None and getattr(text_config, "model_type", None) not in TEXT_CONFIG_CLASSES:
+        raise ValueError(
+            f"`text_config` is a {type(text_config).__name__}; VisualRWKV's language model is an `Rwkv6Config` or an "
+            "`Rwkv7Config`."
+        )
+    return text_config
 
 
 __all__ = ["IMAGE_POSITIONS", "VisualRWKVConfig"]

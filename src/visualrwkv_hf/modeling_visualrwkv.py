@@ -1,8 +1,11 @@
-"""VisualRWKV: a vision encoder, a projector, and the RWKV-6 language model with image scanning.
+"""VisualRWKV: a vision encoder, a projector, and an RWKV language model: RWKV-6 with image scanning (VisualRWKV-6,
+HD, UHD) or RWKV-7 (VisualRWKV-7).
 
-The image features replace the image placeholder tokens (LLaVA style). Inside every block, the image patches are read
-in the block's scan order (see `scanning.py`): each sample's own patch span is reordered at the block input and
-restored at its output.
+The image features replace the image placeholder tokens (LLaVA style): every image is one contiguous run of
+`num_image_tokens` placeholders. With a scanning `scan_mode`, inside every RWKV-6 block the image patches are read in
+the block's scan order (see `scanning.py`): each sample's own patch span is reordered at the block input and restored
+at its output, so a row holds at most one image. With `scan_mode="unidirectional"` (always for RWKV-7) the tokens
+are read in order and a row may hold several images.
 """
 
 import copy
@@ -24,6 +27,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6Model
+from .modeling_rwkv7 import Rwkv7Model
 from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
 from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
 from .projectors import build_mlp_projector, vision_feature_size
@@ -36,7 +40,7 @@ AutoModel.register(SamDinoSiglipVisionConfig, SamDinoSiglipVisionModel, exist_ok
 class VisualRWKVPreTrainedModel(RwkvPreTrainedModel):
     config: VisualRWKVConfig
     input_modalities = ("image", "text")
-    _no_split_modules = ["Rwkv6Block"]
+    _no_split_modules = ["Rwkv6Block", "Rwkv7Block"]
 
 
 class VisualRWKVMultiModalProjector(nn.Module):
@@ -54,7 +58,7 @@ class VisualRWKVMultiModalProjector(nn.Module):
 
 
 class VisualRWKVModel(VisualRWKVPreTrainedModel):
-    """The vision tower, the projector and the RWKV-6 backbone, without a language-modelling head."""
+    """The vision tower, the projector and the RWKV-6 or RWKV-7 backbone, without a language-modelling head."""
 
     def __init__(self, config: VisualRWKVConfig):
         super().__init__(config)
@@ -71,7 +75,7 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             self.multi_modal_projector = build_mlp_projector(
                 config.projector_type, vision_feature_size(config.vision_config), config.text_config.hidden_size
             )
-        self.language_model = Rwkv6Model(config.text_config)
+        self.language_model = (Rwkv7Model if config.rwkv7_text else Rwkv6Model)(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -135,9 +139,12 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         if config.grid_size == 0:
             patches = patches[:, :0]
         elif config.grid_size > 0:
-            kernel = rows // config.grid_size
             patch_grid = patches.transpose(1, 2).unflatten(2, (rows, cols))  # (images, hidden, rows, cols)
-            patches = F.avg_pool2d(patch_grid, kernel).flatten(2).transpose(1, 2)
+            if config.multi_encoder_vision:  # VisualRWKV-7's `adaptive_pooling`: any size, overlapping windows
+                patch_grid = F.adaptive_avg_pool2d(patch_grid, config.image_grid)
+            else:
+                patch_grid = F.avg_pool2d(patch_grid, rows // config.grid_size)
+            patches = patch_grid.flatten(2).transpose(1, 2)
         vision_outputs.pooler_output = self.multi_modal_projector(torch.cat([patches, cls_token], dim=1))
         return vision_outputs
 
@@ -174,27 +181,38 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         )
         return (inputs_embeds == image_token_embedding).all(-1)
 
-    def image_span_starts(self, placeholder_mask: torch.BoolTensor) -> torch.LongTensor:
+    def image_spans(self, placeholder_mask: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """
-        Per row, the position of the first image token, or -1 for a text-only row. Every row must hold either no
-        placeholder or one contiguous run of exactly `num_image_tokens`: an image split across calls (or rows with
-        a wrong placeholder count) cannot be scanned.
+        (rows, starts) of every image span, in the order the images are given: row by row, left to right within a
+        row. Every image is one contiguous run of exactly `num_image_tokens` placeholders (images back to back make
+        one run of a multiple); an image split across calls, or a row with a wrong placeholder count, is refused.
+        A row holds at most one image unless `scan_mode` is "unidirectional": scanning reorders one span per row.
         """
-        num_image_tokens = self.config.num_image_tokens
+        config, num_image_tokens = self.config, self.config.num_image_tokens
         counts = placeholder_mask.sum(1)
-        starts = placeholder_mask.int().argmax(1)
-        positions = torch.arange(placeholder_mask.shape[1], device=placeholder_mask.device)
-        last = torch.where(placeholder_mask, positions, -1).max(1).values
-        has_image = counts > 0
-        bad_rows = has_image & ((counts != num_image_tokens) | (last - starts + 1 != counts))
+        rows, positions = placeholder_mask.nonzero(as_tuple=True)  # row-major
+        bad_rows = counts % num_image_tokens != 0
+        if not bool(bad_rows.any()):
+            spans = positions.view(-1, num_image_tokens)
+            broken = spans[:, -1] - spans[:, 0] != num_image_tokens - 1
+            bad_rows[rows.view(-1, num_image_tokens)[broken, 0]] = True
         if bool(bad_rows.any()):
             row = int(bad_rows.nonzero()[0])
+            row_positions = positions[rows == row]
             raise ValueError(
-                f"Row {row} holds {int(counts[row])} image placeholder tokens (positions {int(starts[row])} to "
-                f"{int(last[row])}); an image needs exactly {num_image_tokens} contiguous placeholders, all in the "
-                "same call (with a cache, the whole image span must be inside one forward call)."
+                f"Row {row} holds {int(counts[row])} image placeholder tokens (positions {int(row_positions[0])} to "
+                f"{int(row_positions[-1])}); each image needs exactly {num_image_tokens} contiguous placeholders, all "
+                "in the same call (with a cache, an image's whole span must be inside one forward call)."
             )
-        return torch.where(has_image, starts, -1)
+        spans_per_row = counts // num_image_tokens
+        if config.scan_mode != "unidirectional" and bool((spans_per_row > 1).any()):
+            row = int((spans_per_row > 1).nonzero()[0])
+            raise ValueError(
+                f"Row {row} holds {int(spans_per_row[row])} images, but `scan_mode={config.scan_mode!r}` reorders one "
+                "image span per row: give one image per prompt, or use a model with `scan_mode='unidirectional'` "
+                "(such as VisualRWKV-7), which reads several in order."
+            )
+        return rows[::num_image_tokens], positions[::num_image_tokens]
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -214,9 +232,10 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
         """
         Args:
             input_ids: Token ids with `num_image_tokens` consecutive `image_token_id` placeholders per image (at most
-                one image per row; rows without placeholders are text only).
-            pixel_values: One image per row that holds placeholders, in row order; needed whenever the call holds
-                placeholders (with a cache, only the call that holds the image span, usually the prefill).
+                one image per row unless `scan_mode` is "unidirectional"; rows without placeholders are text only).
+            pixel_values: One image per placeholder span, row by row and left to right within a row; needed whenever
+                the call holds placeholders (with a cache, only the call that holds the image spans, usually the
+                prefill).
             attention_mask: (batch, seq) 1 for real tokens, 0 for (left) padding.
             cache: Recurrent state from a previous call (updated in place); created when `use_cache` and none is
                 given. `past_key_values=` and `cache_params=` are accepted as deprecated names for it.
@@ -241,8 +260,8 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        span_starts = self.image_span_starts(placeholder_mask)
-        num_spans = int((span_starts >= 0).sum())
+        span_rows, span_starts = self.image_spans(placeholder_mask)
+        num_spans = len(span_starts)
         if image_outputs is not None:
             image_features = self.pre_encoded_image_features(image_outputs)
             num_images = image_features.shape[0]
@@ -250,10 +269,11 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             num_images = 0 if pixel_values is None else pixel_values.shape[0]
         if num_images != num_spans:
             raise ValueError(
-                f"Got {num_images} images for {num_spans} rows with image placeholders: pass one image per row that "
-                f"holds {self.config.num_image_tokens} `image_token_id` ({self.config.image_token_id}) placeholders."
+                f"Got {num_images} images for {len(span_rows.unique())} rows with image placeholders, which hold "
+                f"{num_spans} image spans: pass one image per run of {self.config.num_image_tokens} `image_token_id` "
+                f"({self.config.image_token_id}) placeholders, row by row and left to right within a row."
             )
-        gather_indices = None
+        backbone_inputs = {}
         if num_images:
             if image_outputs is None:
                 image_outputs = self.get_image_features(pixel_values, high_res_pixel_values)
@@ -261,20 +281,22 @@ class VisualRWKVModel(VisualRWKVPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(
                 placeholder_mask[:, :, None], image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             )
-            gather_indices = block_gather_indices(
-                self.config.scan_mode,
-                self.config.text_config.num_hidden_layers,
-                self.config.image_grid,
-                span_starts,
-                inputs_embeds.shape[1],
-            )
+            if not self.config.rwkv7_text:  # RWKV-7 does not scan
+                row_starts = torch.full_like(placeholder_mask[:, 0], -1, dtype=torch.long)
+                backbone_inputs["block_gather_indices"] = block_gather_indices(
+                    self.config.scan_mode,
+                    self.config.text_config.num_hidden_layers,
+                    self.config.image_grid,
+                    row_starts.index_put((span_rows,), span_starts),  # one span per row when scanning
+                    inputs_embeds.shape[1],
+                )
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
-            block_gather_indices=gather_indices,
+            **backbone_inputs,
             **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(**outputs, image_outputs=image_outputs)
@@ -341,8 +363,14 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
             return
         # on the first step, `input_ids` is empty when the prompt comes as `inputs_embeds`
         placeholder_mask = self.model.get_placeholder_mask(input_ids if inputs_embeds is None else None, inputs_embeds)
-        unseen = placeholder_mask[:, placeholder_mask.shape[1] - int(next_sequence_length) :]
-        keep = unseen.any(1)[placeholder_mask.any(1)]  # per image, in row order: its span is still to be read
+        seen = placeholder_mask.shape[1] - int(next_sequence_length)
+        try:
+            _, span_starts = self.model.image_spans(placeholder_mask)
+        except ValueError:
+            return  # left for `forward` to report, on the part it reads
+        # per image, in the order they are given: its span ends in the unseen part (one that straddles the
+        # boundary is kept, for `forward` to refuse as a partial span)
+        keep = span_starts + self.config.num_image_tokens > seen
         if bool(keep.all()):
             return
         # a count that does not match is left for `forward` to report

@@ -1,12 +1,13 @@
-"""The VisualRWKV processor: images -> `pixel_values`, chats -> the prompt format VisualRWKV-6 was trained with.
+"""The VisualRWKV processor: images -> `pixel_values`, chats -> the prompt format VisualRWKV was trained with.
 
-Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py`). A human turn is `"User: " + text + "\\n\\n"`, an
+Prompt format (the original's `VisualRWKV-v6/v6.0/src/dataset.py`, and `VisualRWKV-v7/v7.00/src/dataset.py`). A human turn is `"User: " + text + "\\n\\n"`, an
 assistant turn `"Assistant: " + text + "\\n\\n"`, an empty turn just `"User:"` / `"Assistant:"` (that is how the
 generation prompt `"Assistant:"` is made); no system prompt, no BOS. Turn text is stripped and runs of blank lines
 inside it collapse to one `"\\n"`, because `"\\n\\n"` (id 261) ends a turn. The user turn that holds the image (an
 `{"type": "image"}` part) gets `"<image>"` placed by `image_position`:
 
-* `"first"`: `"<image>\\n" + text`;
+* `"first"`: `"<image>\\n" + text`; with several images (VisualRWKV-7's format, the only position that takes more
+  than one), a user turn holding k image parts starts with k lines `"<image>"`, then `"\\n"` + text;
 * `"middle"` (the sandwich; the released models): every human turn of the conversation joined by `"\\n"` (in the image
   turn the LLaVA suffix `"Answer the question using a single word or phrase."` is removed), then `"\\n<image>\\n"`,
   then the image turn's own text (suffix kept);
@@ -25,13 +26,18 @@ Rules for what the original never saw:
 * A `"system"` message (many clients send one by default) may come first: the model was trained without a system
   prompt, so its text opens the first user message, followed by `"\\n"`, and follows that message's rules from there
   (in the sandwich it is repeated with the question after the image). Anything else the model cannot take (other
-  roles, a system message later on, more than one image, an image outside a user message, video or audio parts, an
-  empty conversation) is refused by the chat template with a message saying so. Folders saved with this package's
+  roles, a system message later on, more than one image with `"middle"` / `"last"`, an image outside a user message,
+  video or audio parts, an empty conversation) is refused by the chat template with a message saying so. Folders saved with this package's
   earlier chat templates get the current one when loaded; a template of one's own is kept.
 
 Tokenization is per segment, as the original does it: each turn on its own, and in the image turn the text on either
 side of the image on its own (tokenizing the joined prompt could merge tokens across those boundaries). The image
-becomes `num_image_tokens` copies of the `"<image>"` token id, which the model replaces by the image features.
+becomes `num_image_tokens` copies of the processor's `image_token_id` (the `"<image>"` token's id unless given; 65535
+for VisualRWKV-7, as its original), which the model replaces by the image features.
+
+VisualRWKV-7's original inference also left-pads every prompt with id 261 (`"\\n\\n"`) to a multiple of 16 tokens
+before the model sees it. Its training never did, so it is off by default; `prompt_pad_multiple=16` reproduces it
+(the pad is part of the prompt: real tokens, attention 1).
 
 Images are decoded by `load_rgb_image` (`image_loading.py`): any file, URL, array or tensor becomes 8-bit RGB.
 """
@@ -52,6 +58,7 @@ from .configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
 from .configuration_visualrwkv import IMAGE_POSITIONS, VisualRWKVConfig
 from .image_loading import load_rgb_image
 from .image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
+from .tokenization_rwkv_world import TURN_END_TOKEN_ID
 
 # A saved processor names its image processor class; AutoImageProcessor finds the three-encoder backbone's by it.
 AutoImageProcessor.register(
@@ -82,7 +89,8 @@ UNSUPPORTED_TEXT_OPTIONS = (
 
 # Built from the rules in the module docstring. Jinja has no regular expressions: a stripped text's blank-line runs
 # collapse exactly when its whitespace-only lines are dropped (its first and last lines are never whitespace-only).
-CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' (the sandwich, default) or 'last'. -#}
+CHAT_TEMPLATE = r"""{#- VisualRWKV prompts; image_position: 'first' (any number of images), 'middle' (the sandwich,
+    default) or 'last'. -#}
 {%- set position = image_position | default('middle') -%}
 {%- if position not in ['first', 'middle', 'last'] -%}
     {{- raise_exception("image_position must be 'first', 'middle' or 'last', not '" ~ position ~ "'") -}}
@@ -112,7 +120,7 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
     {%- endif -%}
     {%- for part in message['content'] if message['content'] is not string -%}
         {%- if part is not mapping or part['type'] not in ['text', 'image'] -%}
-            {{- raise_exception("VisualRWKV-6 takes text and image parts, not " ~ ("a '" ~ part['type'] ~ "' part"
+            {{- raise_exception("VisualRWKV takes text and image parts, not " ~ ("a '" ~ part['type'] ~ "' part"
                 if part is mapping and part['type'] is defined else "'" ~ part ~ "'") ~ where) -}}
         {%- elif part['type'] == 'text' and part['text'] is not string -%}
             {{- raise_exception("A text part needs a 'text' string" ~ where) -}}
@@ -134,18 +142,22 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
             ~ "none.") -}}
     {%- endif -%}
 {%- endif -%}
-{%- set turns = namespace(texts=[], has_image=[], human_texts=[], images=0, system_folded=false) -%}
+{%- set turns = namespace(texts=[], images_per_turn=[], human_texts=[], images=0, system_folded=false) -%}
 {%- for message in messages -%}
     {%- if message['role'] not in ['user', 'assistant'] -%}
-        {{- raise_exception("VisualRWKV-6 knows 'user' and 'assistant' messages and one 'system' message first, "
+        {{- raise_exception("VisualRWKV knows 'user' and 'assistant' messages and one 'system' message first, "
             ~ "not a '" ~ message['role'] ~ "' message at position " ~ (loop.index0 + system.messages) ~ ".") -}}
     {%- endif -%}
     {#- An image is an image part; "<image>" written in text is text. -#}
     {%- set image_parts = 0 if message['content'] is string
         else message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
     {%- set turns.images = turns.images + image_parts -%}
-    {%- if turns.images > 1 or (image_parts and message['role'] != 'user') -%}
-        {{- raise_exception("VisualRWKV-6 takes one image per conversation, in a user message.") -}}
+    {%- if image_parts and message['role'] != 'user' -%}
+        {{- raise_exception("An image goes in a user message, not in a '" ~ message['role'] ~ "' message"
+            ~ where) -}}
+    {%- elif turns.images > 1 and position != 'first' -%}
+        {{- raise_exception("With image_position '" ~ position ~ "', VisualRWKV takes one image per conversation; "
+            ~ "several images go first in their turn (image_position 'first', as VisualRWKV-7).") -}}
     {%- endif -%}
     {%- set text = message_text(message) -%}
     {%- if message['role'] == 'user' and not turns.system_folded -%}
@@ -154,7 +166,7 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
     {%- endif -%}
     {%- set text = text.strip() -%}
     {%- set turns.texts = turns.texts + [text] -%}
-    {%- set turns.has_image = turns.has_image + [image_parts > 0] -%}
+    {%- set turns.images_per_turn = turns.images_per_turn + [image_parts] -%}
     {%- if message['role'] == 'user' -%}
         {%- set human_text = text.replace('Answer the question using a single word or phrase.', '').strip()
             if image_parts else text -%}
@@ -163,9 +175,11 @@ CHAT_TEMPLATE = r"""{#- VisualRWKV-6 prompts; image_position: 'first', 'middle' 
 {%- endfor -%}
 {%- for message in messages -%}
     {%- set text = collapse_blank_lines(turns.texts[loop.index0]) -%}
-    {%- if turns.has_image[loop.index0] -%}
+    {%- set image_parts = turns.images_per_turn[loop.index0] -%}
+    {%- if image_parts -%}
         {%- if position == 'first' -%}
-            {%- set text = '<image>\n' ~ text -%}
+            {#- VisualRWKV-7's format: one line per image, then the text -#}
+            {%- set text = (['<image>'] * image_parts) | join('\n') ~ '\n' ~ text -%}
         {%- elif position == 'middle' -%}
             {%- set text = turns.human_texts | join('\n') ~ '\n<image>\n' ~ text -%}
         {%- else -%}
@@ -191,6 +205,7 @@ EARLIER_CHAT_TEMPLATES_SHA256 = frozenset(
     {
         "e06582f6e4ddea94d0530877ad6f8b825982fca57802e4897d828d7184087023",
         "26f89fd5e4cf35da565b0e0f7c31d16c2bb2e55409a76a92b7a0bd3d778a52bc",
+        "d990df527b6eb039e245463b76f124a1931261c338fe44058ef9364ff96c4e2d",
     }
 )
 
@@ -221,20 +236,26 @@ def check_image_position(image_position: str) -> str:
 
 class VisualRWKVProcessor(ProcessorMixin):
     r"""
-    Processor for VisualRWKV-6: an image processor (CLIP ViT-L/14-336's by default) and the RWKV World tokenizer,
-    with the chat template and the per-segment tokenization the original was trained with (see the module docstring).
+    Processor for VisualRWKV: an image processor (CLIP ViT-L/14-336's by default) and the RWKV World tokenizer, with
+    the chat template and the per-segment tokenization the original was trained with (see the module docstring).
 
     Args:
         image_processor: Any transformers image processor; `None` builds `default_image_processor()`.
         tokenizer: An `RwkvWorldTokenizer`; `"<image>"` is added to it as a special token when missing (id 65530 in
             the World vocabulary, inside the model's 65536 rows).
         chat_template: Jinja chat template; defaults to `CHAT_TEMPLATE`.
-        image_position: Where the image goes in its turn by default: `"first"`, `"middle"` (the sandwich prompt of
-            the released models, `VisualRWKVConfig`'s default) or `"last"`. `apply_chat_template` and `__call__`
-            take it per call too.
+        image_position: Where the image goes in its turn by default: `"first"` (VisualRWKV-7; the only position
+            that takes several images), `"middle"` (the sandwich prompt of the released VisualRWKV-6 models,
+            `VisualRWKVConfig`'s default) or `"last"`. `apply_chat_template` and `__call__` take it per call too.
         num_image_tokens: Feature vectors per image, the model config's `num_image_tokens`; `None` takes the default
             `VisualRWKVConfig`'s (577 for CLIP-L/14-336 with the cls token). One `"<image>"` expands to this many
             image token ids.
+        image_token_id: The id each image's placeholders get, the model config's `image_token_id`; `None` takes the
+            tokenizer's `"<image>"` token (65530 in the World vocabulary). VisualRWKV-7 uses 65535, as its original.
+        prompt_pad_multiple: 0 (the default) or m >= 1: prepend (m - length % m) % m copies of id 261 (`"\\n\\n"`)
+            to each prompt, as real tokens, so that its length is a multiple of m. VisualRWKV-7's original inference
+            pads to 16; its training never did, so it is off by default (see docs/checkpoints.md for its measured
+            effect).
     """
 
     def __init__(
@@ -244,6 +265,8 @@ class VisualRWKVProcessor(ProcessorMixin):
         chat_template: str | None = None,
         image_position: str = VisualRWKVConfig.image_position,
         num_image_tokens: int | None = None,
+        image_token_id: int | None = None,
+        prompt_pad_multiple: int = 0,
         **kwargs,
     ):
         if tokenizer is None:
@@ -252,8 +275,13 @@ class VisualRWKVProcessor(ProcessorMixin):
             num_image_tokens = VisualRWKVConfig().num_image_tokens
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"`num_image_tokens` must be a positive integer, got {num_image_tokens!r}.")
+        if not isinstance(prompt_pad_multiple, int) or prompt_pad_multiple < 0:
+            raise ValueError(
+                f"`prompt_pad_multiple` must be 0 (no padding) or a positive integer, got {prompt_pad_multiple!r}."
+            )
         self.image_position = check_image_position(image_position)
         self.num_image_tokens = num_image_tokens
+        self.prompt_pad_multiple = prompt_pad_multiple
         # Generation appends after the last column, so batches must be padded on the left (the model zeroes padding
         # before every recurrence); a tokenizer made without an explicit side gets left, also in the pipeline.
         if "padding_side" not in tokenizer.init_kwargs:
@@ -261,7 +289,11 @@ class VisualRWKVProcessor(ProcessorMixin):
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
         self.image_token = IMAGE_TOKEN
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if not isinstance(image_token_id, int) or image_token_id < 0:
+            raise ValueError(f"`image_token_id` must be a non-negative token id, got {image_token_id!r}.")
+        self.image_token_id = image_token_id
         if chat_template is None or hashlib.sha256(chat_template.encode()).hexdigest() in EARLIER_CHAT_TEMPLATES_SHA256:
             chat_template = CHAT_TEMPLATE
         super().__init__(
@@ -274,8 +306,9 @@ class VisualRWKVProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation, chat_template=None, image_position: str | None = None, **kwargs):
         """`ProcessorMixin.apply_chat_template` with `image_position` (default: the processor's) for the template.
 
-        Messages are `{"role": "user" | "assistant", "content": text or parts}`; the image is an `{"type": "image"}`
-        part (one per conversation, in a user message), and `"<image>"` written in a text is kept as text. A
+        Messages are `{"role": "user" | "assistant", "content": text or parts}`; an image is an `{"type": "image"}`
+        part in a user message (one per conversation, or any number with `image_position="first"`), and `"<image>"`
+        written in a text is kept as text. A
         `"system"` message may come first: the model was trained without one, so its text opens the first user
         message (followed by a line break) and then follows that message's rules (in the sandwich it is repeated
         with the question after the image).
@@ -293,8 +326,9 @@ class VisualRWKVProcessor(ProcessorMixin):
     def __call__(self, images=None, text=None, image_position: str | None = None, **kwargs):
         r"""
         Args:
-            images: One image per prompt at most (VisualRWKV-6 takes one): a flat list with one image per prompt, or
-                one per prompt that holds `"<image>"`, or nested lists (`[[image], []]`). Each is a PIL image, numpy
+            images: One image per prompt at most, or several with `image_position="first"` (VisualRWKV-7): a flat
+                list with one image per prompt, or one per `"<image>"` marker of the prompts, or (one prompt) all of
+                that prompt's images, or nested lists (`[[image], [], [image, image]]`). Each is a PIL image, numpy
                 array, torch tensor, path, URL, base64 text or file bytes; see `load_rgb_image`.
             text: A prompt or a list of prompts. A text that starts with `"User:"` or `"Assistant:"` is a formatted
                 prompt (what `apply_chat_template` makes) and is tokenized as it is; any other text is one user
@@ -305,14 +339,15 @@ class VisualRWKVProcessor(ProcessorMixin):
                 `return_attention_mask`), image processor options (`input_data_format` says where the channels of
                 an array or tensor image are), `return_tensors`.
 
-        `"<image>"` in a prompt marks the image only when that prompt comes with an image; in a prompt without one it
-        is plain text. A formatted prompt with an image holds exactly one `"<image>"`; a plain text with an image
-        holds at most one, which is removed (the image goes where `image_position` puts it). So a prompt that has an
-        image cannot also hold the words `"<image>"`.
+        `"<image>"` in a prompt marks an image only when that prompt comes with images; in a prompt without one it
+        is plain text. A formatted prompt with k images holds exactly k `"<image>"`; a plain text with k images
+        holds at most k, which are removed (the images go where `image_position` puts them). So a prompt that has
+        images cannot also hold the words `"<image>"`. With `prompt_pad_multiple`, every prompt is left-padded with
+        id 261 to a multiple of it (before any batch padding).
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` (when `text` is given) and `pixel_values` (when
-            images are given).
+            images are given: every image of the batch, prompt by prompt).
         """
         if images is None and text is None:
             raise ValueError("VisualRWKVProcessor needs `images`, `text` or both.")
@@ -342,7 +377,7 @@ class VisualRWKVProcessor(ProcessorMixin):
         sample_images = self._images_per_sample(images, texts)
 
         data = {}
-        given_images = [load_rgb_image(image, input_data_format) for image in sample_images if image is not None]
+        given_images = [load_rgb_image(image, input_data_format) for images in sample_images for image in images]
         if texts is None and not given_images:
             raise ValueError("`images` is empty: give at least one image (or a text).")
         if given_images:
@@ -350,27 +385,35 @@ class VisualRWKVProcessor(ProcessorMixin):
             data.update({name: pixels[name] for name in PIXEL_INPUTS if name in pixels})
         if texts is not None:
             prompts = []
-            for index, (one_text, image) in enumerate(zip(texts, sample_images)):
-                markers = one_text.count(IMAGE_TOKEN) if image is not None else 0
+            for index, (one_text, images_here) in enumerate(zip(texts, sample_images)):
+                num_images = len(images_here)
+                markers = one_text.count(IMAGE_TOKEN) if num_images else 0
                 formatted = one_text.startswith(TURN_PREFIXES)
-                if markers > 1:
+                if num_images > 1 and position != "first":
                     raise ValueError(
-                        f"Prompt {index} has an image and holds {markers} {IMAGE_TOKEN!r} markers; VisualRWKV-6 takes "
-                        f"one image per prompt, and a prompt with an image cannot also hold the text {IMAGE_TOKEN!r}."
+                        f"Prompt {index} got {num_images} images, but with image_position {position!r} VisualRWKV "
+                        "takes one image a prompt: give one image per prompt, or put several first "
+                        "(image_position='first', as VisualRWKV-7)."
                     )
-                if formatted and image is not None and not markers:
+                if markers > num_images:
                     raise ValueError(
-                        f"Prompt {index} has an image but no {IMAGE_TOKEN!r} marker: a formatted prompt holds one "
-                        f"{IMAGE_TOKEN!r} where the image goes (`apply_chat_template` places it for an image part)."
+                        f"Prompt {index} has {describe_images(num_images)} and holds {markers} {IMAGE_TOKEN!r} markers; "
+                        f"a prompt with images cannot also hold the text {IMAGE_TOKEN!r}."
+                    )
+                if formatted and markers < num_images:
+                    raise ValueError(
+                        f"Prompt {index} has {describe_images(num_images)} but {markers or 'no'} {IMAGE_TOKEN!r} "
+                        f"marker(s): a formatted prompt holds one {IMAGE_TOKEN!r} where each image goes "
+                        "(`apply_chat_template` places them for image parts)."
                     )
                 if not formatted:
-                    if image is None and not one_text.strip():
+                    if not num_images and not one_text.strip():
                         raise ValueError(f"Prompt {index} is empty: give a question (or an image).")
-                    if markers:  # in plain text it only says which prompt the image belongs to
+                    if markers:  # in plain text they only say which prompt the images belong to
                         one_text = one_text.replace(IMAGE_TOKEN, "")
-                    one_text = self._format_message(one_text, image, position)
+                    one_text = self._format_message(one_text, num_images, position)
                 prompts.append(one_text)
-            rows = [self._tokenize_prompt(prompt, image is not None) for prompt, image in zip(prompts, sample_images)]
+            rows = [self._tokenize_prompt(prompt, bool(images)) for prompt, images in zip(prompts, sample_images)]
             padding = text_kwargs.get("padding", False)
             max_length = text_kwargs.get("max_length")
             if padding in ("max_length", PaddingStrategy.MAX_LENGTH) and max_length is not None:
@@ -392,53 +435,55 @@ class VisualRWKVProcessor(ProcessorMixin):
             data.update(padded)
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _images_per_sample(self, images, texts: list[str] | None) -> list:
-        """Each prompt's image or None (or, without text, every image given)."""
+    def _images_per_sample(self, images, texts: list[str] | None) -> list[list]:
+        """Each prompt's images, in order (or, without text, one list of every image given)."""
         if images is None:
-            return [None] * len(texts)
+            return [[] for _ in texts]
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         nested = [isinstance(entry, (list, tuple)) for entry in image_list]
         if texts is None:
-            return [image for entry, is_list in zip(image_list, nested) for image in (entry if is_list else [entry])]
+            return [[image for entry, is_list in zip(image_list, nested) for image in (entry if is_list else [entry])]]
         if any(nested):
             if not all(nested) or len(image_list) != len(texts):
                 raise ValueError(
-                    f"Nested images need one list (of zero or one image) per prompt; got {len(image_list)} entries "
-                    f"for {len(texts)} prompts."
+                    f"Nested images need one list (of the prompt's images, maybe none) per prompt; got "
+                    f"{len(image_list)} entries for {len(texts)} prompts."
                 )
-            for index, entry in enumerate(image_list):
-                if len(entry) > 1:
-                    raise ValueError(f"Prompt {index} got {len(entry)} images; VisualRWKV-6 takes one image a prompt.")
-            return [entry[0] if entry else None for entry in image_list]
+            return [list(entry) for entry in image_list]
+        if len(texts) == 1:
+            return [image_list]
+        markers = [one_text.count(IMAGE_TOKEN) for one_text in texts]
+        if sum(markers) == len(image_list):  # one image per marker
+            starts = [sum(markers[:index]) for index in range(len(texts))]
+            return [image_list[start : start + count] for start, count in zip(starts, markers)]
         if len(image_list) == len(texts):
-            return image_list
-        with_marker = [index for index, one_text in enumerate(texts) if IMAGE_TOKEN in one_text]
-        if len(image_list) != len(with_marker):
-            raise ValueError(
-                f"Got {len(image_list)} images for {len(texts)} prompts, of which {len(with_marker)} hold "
-                f"{IMAGE_TOKEN!r}. VisualRWKV-6 takes one image per prompt: give one image per prompt, one per prompt "
-                "that holds the marker, or nested lists such as [[image], []]."
-            )
-        sample_images = [None] * len(texts)
-        for index, image in zip(with_marker, image_list):
-            sample_images[index] = image
-        return sample_images
+            return [[image] for image in image_list]
+        raise ValueError(
+            f"Got {len(image_list)} images for {len(texts)} prompts, which hold {sum(markers)} {IMAGE_TOKEN!r} "
+            "markers: give one image per prompt, one per marker, or nested lists such as [[image], []] (several "
+            "images in one prompt need image_position='first')."
+        )
 
-    def _format_message(self, message: str, image, image_position: str) -> str:
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": message}]
+    def _format_message(self, message: str, num_images: int, image_position: str) -> str:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": message}]
         return self.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, image_position=image_position
         )
 
     def _tokenize_prompt(self, prompt: str, has_image: bool) -> list[int]:
-        """Ids of a formatted prompt: each turn, and each side of the image, tokenized on its own."""
-        return [token_id for turn_ids in self.tokenize_turns(prompt, has_image) for token_id in turn_ids]
+        """Ids of a formatted prompt: each turn, and each side of each image, tokenized on its own; then the
+        `prompt_pad_multiple` padding in front."""
+        ids = [token_id for turn_ids in self.tokenize_turns(prompt, has_image) for token_id in turn_ids]
+        multiple = self.prompt_pad_multiple
+        # "\n\n" (261), as VisualRWKV-7's original inference pads
+        return [TURN_END_TOKEN_ID] * ((multiple - len(ids) % multiple) % multiple if multiple else 0) + ids
 
     def tokenize_turns(self, prompt: str, has_image: bool = True) -> list[list[int]]:
         """The ids of each turn of a formatted prompt (what `apply_chat_template` makes), in order: every turn ends
-        with `"\\n\\n"` except a final empty one (`"Assistant:"`); when the prompt comes with an image
-        (`has_image`), its `"<image>"` becomes `num_image_tokens` image token ids, and each side of it is tokenized
-        on its own; without one, `"<image>"` is text. Training collators label the turns from this."""
+        with `"\\n\\n"` except a final empty one (`"Assistant:"`); when the prompt comes with images (`has_image`),
+        each `"<image>"` becomes `num_image_tokens` copies of `image_token_id`, and the text between them is tokenized
+        piece by piece; without one, `"<image>"` is text. Training collators label the turns from this
+        (`prompt_pad_multiple` does not apply: training never padded)."""
         turns = prompt.split(TURN_END)
         turns = [turn + TURN_END for turn in turns[:-1]] + ([turns[-1]] if turns[-1] else [])
         image_ids = [self.image_token_id] * self.num_image_tokens
@@ -469,6 +514,10 @@ class VisualRWKVProcessor(ProcessorMixin):
         # the image processor's: `pixel_values`, and `high_res_pixel_values` for the three-encoder backbone
         return ["input_ids", "attention_mask", *(name for name in PIXEL_INPUTS
                                                  if name in self.image_processor.model_input_names)]
+
+
+def describe_images(count: int) -> str:
+    return "an image" if count == 1 else f"{count} images"
 
 
 def cut_answer(text: str) -> str:
