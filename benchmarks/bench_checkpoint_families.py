@@ -169,54 +169,21 @@ def status_bytes(field_name: str) -> int:
     raise KeyError(field_name)
 
 
-class SeparateVisualRwkv7:
-    """VisualRWKV-7 until `VisualRWKVConfig` takes an `Rwkv7Config`: the three-encoder tower, the input-gated
-    projector and `Rwkv7ForCausalLM`, joined as VisualRWKV joins them (the image features replace the placeholders'
-    embeddings; image tokens read in order, as VisualRWKV-7 reads them)."""
-
-    def __init__(self, family: Family, quick: bool, dtype):
-        from transformers.initialization import no_init_weights
-
-        from visualrwkv_hf import Rwkv7Config, Rwkv7ForCausalLM
-        from visualrwkv_hf.configuration_sam_dino_siglip import SamDinoSiglipVisionConfig
-        from visualrwkv_hf.modeling_sam_dino_siglip import SamDinoSiglipVisionModel
-        from visualrwkv_hf.projectors import build_mlp_projector
-
-        vision = SamDinoSiglipVisionConfig(tiles_per_side=0, **(QUICK_TOWERS if quick else {}))
-        text = Rwkv7Config(**(QUICK_TEXT | QUICK_RWKV7 if quick else family.text))
-        self.image_token_id, self.num_image_tokens = family.settings["image_token_id"], 1024
-        self.multi_encoder_vision, self.vision_config = True, vision
-        with no_init_weights():
-            self.vision_tower = SamDinoSiglipVisionModel._from_config(vision, dtype=dtype).eval()
-            self.language_model = Rwkv7ForCausalLM._from_config(text, dtype=dtype).eval()
-            self.projector = build_mlp_projector(family.projector_type, vision.feature_size, text.hidden_size)
-        self.projector.to(dtype)
-        self.modules = [self.vision_tower, self.projector, self.language_model]
-
-    def __call__(self, input_ids, pixel_values=None, high_res_pixel_values=None, **kwargs):
-        embeddings = self.language_model.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            features = self.projector(self.vision_tower(pixel_values, high_res_pixel_values))
-            embeddings[input_ids == self.image_token_id] = features.reshape(-1, features.shape[-1])
-        return self.language_model(inputs_embeds=embeddings, **kwargs)
-
-
 def build_model(family: Family, quick: bool, dtype):
-    """(the model, its vision tower, its modules) with allocated, unfilled weights."""
+    """The model, with allocated and unfilled weights (only allocation: no initialisation is run)."""
     from transformers.initialization import no_init_weights
 
     from visualrwkv_hf import VisualRWKVForConditionalGeneration
 
-    try:
-        config = family_config(family, quick)
-    except Exception:  # noqa: BLE001 -- VisualRWKVConfig without RWKV-7 support yet
-        if family.text_family != "rwkv7":
-            raise
-        model = SeparateVisualRwkv7(family, quick, dtype)
-        return model, model, model.vision_tower, model.modules
     with no_init_weights():
-        model = VisualRWKVForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    return model, config, model.model.vision_tower, [model]
+        return VisualRWKVForConditionalGeneration._from_config(family_config(family, quick), dtype=dtype).eval()
+
+
+def next_token(logits, image_token_id: int) -> int:
+    """Greedy, never the image placeholder (which only an image span may hold)."""
+    scores = logits[0, -1].clone()
+    scores[image_token_id] = float("-inf")
+    return int(scores.argmax())
 
 
 def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int, recompute: bool) -> dict:
@@ -227,14 +194,13 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
     family = FAMILIES[name]
     rss_before = status_bytes("VmRSS")
     began = time.perf_counter()
-    model, config, vision_tower, modules = build_model(family, quick, dtype)
-    for module in modules:
-        fill_weights(module)
+    model = build_model(family, quick, dtype)
+    fill_weights(model)
     build_seconds = time.perf_counter() - began
-    tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    config, vision_tower = model.config, model.model.vision_tower
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     vision_parameters = sum(p.numel() for p in vision_tower.parameters())
-    parameters = sum(p.numel() for module in modules for p in module.parameters())
+    parameters = sum(p.numel() for p in model.parameters())
     rss_weights = status_bytes("VmRSS") - rss_before
 
     generator = torch.Generator().manual_seed(1)
@@ -263,7 +229,7 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
         out = model(input_ids=torch.tensor([ids]), **pixels, use_cache=True, logits_to_keep=1)
         prefill_seconds = time.perf_counter() - began
         vision_seconds = vision_times[1] - vision_times[0]
-        cache, token = out.cache, int(out.logits[0, -1].argmax())
+        cache, token = out.cache, next_token(out.logits, image_token_id)
         if not torch.isfinite(out.logits).all():
             raise SystemExit(f"{name}: the prefill's logits are not finite; the weight fill is wrong.")
         first_token = token
@@ -275,7 +241,7 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
                 step_times.append(time.perf_counter() - began)
             if first_step_logits is None:
                 first_step_logits = logits[0, -1].float()
-            token = int(logits[0, -1].argmax())
+            token = next_token(logits, image_token_id)
 
         recompute_seconds = difference = None
         if recompute:
@@ -339,12 +305,10 @@ def print_weights() -> None:
     print("|---|---|---|---|---|")
     for family in FAMILIES.values():
         with torch.device("meta"):
-            model, _, vision_tower, modules = build_model(family, quick=False, dtype=torch.float32)
-        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-        count = sum(t.numel() for t in tensors)
-        vision = sum(p.numel() for p in vision_tower.parameters())
-        projector = model.projector if hasattr(model, "projector") else model.model.multi_modal_projector
-        projector_count = sum(p.numel() for p in projector.parameters())
+            model = build_model(family, quick=False, dtype=torch.float32)
+        count = sum(t.numel() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+        vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+        projector_count = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
         print(
             f"| `{family.file}` | {family.label} | {count / 1e9:.3f} G ({vision / 1e9:.3f} G, "
             f"{projector_count / 1e6:.1f} M) | {2 * count / 1e9:.2f} | {4 * count / 1e9:.2f} |"
