@@ -21,13 +21,14 @@ previous model's memory is freed before the next is built. The model is built wi
 around one image's placeholders (batch 1). Measured, per family:
   prefill: one forward of the whole prompt with the image (vision tower + projector + language model), building the
      cache, timed once; the vision tower's share is timed inside it;
-  step: one new token with the cache (greedy: the previous step's argmax), median over the timed steps after a few
-     untimed ones;
+  step: one new token with the cache (greedy: the previous step's argmax, never the placeholder), median over the
+     timed steps after a few untimed ones;
   recompute: the original's generation step, the prompt plus the first new token through the model without a cache,
      image included, timed once for the families in --recompute (a whole-sequence forward costs minutes at these
-     sizes on a small CPU); its next-token logits are checked against the cached step's (the run stops if they
-     disagree in float32). For the other families it is estimated by the prefill, the same work less one token;
+     sizes on a small CPU); its next-token logits are checked against the cached step's (in float32 that family
+     fails if they disagree). For the other families it is estimated by the prefill, the same work less one token;
   weights: bytes of the parameters and buffers; peak RSS: the subprocess's VmHWM (Linux), with everything above.
+--weights-only lists the parameters and weight bytes of every released file (v6.0 3B and 7B too) in seconds.
 """
 
 from __future__ import annotations
