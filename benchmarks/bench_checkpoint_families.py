@@ -375,7 +375,8 @@ def main() -> None:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             check = row["logit_difference"]
-            print(f"  {name} {dtype_name}: done in {time.perf_counter() - began:.0f} s (load {os.getloadavg()[0]:.2f})"
+            print(f"  {name} {dtype_name}: done in {time.perf_counter() - began:.0f} s, model built in "
+                  f"{row['build_s']:.0f} s (load {os.getloadavg()[0]:.2f})"
                   + ("" if check is None else f"; cached step vs recompute, max |diff| / max |logit| {check:.1e}"))
             print("  " + table_row(row), flush=True)
 
