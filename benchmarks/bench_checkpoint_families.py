@@ -194,7 +194,6 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     family = FAMILIES[name]
-    rss_before = status_bytes("VmRSS")
     began = time.perf_counter()
     model = build_model(family, quick, dtype)
     fill_weights(model)
@@ -203,7 +202,6 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     vision_parameters = sum(p.numel() for p in vision_tower.parameters())
     parameters = sum(p.numel() for p in model.parameters())
-    rss_weights = status_bytes("VmRSS") - rss_before
 
     generator = torch.Generator().manual_seed(1)
     image_token_id, num_image_tokens = config.image_token_id, config.num_image_tokens
@@ -231,9 +229,9 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
         out = model(input_ids=torch.tensor([ids]), **pixels, use_cache=True, logits_to_keep=1)
         prefill_seconds = time.perf_counter() - began
         vision_seconds = vision_times[1] - vision_times[0]
-        cache, token = out.cache, next_token(out.logits, image_token_id)
         if not torch.isfinite(out.logits).all():
             raise SystemExit(f"{name}: the prefill's logits are not finite; the weight fill is wrong.")
+        cache, token = out.cache, next_token(out.logits, image_token_id)
         first_token = token
         step_times, first_step_logits = [], None
         for step in range(STEP_WARMUP + steps):
@@ -264,14 +262,11 @@ def run_family(name: str, dtype_name: str, quick: bool, steps: int, threads: int
         "parameters": parameters,
         "vision_parameters": vision_parameters,
         "image_tokens": num_image_tokens,
-        "prompt_tokens": len(ids),
         "weight_bytes": weight_bytes,
-        "rss_weights": rss_weights,
         "build_s": build_seconds,
         "prefill_s": prefill_seconds,
         "vision_s": vision_seconds,
         "step_s": statistics.median(step_times),
-        "step_min_s": min(step_times),
         "recompute_s": recompute_seconds,
         "logit_difference": difference,
         "peak_rss": status_bytes("VmHWM"),
