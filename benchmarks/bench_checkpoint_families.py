@@ -3,8 +3,8 @@ prefill, one generation step with our recurrent cache, and the original's genera
 included, re-run for every new token), side by side in one run.
 
 Run: .venv/bin/python benchmarks/bench_checkpoint_families.py [--quick] [--families v6.0-1B6,...] [--dtypes float32]
-     (the whole run at real sizes takes over an hour on a busy 2-core CPU; UHD in float32 needs more than 18 GB of
-     free memory, every other family and dtype less than 12 GB)
+     (the whole run at real sizes takes over an hour on a busy 2-core CPU; UHD in float32 peaks at 19 GB, every other
+     family and dtype below 12.1 GB)
 
 Families (the released files' shapes; see docs/checkpoints.md):
   v6.0-1B6     VisualRWKV-6.0 1.6B: CLIP ViT-L/14-336 (577 tokens), linear projector, RWKV-6 24 x 2048;
