@@ -22,9 +22,10 @@ from torch import nn
 
 from .kernels import BINDING, CompiledOp
 
-# Rows up to which the kernel beats F.linear (benchmarks/bench_linear.py); beyond, MKL's GEMM reuses each weight
-# block over enough rows to win.
-MAX_KERNEL_ROWS = 8
+# Rows up to which the kernel runs: it beats F.linear on every RWKV-7 0.1B shape at 16 rows and beyond
+# (benchmarks/bench_linear.py), but its inner loop loads a weight vector per FMA, so with many rows it turns
+# compute-bound where a GEMM does not; prefill and training keep F.linear.
+MAX_KERNEL_ROWS = 16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
