@@ -9,9 +9,9 @@ state dict and everything that sees an `nn.Linear` (PEFT LoRA, which calls `base
 initialisation; quantisation tools that replace the module) stay as they are.
 
 The kernel runs only where it is a drop-in: CPU, float32 input, weight and bias, at most `MAX_KERNEL_ROWS` rows, a
-contiguous weight, and no gradient needed (grad mode off, or nothing requiring one); everything else, and every
-input when the compiled ops are switched off (VISUALRWKV_WKV_BACKEND=torch) or cannot be built, runs `F.linear`. Its
-results equal `F.linear`'s to float32 rounding (the sums run in another order).
+contiguous weight, no gradient needed (grad mode off, or nothing requiring one), not under torch.compile; everything
+else, and every input when the compiled ops are switched off (VISUALRWKV_WKV_BACKEND=torch) or cannot be built, runs
+`F.linear`. Its results equal `F.linear`'s to float32 rounding (the sums run in another order).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
         and 0 < x.numel() <= MAX_KERNEL_ROWS * x.shape[-1]
+        # the op has no fake (meta) implementation for torch.compile to trace
+        and not torch.compiler.is_compiling()
     ):
         # run() takes the fallback where autograd needs a gradient, the switch is "torch" or nothing is built
         y = linear_compiled(x.reshape(-1, x.shape[-1]), weight, bias)
