@@ -173,3 +173,8 @@ def test_model_decode_with_the_kernel_equals_without(auto_backend, tiny_model):
     assert calls == 0
     assert torch.equal(sequences, expected_sequences)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_linear_op_has_no_kernels_layer():
+    with pytest.raises(ValueError, match="no `kernels` layer"):
+        linear_compiled.repository()

@@ -36,8 +36,7 @@ is called directly by its layer (`layer_name=None`: not a `kernels` layer). Its 
 needed (grad mode off, or no input requiring one), the fallback otherwise.
 
 Switch: VISUALRWKV_WKV_BACKEND=torch (or `set_wkv_backend("torch")`) makes every compiled op (the decode linear
-too) run its fallback and
-never build; "auto" (the default) uses a kernel where there is one.
+too) run its fallback and never build; "auto" (the default) uses a kernel where there is one.
 
 Build (`CompiledOp.build`): the sources are written into a folder of the torch extensions cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions) named after the op, the device type, the ISA or GPU architecture and a hash of the
@@ -380,7 +379,7 @@ class KernelRepository:
         # require every package a copied module imports with an import statement
         get_kernel = importlib.import_module("kernels").get_kernel
         ops = get_kernel(self.repo_id, revision=self.revision).ops
-        hub = SimpleNamespace(forward=ops.forward, backward=ops.backward if self.op.differentiable else None)
+        hub = SimpleNamespace(forward=ops.forward, backward=ops.backward)
 
         def kernel_for(device: torch.device, head_size: int) -> SimpleNamespace | None:
             supported = device.type == "cpu" or (device.type == "cuda" and head_size in self.op.cuda_head_sizes)
@@ -401,7 +400,7 @@ class KernelRepository:
                         *op.signature.parameters.values()]
         )
         # can_torch_compile: the ops have no fake (meta) implementation
-        return type(op.layer_name, (nn.Module,), {"forward": forward, "has_backward": op.differentiable,
+        return type(op.layer_name, (nn.Module,), {"forward": forward, "has_backward": True,
                                                    "can_torch_compile": False})
 
     def __eq__(self, other) -> bool:
