@@ -84,7 +84,8 @@ torch::Tensor linear_forward_cpu(const torch::Tensor& x, const torch::Tensor& we
                                  const std::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "linear: x must be (rows, in) and weight (out, in)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "linear: x and weight must be float32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "linear: x and weight must be float32");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear: x and weight must be on the CPU");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == at::kFloat &&

@@ -36,7 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"linear: x must be (rows, in) and weight (out, in), got x {tuple(x.shape)} and weight {tuple(weight.shape)}."
+            f"linear: x must be (rows, in) and weight (out, in), got x {tuple(x.shape)} and weight "
+            f"{tuple(weight.shape)}."
         )
     tensors = [x, weight] if bias is None else [x, weight, bias]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
