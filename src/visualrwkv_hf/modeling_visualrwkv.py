@@ -29,8 +29,8 @@ from .configuration_visualrwkv import VisualRWKVConfig
 from .modeling_rwkv6 import Rwkv6Model
 from .modeling_rwkv7 import Rwkv7Model
 from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
-from .ops import DecodeLinear
 from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
+from .ops import DecodeLinear
 from .projectors import build_mlp_projector, vision_feature_size
 from .scanning import block_gather_indices
 
