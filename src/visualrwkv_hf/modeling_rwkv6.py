@@ -26,7 +26,7 @@ from .modeling_rwkv_common import (
     store_wkv_state,
     token_shift,
 )
-from .ops import WKV6
+from .ops import DecodeLinear, WKV6
 from .ops.mixing import relu_squared, slot_lerp
 from .scanning import run_block_in_order
 
@@ -56,11 +56,11 @@ class Rwkv6TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, D))
         self.time_decay_w2 = nn.Parameter(torch.empty(D, C))
         self.time_faaaa = nn.Parameter(torch.empty(self.num_heads, self.head_size))
-        self.att_receptance = nn.Linear(C, C, bias=False)
-        self.att_key = nn.Linear(C, C, bias=False)
-        self.att_value = nn.Linear(C, C, bias=False)
-        self.att_gate = nn.Linear(C, C, bias=False)
-        self.att_output = nn.Linear(C, C, bias=False)
+        self.att_receptance = DecodeLinear(C, C, bias=False)
+        self.att_key = DecodeLinear(C, C, bias=False)
+        self.att_value = DecodeLinear(C, C, bias=False)
+        self.att_gate = DecodeLinear(C, C, bias=False)
+        self.att_output = DecodeLinear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.num_heads, C, eps=config.group_norm_epsilon)
         # stateless: the compiled kernel where one builds, else the torch op; `kernels.kernelize` can swap it
         self.wkv = WKV6()
@@ -124,9 +124,9 @@ class Rwkv6ChannelMix(nn.Module):
         C, F_ = config.hidden_size, config.intermediate_size
         self.time_maa_k = nn.Parameter(torch.empty(C))
         self.time_maa_r = nn.Parameter(torch.empty(C))
-        self.ffn_key = nn.Linear(C, F_, bias=False)
-        self.ffn_receptance = nn.Linear(C, C, bias=False)
-        self.ffn_value = nn.Linear(F_, C, bias=False)
+        self.ffn_key = DecodeLinear(C, F_, bias=False)
+        self.ffn_receptance = DecodeLinear(C, C, bias=False)
+        self.ffn_value = DecodeLinear(F_, C, bias=False)
 
     def forward(
         self,

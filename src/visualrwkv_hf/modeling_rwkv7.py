@@ -32,7 +32,7 @@ from .modeling_rwkv_common import (
     store_wkv_state,
     token_shift,
 )
-from .ops import WKV7
+from .ops import DecodeLinear, WKV7
 from .ops.mixing import relu_squared
 
 # Order of the static token-shift mixes x_r .. x_g, stacked so that one pass computes every mixed input.
@@ -72,10 +72,10 @@ class Rwkv7TimeMix(nn.Module):
         self.k_a = nn.Parameter(torch.empty(C))
         self.r_k = nn.Parameter(torch.empty(self.num_heads, self.head_size))
         self.wkv = WKV7()  # the compiled kernel where one builds, the torch forms otherwise
-        self.att_receptance = nn.Linear(C, C, bias=False)
-        self.att_key = nn.Linear(C, C, bias=False)
-        self.att_value = nn.Linear(C, C, bias=False)
-        self.att_output = nn.Linear(C, C, bias=False)
+        self.att_receptance = DecodeLinear(C, C, bias=False)
+        self.att_key = DecodeLinear(C, C, bias=False)
+        self.att_value = DecodeLinear(C, C, bias=False)
+        self.att_output = DecodeLinear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.num_heads, C, eps=config.group_norm_epsilon)
 
     def forward(
@@ -134,8 +134,8 @@ class Rwkv7ChannelMix(nn.Module):
         self.layer_idx = layer_idx
         C = config.hidden_size
         self.x_k = nn.Parameter(torch.empty(C))
-        self.ffn_key = nn.Linear(C, config.intermediate_size, bias=False)
-        self.ffn_value = nn.Linear(config.intermediate_size, C, bias=False)
+        self.ffn_key = DecodeLinear(C, config.intermediate_size, bias=False)
+        self.ffn_value = DecodeLinear(config.intermediate_size, C, bias=False)
 
     def forward(
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None

@@ -23,6 +23,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .decode_graph import decode_graph
 from .loading import StrictLoadingMixin
+from .ops import DecodeLinear
 from .ops.loss import causal_lm_loss
 
 # The slots of a block's cache layer. Updates of conv slot 0 count the positions the cache has seen
@@ -259,7 +260,7 @@ class RwkvForCausalLM(RwkvPreTrainedModel, RecurrentGenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.model = self.backbone_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -30,6 +30,7 @@ from .modeling_rwkv6 import Rwkv6Model
 from .modeling_rwkv7 import Rwkv7Model
 from .modeling_rwkv_common import RecurrentGenerationMixin, RwkvPreTrainedModel
 from .modeling_sam_dino_siglip import SamDinoSiglipVisionModel
+from .ops import DecodeLinear
 from .projectors import build_mlp_projector, vision_feature_size
 from .scanning import block_gather_indices
 
@@ -310,7 +311,7 @@ class VisualRWKVForConditionalGeneration(VisualRWKVPreTrainedModel, RecurrentGen
     def __init__(self, config: VisualRWKVConfig):
         super().__init__(config)
         self.model = VisualRWKVModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
         # The image placeholder is not text: a generated one would be read back as a lone (partial) image span.
         self.generation_config.suppress_tokens = [config.image_token_id]

@@ -30,8 +30,13 @@ recomputes what it needs from the saved inputs), or the fallback where there is 
 size outside `cuda_head_sizes`, no compiler, a failed build, or the switch set to "torch". Everything else (build,
 cache, the switch, shipping the sources in remote-code folders) is shared by every registered op.
 
-Switch: VISUALRWKV_WKV_BACKEND=torch (or `set_wkv_backend("torch")`) makes every compiled op run its fallback and
-never build; "auto" (the default) uses a kernel where there is one.
+An inference-only op (`differentiable=False`, the decode linear of `linear.py`) has no state and no backward: its
+binding defines only `forward(Tensor x1, .., Tensor? xn) -> Tensor y`, its fallback's parameters are x1..xn, and it
+is called directly by its layer (`layer_name=None`: not a `kernels` layer). Its kernel runs where no gradient is
+needed (grad mode off, or no input requiring one), the fallback otherwise.
+
+Switch: VISUALRWKV_WKV_BACKEND=torch (or `set_wkv_backend("torch")`) makes every compiled op (the decode linear
+too) run its fallback and never build; "auto" (the default) uses a kernel where there is one.
 
 Build (`CompiledOp.build`): the sources are written into a folder of the torch extensions cache (TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions) named after the op, the device type, the ISA or GPU architecture and a hash of the
@@ -191,11 +196,14 @@ class CompiledOp:
         name: the op's name, part of the build's name (`"wkv6"`).
         sources: per device type ("cpu", "cuda"), the files to compile, as paths under csrc/.
         headers: the files they include, as paths under csrc/ (written beside them and hashed, not compiled).
-        fallback: the torch op; its parameters are the kernel's tensor inputs, `initial_state`, then options.
+        fallback: the torch op; its parameters are the kernel's tensor inputs, `initial_state`, then options (only
+            the tensor inputs for an op that is not differentiable).
         check_inputs: raises a readable error for inputs the kernel would reject (called with the tensor inputs and
             the initial state before the kernel runs).
-        layer_name: the `use_kernel_forward_from_hub` name of the layer that calls the op.
+        layer_name: the `use_kernel_forward_from_hub` name of the layer that calls the op; None for an op its layer
+            calls directly.
         cuda_head_sizes: head sizes (the inputs' last dimension) the CUDA kernel is instantiated for.
+        differentiable: False for an inference-only op: no state, no backward (see the module docstring).
     """
 
     def __init__(
@@ -206,17 +214,18 @@ class CompiledOp:
         headers: list[str],
         fallback: Callable,
         check_inputs: Callable,
-        layer_name: str,
+        layer_name: str | None,
         cuda_head_sizes: tuple[int, ...] = (),
+        differentiable: bool = True,
     ):
         if name in COMPILED_OPS:
             raise ValueError(f"A compiled op named {name!r} is already registered.")
         self.name, self.sources, self.headers = name, sources, headers
         self.fallback, self.check_inputs, self.layer_name = fallback, check_inputs, layer_name
-        self.cuda_head_sizes = cuda_head_sizes
+        self.cuda_head_sizes, self.differentiable = cuda_head_sizes, differentiable
         self.signature = inspect.signature(fallback)
         parameters = list(self.signature.parameters)
-        self.num_inputs = parameters.index("initial_state") + 1
+        self.num_inputs = parameters.index("initial_state") + 1 if differentiable else len(parameters)
         # per device type: the loaded ops, or None once this process knows it has no kernel there
         self._loaded: dict[str, SimpleNamespace | None] = {}
         self._lock = threading.Lock()
@@ -248,7 +257,8 @@ class CompiledOp:
 
     def build(self, device_type: str, cflags: list[str] | None = None) -> SimpleNamespace:
         """Build (or load from the cache) the kernel for "cpu" or "cuda", with `cflags` instead of this machine's
-        default flags if given; returns its `forward` and `backward` ops. Raises if the build fails."""
+        default flags if given; returns its `forward` and `backward` ops (backward None for an op that is not
+        differentiable). Raises if the build fails."""
         from torch.utils.cpp_extension import LIB_EXT, get_default_build_root, load
 
         name = self.extension_name(device_type, cflags)
@@ -278,7 +288,8 @@ class CompiledOp:
                 **settings,
             )
         namespace = getattr(torch.ops, name)
-        return SimpleNamespace(forward=namespace.forward, backward=namespace.backward)
+        return SimpleNamespace(forward=namespace.forward,
+                               backward=namespace.backward if self.differentiable else None)
 
     def _ops(self, device_type: str) -> SimpleNamespace | None:
         """The kernel for "cpu" or "cuda", built on first call; None where there is none (see the module docstring)."""
@@ -330,9 +341,15 @@ class CompiledOp:
         values = list(bound.arguments.values())
         inputs = values[: self.num_inputs]
         ops = kernel_for(inputs[0].device, inputs[0].shape[-1])
+        if not self.differentiable and torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in inputs
+        ):
+            ops = None  # no backward: autograd goes through the fallback
         if ops is None:
             return self.fallback(*bound.args, **bound.kwargs)
         self.check_inputs(*inputs)
+        if not self.differentiable:
+            return ops.forward(*inputs)
         return KernelFunction.apply(ops, *inputs)
 
     def __call__(self, *args, **kwargs):
@@ -341,6 +358,8 @@ class CompiledOp:
 
     def repository(self, repo_id: str | None = None, revision: str | None = None) -> KernelRepository:
         """A `kernels` repository for the op's layer: the local build, or a kernel-builder build on the Hub."""
+        if self.layer_name is None:
+            raise ValueError(f"The {self.name} op has no `kernels` layer; its layer calls the op directly.")
         return KernelRepository(self, repo_id, revision)
 
 
