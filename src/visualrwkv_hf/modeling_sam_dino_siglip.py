@@ -54,7 +54,10 @@ class SamDinoSiglipVisionModel(PreTrainedModel):
         return hidden
 
     def _sam_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        neck = self.sam(self._normalize(pixels, "sam", self.sam.dtype)).last_hidden_state  # (n, C, 2R, 2C)
+        # One view at a time: each global-attention block materialises a dense (views x heads, 4096, 4096) float32
+        # relative-position bias, 0.8 GB per view, which for UHD's five views at once made the peak memory.
+        necks = [self.sam(self._normalize(view, "sam", self.sam.dtype)).last_hidden_state for view in pixels.split(1)]
+        neck = torch.cat(necks)  # (n, C, 2R, 2C)
         return F.pixel_unshuffle(neck, SAM_FOLD).flatten(2).transpose(1, 2)
 
     def _blocks_to_run(self, name: str) -> int:
