@@ -4,13 +4,8 @@ keeps (padded batches, cache reuse, pipeline, LoRA presets, remote code, bad inp
 1024 px inputs: the vision tower is the slow part, so one model is shared and each image is encoded once
 (`features`)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -27,11 +22,10 @@ from visualrwkv_hf import (
     lora_config,
 )
 from visualrwkv_hf.image_processing_sam_dino_siglip import SamDinoSiglipImageProcessor
-from visualrwkv_hf.remote_code import add_remote_code
 
 import test_modeling_rwkv6 as text_model_tests
 from test_modeling_sam_dino_siglip import TINY_VISION_CONFIG
-from test_modeling_visualrwkv_hd import WITHOUT_PACKAGE
+from test_modeling_visualrwkv_hd import random_image, remote_code_run_equals_the_package
 
 IMAGE_ID = 65535  # the original's placeholder id
 TOKENS_PER_IMAGE = 1024
@@ -76,10 +70,6 @@ def tiny_processor(**kwargs) -> VisualRWKVProcessor:
         image_processor=SamDinoSiglipImageProcessor(), tokenizer=RwkvWorldTokenizer(),
         num_image_tokens=TOKENS_PER_IMAGE, image_position="first", image_token_id=IMAGE_ID, **kwargs,
     )
-
-
-def random_image(seed: int, size=(52, 40)) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
 
 
 def chat(seeds, question) -> list[dict]:
@@ -333,29 +323,8 @@ def test_training_freezes_the_towers_and_trains_the_projector_and_rwkv7(v7):
 
 
 def test_remote_code_folder_loads_without_the_package(folder, tmp_path, monkeypatch, v7):
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    for path in folder.iterdir():
-        (remote / path.name).write_bytes(path.read_bytes())
-    written = add_remote_code(remote)
+    written = remote_code_run_equals_the_package(folder, v7[1], QUESTIONS[0], tmp_path, monkeypatch)
     assert {"modeling_rwkv7.py", "configuration_rwkv7.py", "wkv7.py"} <= set(written)
-    image_path = tmp_path / "image.png"
-    random_image(8).save(image_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
-           "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "VISUALRWKV_WKV_BACKEND": "torch"}
-    run = subprocess.run(
-        [sys.executable, "-I", "-c", WITHOUT_PACKAGE, str(remote), str(image_path), QUESTIONS[0],
-         str(tmp_path / "out.pt")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert all(name.startswith("transformers_modules.") for name in result["classes"]), result["classes"]
-    monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", "torch")
-    model, processor = VisualRWKVForConditionalGeneration.from_pretrained(folder).eval(), v7[1]
-    with torch.no_grad():
-        expected = model(**processor(images=PIL.Image.open(image_path), text=QUESTIONS[0], return_tensors="pt")).logits
-    torch.testing.assert_close(result["logits"], expected)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

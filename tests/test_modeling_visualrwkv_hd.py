@@ -194,26 +194,32 @@ torch.save({"classes": [type(model).__module__, type(processor.image_processor).
 """
 
 
-def test_remote_code_folder_loads_without_the_package(folder, tmp_path, monkeypatch, hd):
+def remote_code_run_equals_the_package(folder: Path, processor, question: str, tmp_path: Path, monkeypatch) -> list:
+    """Copies a saved folder, adds remote code to the copy, loads it in a Python without this package (`-I`) and
+    asserts its logits for one image and `question` equal the package's on `folder`; returns the files added."""
     remote = tmp_path / "remote"
     remote.mkdir()
     for path in folder.iterdir():
         (remote / path.name).write_bytes(path.read_bytes())
-    add_remote_code(remote)
+    written = add_remote_code(remote)
     image_path = tmp_path / "image.png"
     random_image(8).save(image_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
            "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "VISUALRWKV_WKV_BACKEND": "torch"}
     run = subprocess.run(
-        [sys.executable, "-I", "-c", WITHOUT_PACKAGE, str(remote), str(image_path), QUESTIONS[0],
-         str(tmp_path / "out.pt")],
+        [sys.executable, "-I", "-c", WITHOUT_PACKAGE, str(remote), str(image_path), question, str(tmp_path / "out.pt")],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     result = torch.load(tmp_path / "out.pt", weights_only=True)
     assert all(name.startswith("transformers_modules.") for name in result["classes"]), result["classes"]
     monkeypatch.setenv("VISUALRWKV_WKV_BACKEND", "torch")
-    model, processor = VisualRWKVForConditionalGeneration.from_pretrained(folder).eval(), hd[1]
+    model = VisualRWKVForConditionalGeneration.from_pretrained(folder).eval()
     with torch.no_grad():
-        expected = model(**processor(images=PIL.Image.open(image_path), text=QUESTIONS[0], return_tensors="pt")).logits
+        expected = model(**processor(images=PIL.Image.open(image_path), text=question, return_tensors="pt")).logits
     torch.testing.assert_close(result["logits"], expected)
+    return written
+
+
+def test_remote_code_folder_loads_without_the_package(folder, tmp_path, monkeypatch, hd):
+    remote_code_run_equals_the_package(folder, hd[1], QUESTIONS[0], tmp_path, monkeypatch)
