@@ -17,6 +17,7 @@ except ImportError:  # Windows
     resource = None
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from visualrwkv_hf import VisualRWKVForConditionalGeneration
 from visualrwkv_hf.cli import is_full_disk, main
 
 from test_convert_visualrwkv import test_image, write_original_files
@@ -355,3 +356,20 @@ def test_corrupt_weights_are_one_line(converted_folder, tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(b"\xff" * 64)
     assert main(["chat", "--model", str(folder), "--image", str(image), QUESTION]) == 1
     assert "cannot read or write a .safetensors file: Error while deserializing header" in one_line_error(capsys)
+
+
+def test_convert_max_shard_size_splits_the_weights_and_the_folder_loads(tmp_path, capsys):
+    files = write_original_files(tmp_path)
+    arguments = ["convert", "--checkpoint", str(files.full), "--vision-config", str(files.vision_config), "--no-progress"]
+    assert main([*arguments, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*arguments, "--output", str(tmp_path / "sharded"), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "whole" / "model.safetensors.index.json").exists()
+    sharded = VisualRWKVForConditionalGeneration.from_pretrained(tmp_path / "sharded").state_dict()
+    whole = VisualRWKVForConditionalGeneration.from_pretrained(tmp_path / "whole").state_dict()
+    assert sharded.keys() == whole.keys() and all(torch.equal(sharded[k], whole[k]) for k in whole)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*arguments, "--output", str(tmp_path / "bad"), "--max-shard-size", "2 parsecs"])
+    assert "is not a shard size" in capsys.readouterr().err

@@ -94,6 +94,27 @@ def lm_demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def shard_size(text: str) -> int | str:
+    """`--max-shard-size`: bytes, or a number with KB, MB, GB or TB, as `save_pretrained` takes it."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]B)?\s*", text, re.IGNORECASE)
+    if match is None or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shard size: give a positive number of bytes, or one with KB, MB, GB or TB (e.g. 2GB)"
+        )
+    return f"{match.group(1)}{match.group(2).upper()}" if match.group(2) else int(match.group(1))
+
+
+# `--max-shard-size` of the converters (None: the converters' default, 2GB)
+SHARD_SIZE_OPTION = (
+    ("--max-shard-size",),
+    {"type": shard_size, "metavar": "SIZE", "help": "largest safetensors file of the output, e.g. 500MB (default 2GB)"},
+)
+
+
+def shard_options(args: argparse.Namespace) -> dict:
+    return {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
+
+
 def convert_language_model(args: argparse.Namespace) -> int:
     """`convert-rwkv6` / `convert-rwkv7`: a BlinkDL language-model .pth into a transformers folder."""
     if args.family == "rwkv7":
@@ -103,7 +124,7 @@ def convert_language_model(args: argparse.Namespace) -> int:
 
     output = convert_checkpoint(
         args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-        allow_nonfinite=args.allow_nonfinite,
+        allow_nonfinite=args.allow_nonfinite, **shard_options(args),
     )
     print(f"Wrote {output}")
     return 0
@@ -170,6 +191,7 @@ def convert_visualrwkv(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         projector_type=args.projector_type,
         tokens_per_image=args.tokens_per_image,
+        **shard_options(args),
     )
     print(f"Wrote {output}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
@@ -442,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
     )
+    convert_parser.add_argument(*SHARD_SIZE_OPTION[0], **SHARD_SIZE_OPTION[1])
     convert_parser.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
     convert_parser.add_argument(
         "--push-to-hub", metavar="REPO", help="then upload the folder to this Hub model repository (created if needed)"
@@ -475,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         convert.add_argument(
             "--overwrite", action="store_true", help="replace a non-empty output folder (never one holding an input)"
         )
+        convert.add_argument(*SHARD_SIZE_OPTION[0], **SHARD_SIZE_OPTION[1])
         convert.add_argument("--allow-nonfinite", action="store_true", help=ALLOW_NONFINITE_HELP)
         convert.add_argument("--no-progress", action="store_true", help="no progress bar")
         convert.set_defaults(run=convert_language_model, family=family)
