@@ -22,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import test_modeling_visualrwkv7 as visualrwkv7_tests
 from test_pipeline import MAX_NEW_TOKENS, QUESTIONS, folder, pipe, random_image  # noqa: F401 (fixtures)
-from transformers import AutoProcessor
+from transformers import AutoProcessor, pipeline
 
 
 pytest.importorskip("fastapi", reason="`visualrwkv serve` needs the `serve` extra: pip install -e '.[serve]'")
@@ -194,6 +195,30 @@ def test_chats_the_model_cannot_take_are_bad_requests_that_say_why(client, strea
             ask(client, [{"role": "user", "content": content}], stream=stream)
         assert message in error.value.response.json()["detail"]
     assert ask(client, openai_chat, stream=stream)[0]  # and the server goes on answering
+
+
+def test_visualrwkv7_answers_a_request_with_several_images(tmp_path):
+    """A VisualRWKV-7 folder served: a request with two image parts gets the pipeline's answer for the same two
+    images, in order (serve passes every image part on; the chat template puts them first, one line each)."""
+    folder = tmp_path / "visualrwkv7"
+    visualrwkv7_tests.tiny_model().save_pretrained(folder)
+    visualrwkv7_tests.tiny_processor().save_pretrained(folder)
+    images, question = [random_image(seed) for seed in (3, 4)], QUESTIONS[0]
+
+    def chat(parts):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+    seven = pipeline("image-text-to-text", model=str(folder))
+    # the two orders give different answers (this tiny model reads the later image most), so the server's answers
+    # show that it passed both images in the order given
+    expected = [pipeline_answer(seven, chat({"type": "image", "image": image} for image in order))
+                for order in (images, images[::-1])]
+    assert expected[0] != expected[1]
+    with running_server(folder, tmp_path / "serve.log") as base_url:
+        client = openai_client(base_url, folder)
+        answers = [ask(client, chat({"type": "image_url", "image_url": {"url": data_url(image)}} for image in order))[0]
+                   for order in (images, images[::-1])]
+    assert answers == expected
 
 
 def test_several_api_server_processes(folder, pipe, tmp_path):
