@@ -10,7 +10,6 @@ each tile's map is average-pooled 2 x 2 and stitched with the others into one ma
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.sam.modeling_sam import SamVisionEncoder
